@@ -1,0 +1,1 @@
+"""Thin Typer commands over the same engines the server and tests use."""

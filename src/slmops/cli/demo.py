@@ -1,0 +1,45 @@
+"""`slmops demo`: the whole loop on embedded defaults (grows as stages land)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from slmops.cli._output import emit_json, handled, out_console
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON document on stdout")]
+
+
+def demo_command(
+    workdir: Annotated[
+        Path, typer.Option("--workdir", "-w", help="where the demo writes everything")
+    ] = Path("slmops-demo"),
+    minutes: Annotated[float, typer.Option(help="demo model training budget")] = 3.0,
+    seed: Annotated[int, typer.Option(help="seed for the demo model")] = 0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Train the demo model and optimize it with the default edge recipe."""
+    from slmops.cli.model import build_demo
+    from slmops.cli.optimize import default_recipe_path, optimize, print_variant_table
+
+    with handled(as_json):
+        if not as_json:
+            out_console.rule("[bold]1. demo model[/]")
+        res = build_demo(workdir / "model", minutes, seed, None, "small", as_json)
+        if not as_json:
+            state = "reused from cache" if res.cached else f"trained in {res.train_seconds:.0f} s"
+            out_console.print(
+                f"{res.path}: {res.parameters / 1e6:.1f} M parameters, {state}, "
+                f"held-out perplexity {res.heldout_perplexity:.1f}"
+            )
+            out_console.rule("[bold]2. optimize (recipe edge-default)[/]")
+        run = optimize(res.path, workdir / "variants", default_recipe_path(), None, None, as_json)
+        if as_json:
+            emit_json({"model": str(res.path), "optimize": run.to_dict()})
+            return
+        print_variant_table(run)
+        out_console.print(
+            f"\nnext: inspect a variant's lineage with [bold]slmops model info {run.variants[0].path}[/]"
+        )

@@ -1,0 +1,51 @@
+"""The `slmops` command."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from slmops import __version__
+from slmops.cli import demo, model, optimize
+
+app = typer.Typer(
+    name="slmops",
+    help="Operate small language models at the edge: optimize, evaluate, ship, watch, improve.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"slmops {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="print the version and exit"
+        ),
+    ] = False,
+) -> None:
+    """slmops: the small-language-model operations loop, from weights to fleet."""
+
+
+app.command("passes")(optimize.passes_command)
+app.command("optimize")(optimize.optimize_command)
+app.command("demo")(demo.demo_command)
+app.add_typer(model.app, name="model")
+
+
+def main() -> None:
+    # Typer/click report usage errors (unknown option, missing argument) with exit code 2.
+    app()
+
+
+if __name__ == "__main__":
+    main()

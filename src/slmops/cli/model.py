@@ -1,0 +1,127 @@
+"""`slmops model demo` and `slmops model info`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from slmops.cli._output import console, emit_json, handled, human_bytes, out_console
+from slmops.model.demo import DemoResult
+
+app = typer.Typer(
+    help="Model utilities: build the demo model, show a model's lineage.", no_args_is_help=True
+)
+JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON document on stdout")]
+
+
+def build_demo(
+    out: Path, minutes: float, seed: int, steps: int | None, size: str, quiet: bool
+) -> DemoResult:
+    from slmops.model.demo import train_demo_model
+
+    with Progress(
+        TextColumn("training demo model"),
+        BarColumn(),
+        TextColumn("step {task.completed}/{task.total} loss {task.fields[loss]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        disable=quiet,
+    ) as progress:
+        task = progress.add_task("train", total=None, loss="-")
+
+        def on_step(step: int, total: int, loss: float) -> None:
+            progress.update(task, completed=step, total=total, loss=f"{loss:.3f}")
+            # Without a terminal (CI logs) the bar is not redrawn; print a line every 10%.
+            if not quiet and not console.is_terminal and step % max(1, total // 10) == 0:
+                console.print(f"  training step {step}/{total}, loss {loss:.3f}")
+
+        return train_demo_model(
+            out, minutes=minutes, seed=seed, steps=steps, size=size, progress=on_step
+        )
+
+
+@app.command("demo")
+def demo_model(
+    out: Annotated[Path, typer.Option("--out", "-o", help="where to write the HF model folder")],
+    minutes: Annotated[
+        float, typer.Option(help="training budget in minutes (converted to a fixed step count)")
+    ] = 3.0,
+    seed: Annotated[
+        int, typer.Option(help="random seed; same seed and budget give the same weights")
+    ] = 0,
+    steps: Annotated[
+        int | None, typer.Option(help="train exactly this many steps (overrides --minutes)")
+    ] = None,
+    size: Annotated[
+        str, typer.Option(help="small (6.8 M parameters) or tiny (for tests)")
+    ] = "small",
+    as_json: JsonOpt = False,
+) -> None:
+    """Train the demo model on the standard library's docstrings (offline, cached by seed and budget)."""
+    with handled(as_json):
+        res = build_demo(out, minutes, seed, steps, size, as_json)
+        info = {
+            "path": str(res.path),
+            "cached": res.cached,
+            "parameters": res.parameters,
+            "steps": res.steps,
+            "train_seconds": res.train_seconds,
+            "heldout_perplexity": res.heldout_perplexity,
+            "heldout_text": str(res.path / "heldout.txt"),
+        }
+        if as_json:
+            emit_json(info)
+            return
+        state = "reused from cache" if res.cached else f"trained in {res.train_seconds:.0f} s"
+        out_console.print(
+            f"demo model [bold]{res.path}[/]: {res.parameters / 1e6:.1f} M parameters, {res.steps} steps, "
+            f"{state}; held-out perplexity {res.heldout_perplexity:.1f} ({res.path / 'heldout.txt'})"
+        )
+
+
+@app.command("info")
+def model_info(
+    path: Annotated[Path, typer.Argument(help="a model folder (HF, GGUF or ONNX GenAI variant)")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Show a model's format, size and lineage card."""
+    with handled(as_json):
+        from slmops.model.handle import open_model, weights_bytes
+
+        m = open_model(path)
+        card = m.card
+        info = {
+            "path": str(m.path),
+            "format": m.format.value,
+            "weights_bytes": weights_bytes(m.path),
+            "card": card.model_dump(mode="json", by_alias=True) if card else None,
+        }
+        if as_json:
+            emit_json(info)
+            return
+        out_console.print(
+            f"[bold]{m.path}[/]: {m.format.value}, weights {human_bytes(weights_bytes(m.path))}"
+        )
+        if card is None:
+            out_console.print("  no lineage card (an original model)")
+            return
+        out_console.print(
+            f"  digest {card.digest}\n  origin {card.origin_digest} ({card.origin_path})"
+        )
+        for i, s in enumerate(card.chain, 1):
+            out_console.print(
+                f"  {i}. {s.pass_name} v{s.pass_version} {s.config} -> {human_bytes(s.output_bytes)} "
+                f"in {s.wall_time_s:.1f} s, peak RSS {human_bytes(s.peak_rss_bytes)}"
+            )
+        if card.sparsity:
+            out_console.print(
+                f"  sparsity: {card.sparsity.get('overall')} ({card.sparsity.get('method', '')})"
+            )
+        if card.structure:
+            out_console.print(
+                f"  structure: {card.structure.get('target')} -> {card.structure.get('after')}"
+            )

@@ -1,0 +1,139 @@
+"""`slmops passes` and `slmops optimize`."""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from slmops.cli._output import console, emit_json, handled, human_bytes, out_console
+from slmops.optimize.engine import OptimizeRun, StepOutcome
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON document on stdout")]
+
+
+def default_recipe_path() -> Path:
+    return Path(str(resources.files("slmops.optimize") / "recipes" / "edge-default.yaml"))
+
+
+def passes_command(as_json: JsonOpt = False) -> None:
+    """List every registered pass with its options and defaults."""
+    with handled(as_json):
+        from slmops.optimize.passes.base import registry
+
+        described = [cls.describe() for cls in registry().values()]
+        if as_json:
+            emit_json(described)
+            return
+        for d in described:
+            out_console.print(
+                f"[bold cyan]{d['name']}[/] (v{d['version']}, {d['kind']}, {d['input']} -> {d['output']})"
+            )
+            out_console.print(f"  {d['summary']}")
+            for o in d["options"]:
+                default = "required" if o["required"] else f"default {o['default']!r}"
+                out_console.print(
+                    f"    [green]{o['name']}[/]: {o['type']} ({default}) {o['description']}"
+                )
+
+
+class _ProgressListener:
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+        self.task = progress.add_task("optimize", total=0)
+
+    def plan(self, total_steps: int) -> None:
+        self.progress.update(self.task, total=total_steps)
+
+    def step_started(self, variant: str, index: int, pass_name: str, cached: bool) -> None:
+        state = "cached" if cached else "running"
+        self.progress.update(
+            self.task, description=f"{variant} [{index + 1}] {pass_name} ({state})"
+        )
+
+    def step_finished(self, outcome: StepOutcome) -> None:
+        self.progress.advance(self.task)
+        if not outcome.cached:
+            self.progress.console.print(
+                f"  [green]done[/] {outcome.variant} step {outcome.index + 1} {outcome.pass_name}: "
+                f"{outcome.wall_time_s:.1f} s, peak RSS {human_bytes(outcome.peak_rss_bytes)}, "
+                f"output {human_bytes(outcome.output_bytes)}"
+            )
+
+
+def optimize_command(
+    model: Annotated[Path, typer.Argument(help="Hugging Face model directory")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="directory for the variants")],
+    recipe: Annotated[
+        Path | None,
+        typer.Option("--recipe", "-r", help="recipe YAML (default: the built-in edge-default)"),
+    ] = None,
+    variant: Annotated[
+        list[str] | None, typer.Option("--variant", help="run only these variants")
+    ] = None,
+    cache_dir: Annotated[Path | None, typer.Option(help="step cache (default: OUT/.cache)")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Run a recipe: every variant's chain of passes, cached by step, written atomically."""
+    with handled(as_json):
+        run = optimize(model, out, recipe or default_recipe_path(), variant, cache_dir, as_json)
+        if as_json:
+            emit_json(run.to_dict())
+        else:
+            print_variant_table(run)
+
+
+def optimize(
+    model: Path,
+    out: Path,
+    recipe_path: Path,
+    only: list[str] | None,
+    cache_dir: Path | None,
+    quiet: bool,
+) -> OptimizeRun:
+    from slmops.model.handle import ModelFormat, open_model
+    from slmops.optimize.engine import run_recipe
+    from slmops.optimize.recipe import load_recipe
+
+    open_model(model, expect=ModelFormat.HF)  # a wrong model path is the first thing to report
+    recipe = load_recipe(recipe_path)
+    with Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} steps"),
+        TimeElapsedColumn(),
+        console=console,
+        disable=quiet,
+        transient=False,
+    ) as progress:
+        return run_recipe(
+            model, recipe, out, cache_dir=cache_dir, listener=_ProgressListener(progress), only=only
+        )
+
+
+def print_variant_table(run: OptimizeRun) -> None:
+    table = Table(
+        title=f"variants of {run.model.name} (recipe {run.recipe}, fp32 {human_bytes(run.fp32_bytes)})"
+    )
+    for col in ("variant", "format", "kind", "weights", "x fp32", "compression", "steps", "cached"):
+        table.add_column(
+            col, justify="right" if col in ("weights", "x fp32", "compression") else "left"
+        )
+    for v in run.variants:
+        table.add_row(
+            v.name,
+            v.format,
+            ", ".join(k for k in v.kinds if k != "export") or "export",
+            human_bytes(v.weights_bytes),
+            f"{v.ratio_to_fp32:.3f}",
+            f"{1 / v.ratio_to_fp32:.1f}x" if v.ratio_to_fp32 else "-",
+            " > ".join(s.pass_name for s in v.steps),
+            "yes" if v.cached else "no",
+        )
+    out_console.print(table)
+    out_console.print(f"variants in [bold]{run.out}[/] ({run.wall_time_s:.1f} s)")

@@ -1,0 +1,162 @@
+"""Pass base class and registry.
+
+A pass is a class with a typed config and one method, model in, model out, into a fresh
+directory. Subclasses register themselves by `name` when their module is imported; modules keep
+heavy imports (torch, llama_cpp, onnxruntime_genai) inside `run`, so listing passes is cheap.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Generic, TypeVar
+
+from pydantic import ValidationError
+
+from slmops.core.config import StrictModel, config_error_from_validation
+from slmops.core.errors import UnknownPassError
+from slmops.model.handle import ModelFormat, ModelHandle
+
+
+class PassConfig(StrictModel):
+    """Base for pass options; unknown options are refused."""
+
+
+@dataclass
+class PassResult:
+    """What a pass reports beside its output files; lands in the step's card."""
+
+    report: dict[str, Any] = field(default_factory=dict)
+    sparsity: dict[str, Any] | None = None
+    structure: dict[str, Any] | None = None
+    quantization: str | None = None
+
+
+ConfigT = TypeVar("ConfigT", bound=PassConfig)
+
+
+class Pass(ABC, Generic[ConfigT]):
+    name: ClassVar[str]
+    version: ClassVar[int] = 1
+    summary: ClassVar[str]
+    # What a variant made by this pass is, for cards and reports: export, quantize,
+    # prune-unstructured, prune-semi-structured, prune-structured.
+    kind: ClassVar[str]
+    input_format: ClassVar[ModelFormat]
+    output_format: ClassVar[ModelFormat]
+    Config: ClassVar[type[PassConfig]] = PassConfig
+    # Python distributions whose versions go into the card.
+    tools: ClassVar[tuple[str, ...]] = ()
+
+    _registry: ClassVar[dict[str, type[Pass[Any]]]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "name" in cls.__dict__:
+            Pass._registry[cls.name] = cls
+
+    def __init__(self, config: ConfigT) -> None:
+        self.config: ConfigT = config
+
+    def prepare(self) -> None:
+        """Import heavy dependencies; the worker measures baseline RSS after this."""
+
+    @abstractmethod
+    def run(self, model: ModelHandle, out_dir: Path) -> PassResult:
+        """Write the new model into `out_dir` (empty, already created)."""
+
+    def estimate_output_bytes(self, model: ModelHandle) -> int:
+        """Upper bound used to refuse early when the disk is too small."""
+        return 2 * model.size_bytes
+
+    @classmethod
+    def tool_versions(cls) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for dist in ("slmops", *cls.tools):
+            try:
+                out[dist] = importlib.metadata.version(dist)
+            except importlib.metadata.PackageNotFoundError:
+                out[dist] = "not installed"
+        return out
+
+    @classmethod
+    def describe(cls) -> dict[str, Any]:
+        options = []
+        schema = cls.Config.model_json_schema()
+        required = set(schema.get("required", []))
+        for key, prop in schema.get("properties", {}).items():
+            field_info = cls.Config.model_fields[key]
+            default = (
+                None
+                if field_info.is_required()
+                else field_info.get_default(call_default_factory=True)
+            )
+            options.append(
+                {
+                    "name": key,
+                    "type": _type_label(prop),
+                    "default": default,
+                    "required": key in required,
+                    "description": prop.get("description", ""),
+                }
+            )
+        return {
+            "name": cls.name,
+            "version": cls.version,
+            "kind": cls.kind,
+            "input": cls.input_format.value,
+            "output": cls.output_format.value,
+            "summary": cls.summary,
+            "options": options,
+        }
+
+
+def _type_label(prop: dict[str, Any]) -> str:
+    if "enum" in prop:
+        return " | ".join(str(v) for v in prop["enum"])
+    if "anyOf" in prop:
+        return " | ".join(_type_label(p) for p in prop["anyOf"])
+    if "$ref" in prop:
+        return str(prop["$ref"]).rsplit("/", 1)[-1]
+    t = prop.get("type", "any")
+    if t == "array":
+        return f"list[{_type_label(prop.get('items', {}))}]"
+    return str(t)
+
+
+def registry() -> dict[str, type[Pass[Any]]]:
+    """Every registered pass; importing a built-in module is what registers it."""
+    import importlib
+
+    from slmops.optimize.passes import BUILTIN
+
+    for mod in BUILTIN:
+        importlib.import_module(f"slmops.optimize.passes.{mod}")
+
+    return dict(sorted(Pass._registry.items()))
+
+
+def get_pass_class(name: str, *, where: str | None = None) -> type[Pass[Any]]:
+    passes = registry()
+    if name not in passes:
+        import difflib
+
+        close = difflib.get_close_matches(name, passes, n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        raise UnknownPassError(
+            f"unknown pass '{name}'",
+            where=where,
+            hint=hint + "run `slmops passes` to list them: " + ", ".join(passes),
+        )
+    return passes[name]
+
+
+def build_pass(name: str, options: dict[str, Any] | None, *, where: str | None = None) -> Pass[Any]:
+    cls = get_pass_class(name, where=where)
+    try:
+        config = cls.Config.model_validate(options or {})
+    except ValidationError as exc:
+        raise config_error_from_validation(exc, source=where or f"pass {name}") from None
+    return cls(config)
