@@ -31,7 +31,7 @@ def _random_model(out: Path, arch: str, tokenizer_from: Path) -> Path:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(0)
-    common = dict(
+    common: dict[str, int] = dict(
         vocab_size=640,  # padded beyond the tokenizer, as real Qwen2/Phi-3 checkpoints are
         hidden_size=64,
         intermediate_size=128,
@@ -43,6 +43,9 @@ def _random_model(out: Path, arch: str, tokenizer_from: Path) -> Path:
         eos_token_id=1,
         pad_token_id=2,
     )
+    if arch == "phi3":
+        # A short-context Phi-3 (as Phi-3-mini-4k is): no LongRoPE scaling.
+        common["original_max_position_embeddings"] = common["max_position_embeddings"]
     cfg = AutoConfig.for_model(arch, **common)
     model = AutoModelForCausalLM.from_config(cfg)
     model.save_pretrained(out, safe_serialization=True)
@@ -58,7 +61,9 @@ def _random_model(out: Path, arch: str, tokenizer_from: Path) -> Path:
     # Keep the generic fast tokenizer: without this AutoTokenizer picks the architecture's own
     # tokenizer class (e.g. Qwen2Tokenizer), which adds special tokens beyond the tiny vocab.
     tok_cfg = json.loads((out / "tokenizer_config.json").read_text())
-    tok_cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    # Phi-4-style byte-level BPE is declared as GPT2Tokenizer, which llama.cpp's Phi-3 converter
+    # reads as a BPE vocabulary (Phi-3-mini itself ships a SentencePiece tokenizer.model).
+    tok_cfg["tokenizer_class"] = "GPT2Tokenizer" if arch == "phi3" else "PreTrainedTokenizerFast"
     (out / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
     return out
 

@@ -136,3 +136,16 @@ def test_kill_9_midway_then_rerun(tiny_model: Path, tmp_path: Path) -> None:
     for v in ("a", "b", "c"):
         assert read_card(out / v) is not None
     assert not list(cache.glob(".slmops-tmp-*")), "stale temp dirs are cleaned on the next run"
+
+
+def test_concurrent_run_on_same_out_is_refused(tiny_model: Path, tmp_path: Path) -> None:
+    import fcntl
+
+    from slmops.core.errors import UserInputError
+
+    out = tmp_path / "out"
+    out.mkdir()
+    with (out / ".lock").open("w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        with pytest.raises(UserInputError, match="another slmops optimize"):
+            run_recipe(tiny_model, load_recipe(_recipe(tmp_path)), out)

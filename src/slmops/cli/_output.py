@@ -18,8 +18,17 @@ from rich.console import Console
 
 from slmops.core.errors import SlmopsError
 
-console = Console(stderr=True, highlight=False)
-out_console = Console(highlight=False)
+
+def _console(stderr: bool) -> Console:
+    c = Console(stderr=stderr, highlight=False)
+    if not c.is_terminal and "COLUMNS" not in os.environ:
+        # Logs and pipes get rich's 80-column default otherwise, which wraps every table.
+        c = Console(stderr=stderr, highlight=False, width=120)
+    return c
+
+
+console = _console(stderr=True)
+out_console = _console(stderr=False)
 
 T = TypeVar("T")
 

@@ -9,6 +9,7 @@ import typer
 
 from slmops.cli._output import emit_json, handled, out_console
 
+DEMO_PROFILES = ["arm-gateway-2gb", "rpi5-8gb", "x86-minipc-16gb"]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON document on stdout")]
 
 
@@ -20,9 +21,12 @@ def demo_command(
     seed: Annotated[int, typer.Option(help="seed for the demo model")] = 0,
     as_json: JsonOpt = False,
 ) -> None:
-    """Train the demo model and optimize it with the default edge recipe."""
+    """Train the demo model, optimize it with the default recipe, evaluate it on three device profiles."""
+    from slmops.cli.evaluate import print_selection, run_evaluation
     from slmops.cli.model import build_demo
     from slmops.cli.optimize import default_recipe_path, optimize, print_variant_table
+    from slmops.evaluate.profiles import resolve_profiles
+    from slmops.evaluate.runner import EvalOptions
 
     with handled(as_json):
         if not as_json:
@@ -36,10 +40,28 @@ def demo_command(
             )
             out_console.rule("[bold]2. optimize (recipe edge-default)[/]")
         run = optimize(res.path, workdir / "variants", default_recipe_path(), None, None, as_json)
+        if not as_json:
+            print_variant_table(run)
+            out_console.rule(f"[bold]3. evaluate on {', '.join(DEMO_PROFILES)}[/]")
+        profiles = resolve_profiles(DEMO_PROFILES)
+        report = run_evaluation(
+            workdir / "variants", profiles, workdir / "report", EvalOptions(), as_json
+        )
         if as_json:
-            emit_json({"model": str(res.path), "optimize": run.to_dict()})
+            emit_json(
+                {
+                    "model": str(res.path),
+                    "optimize": run.to_dict(),
+                    "report": str(workdir / "report"),
+                    "selections": [s.model_dump(mode="json") for s in report.selections],
+                }
+            )
             return
-        print_variant_table(run)
+        print_selection(report)
         out_console.print(
-            f"\nnext: inspect a variant's lineage with [bold]slmops model info {run.variants[0].path}[/]"
+            f"report: [bold]{workdir / 'report' / 'report.html'}[/] ({report.wall_time_s:.0f} s)"
+        )
+        out_console.print(
+            f"\nnext: [bold]slmops gate {workdir / 'report'}[/] (the CI gate), "
+            f"[bold]slmops model info {run.variants[0].path}[/] (lineage)"
         )

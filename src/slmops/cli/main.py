@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from slmops import __version__
-from slmops.cli import demo, model, optimize
+from slmops.cli import demo, evaluate, model, optimize
 
 app = typer.Typer(
     name="slmops",
@@ -38,6 +38,9 @@ def _root(
 
 app.command("passes")(optimize.passes_command)
 app.command("optimize")(optimize.optimize_command)
+app.command("profiles")(evaluate.profiles_command)
+app.command("evaluate")(evaluate.evaluate_command)
+app.command("gate")(evaluate.gate_command)
 app.command("demo")(demo.demo_command)
 app.add_typer(model.app, name="model")
 

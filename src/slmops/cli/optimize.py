@@ -116,23 +116,35 @@ def optimize(
         )
 
 
+KIND_LABELS = {
+    "prune-unstructured": "sparse",
+    "prune-semi-structured": "N:M sparse",
+    "prune-structured": "structurally pruned",
+}
+
+
 def print_variant_table(run: OptimizeRun) -> None:
     table = Table(
-        title=f"variants of {run.model.name} (recipe {run.recipe}, fp32 {human_bytes(run.fp32_bytes)})"
+        title=f"variants of {run.model.name} (recipe {run.recipe}, fp32 size {human_bytes(run.fp32_bytes)})"
     )
-    for col in ("variant", "format", "kind", "weights", "x fp32", "compression", "steps", "cached"):
-        table.add_column(
-            col, justify="right" if col in ("weights", "x fp32", "compression") else "left"
-        )
+    table.add_column("variant", no_wrap=True)
+    table.add_column("format", no_wrap=True)
+    table.add_column("precision", no_wrap=True)
+    table.add_column("pruning")
+    table.add_column("weights", justify="right", no_wrap=True)
+    table.add_column("x fp32", justify="right")
+    table.add_column("compression", justify="right")
+    table.add_column("cached")
     for v in run.variants:
+        pruning = [KIND_LABELS[k] for k in v.kinds if k in KIND_LABELS] or ["-"]
         table.add_row(
             v.name,
             v.format,
-            ", ".join(k for k in v.kinds if k != "export") or "export",
+            v.quantization or "-",
+            ", ".join(pruning),
             human_bytes(v.weights_bytes),
             f"{v.ratio_to_fp32:.3f}",
             f"{1 / v.ratio_to_fp32:.1f}x" if v.ratio_to_fp32 else "-",
-            " > ".join(s.pass_name for s in v.steps),
             "yes" if v.cached else "no",
         )
     out_console.print(table)

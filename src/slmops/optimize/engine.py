@@ -9,13 +9,14 @@ so a killed run never leaves a directory that looks complete.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -26,6 +27,7 @@ from slmops.core.atomic import (
     clean_stale_temps,
     ensure_free_space,
     link_or_copy_tree,
+    write_json_atomic,
 )
 from slmops.core.digest import sha256_json, tree_digest, tree_size
 from slmops.core.errors import (
@@ -35,8 +37,15 @@ from slmops.core.errors import (
     ToolError,
     UserInputError,
 )
+from slmops.core.process import die_with_parent
 from slmops.model.card import LineageCard, StepRecord, read_card
-from slmops.model.handle import ModelFormat, hf_parameter_count, open_model, weights_bytes
+from slmops.model.handle import (
+    ModelFormat,
+    ModelHandle,
+    hf_parameter_count,
+    open_model,
+    weights_bytes,
+)
 from slmops.optimize.recipe import Recipe, Step
 
 CACHE_DIRNAME = ".cache"
@@ -84,6 +93,7 @@ class VariantOutcome:
     weights_bytes: int
     ratio_to_fp32: float
     ratio_to_input: float
+    quantization: str | None = None
     steps: list[StepOutcome] = field(default_factory=list)
 
     @property
@@ -117,6 +127,7 @@ class OptimizeRun:
                     "path": str(v.path),
                     "format": v.format,
                     "kinds": v.kinds,
+                    "quantization": v.quantization,
                     "size_bytes": v.size_bytes,
                     "weights_bytes": v.weights_bytes,
                     "ratio_to_fp32": round(v.ratio_to_fp32, 4),
@@ -176,6 +187,19 @@ def run_recipe(
     cache = cache_dir or out / CACHE_DIRNAME
     out.mkdir(parents=True, exist_ok=True)
     cache.mkdir(parents=True, exist_ok=True)
+    with _exclusive(out):
+        return _run_locked(model, recipe, names, out, cache, listener, t0)
+
+
+def _run_locked(
+    model: ModelHandle,
+    recipe: Recipe,
+    names: list[str],
+    out: Path,
+    cache: Path,
+    listener: Listener,
+    t0: float,
+) -> OptimizeRun:
     clean_stale_temps(out)
     clean_stale_temps(cache)
 
@@ -209,8 +233,6 @@ def run_recipe(
         outcomes,
         time.perf_counter() - t0,
     )
-    from slmops.core.atomic import write_json_atomic
-
     write_json_atomic(out / RUN_FILE, run.to_dict())
     return run
 
@@ -279,6 +301,7 @@ def _run_variant(
         weights_bytes=wb,
         ratio_to_fp32=wb / fp32 if fp32 else 0.0,
         ratio_to_input=wb / input_weights if input_weights else 0.0,
+        quantization=card.quantization,
         steps=outcomes,
     )
 
@@ -348,16 +371,18 @@ def _spawn_worker(step: Step, src: Path, out_dir: Path, log_path: Path) -> dict[
             )
         )
         with log_path.open("w") as log:
+            # Same process group as the engine (kill -9 of the group ends the worker too), and a
+            # parent-death signal so a worker never outlives an engine killed on its own.
             proc = subprocess.Popen(
                 [sys.executable, "-m", "slmops.optimize.worker", str(spec), str(res_path)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                start_new_session=True,
+                preexec_fn=die_with_parent,
             )
             try:
                 rc = proc.wait()
             except BaseException:
-                os.killpg(proc.pid, signal.SIGKILL)
+                proc.kill()
                 proc.wait()
                 raise
         if not res_path.exists():
@@ -388,6 +413,23 @@ def _spawn_worker(step: Step, src: Path, out_dir: Path, log_path: Path) -> dict[
             hint=hint or None,
         )
     return result
+
+
+@contextmanager
+def _exclusive(out: Path) -> Iterator[None]:
+    """One run per output folder: a second concurrent run would delete the first one's temps."""
+    import fcntl
+
+    with (out / ".lock").open("w") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserInputError(
+                "another slmops optimize is writing to this folder",
+                where=out,
+                hint="wait for it to finish or choose another --out",
+            ) from None
+        yield
 
 
 def _tail(path: Path, lines: int = 15) -> str:

@@ -16,6 +16,7 @@ from typing import Literal
 from pydantic import Field
 
 from slmops.core.errors import ModelFormatError, ToolError
+from slmops.core.process import die_with_parent
 from slmops.model.handle import ModelFormat, ModelHandle
 from slmops.optimize.passes.base import Pass, PassConfig, PassResult
 
@@ -81,7 +82,9 @@ class ExportOnnx(Pass[ExportOnnxConfig]):
             ]
             if extra:
                 cmd += ["--extra_options", *extra]
-            proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            proc = subprocess.run(
+                cmd, capture_output=True, text=True, check=False, preexec_fn=die_with_parent
+            )
         # The builder runs in its own process (it prints freely and sets global state); its output
         # is forwarded to the step log.
         sys.stderr.write(proc.stdout[-20000:] + proc.stderr[-20000:])

@@ -1,0 +1,186 @@
+"""Benchmark the evaluate stage's perf harness on the demo model, side by side in one run.
+
+Prints, for each runtime (llama.cpp on gguf-q4_k_m and gguf-f16, ONNX Runtime GenAI on
+onnx-int4, transformers on the HF model) at the same thread count:
+- decode tokens/s measured by the harness (pinned subprocess, RSS watchdog), TTFT, load time and
+  peak RSS, next to
+- decode tokens/s from the runtime called directly in this process (`direct_decode_tps`),
+- and the ratio harness / direct: what the harness costs (target: ratio >= 0.95).
+
+The two are interleaved over --rounds rounds so that load from other processes on a shared
+machine hits both alike; the ratio is the median of the per-round ratios.
+
+Then `evaluate_wall_times` times `measure()` (defaults: 3 repeats, 64 tokens) per variant on
+three built-in profiles: the evaluation's own cost per variant.
+
+The demo model and the variants are cached (~/.cache/slmops), so only the first run trains
+and converts.
+
+    .venv/bin/python bench/evaluate.py [--threads 2] [--tokens 64] [--rounds 3] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from slmops.cli.optimize import default_recipe_path
+from slmops.evaluate.perf import direct_decode_tps, measure
+from slmops.evaluate.perf_child import build_prompt
+from slmops.evaluate.profiles import Budgets, CostModel, DeviceProfile, builtin_profiles
+from slmops.model.demo import train_demo_model
+from slmops.optimize.engine import run_recipe
+from slmops.optimize.recipe import load_recipe
+from slmops.runtimes import open_runtime
+
+CACHE = Path.home() / ".cache" / "slmops"
+VARIANTS = ["gguf-q4_k_m", "gguf-f16", "onnx-int4"]
+WALL_PROFILES = ["arm-gateway-2gb", "rpi5-8gb", "x86-minipc-16gb"]
+
+
+def bench_profile(threads: int, prompt_tokens: int) -> DeviceProfile:
+    """The host itself as a profile: `threads` cores, memory to spare, speed 1."""
+    return DeviceProfile(
+        name="bench-host",
+        arch="x86_64",
+        cores=threads,
+        ram_mb=16384,
+        storage_mb=65536,
+        runtimes=["gguf", "onnx-genai"],
+        context_length=512,
+        prompt_tokens=prompt_tokens,
+        relative_speed=1.0,
+        budgets=Budgets(max_ttft_ms=1e6, min_decode_tps=0, max_kld=1e6),
+        cost=CostModel(hardware_usd=0, lifetime_years=1, power_watts=0),
+    )
+
+
+def prepare(minutes: float) -> tuple[dict[str, Path], str]:
+    """Demo model + the three runtime variants (cached), and the prompt text (held-out split)."""
+    model = train_demo_model(CACHE / "bench-evaluate" / "model", minutes=minutes).path
+    run = run_recipe(
+        model, load_recipe(default_recipe_path()), CACHE / "bench-variants", only=VARIANTS
+    )
+    dirs = {v.name: v.path for v in run.variants}
+    dirs["hf"] = model
+    held = model / "heldout.txt"
+    text = held.read_text(encoding="utf-8") if held.exists() else json.__doc__ or "x"
+    return dirs, text[:20_000]
+
+
+def harness_vs_direct(
+    name: str, path: Path, text: str, threads: int, tokens: int, rounds: int
+) -> dict[str, Any]:
+    profile = bench_profile(threads, 128)
+    n_ctx = 512
+    rt = open_runtime(path, threads=threads, n_ctx=n_ctx)
+    ids = build_prompt(rt, text, profile.prompt_tokens)
+    rt.close()
+    direct, harness, ratios = [], [], []
+    last = None
+    for _ in range(rounds):
+        d = direct_decode_tps(path, threads, ids, tokens, n_ctx=n_ctx, repeats=3)
+        last = measure(name, path, profile, text=text, repeats=3, max_tokens=tokens)
+        if last.status != "ok" or last.decode_tps is None:
+            return {"variant": name, "status": last.status, "detail": last.detail}
+        direct.append(d)
+        harness.append(last.decode_tps.median)
+        ratios.append(last.decode_tps.median / d)
+    assert last is not None and last.ttft_ms and last.load_time_s and last.peak_rss_bytes
+    return {
+        "variant": name,
+        "runtime": last.runtime,
+        "status": last.status,
+        "threads": last.threads,
+        "harness_decode_tps": round(statistics.median(harness), 1),
+        "direct_decode_tps": round(statistics.median(direct), 1),
+        "ratio": round(statistics.median(ratios), 3),
+        "ratios": [round(r, 3) for r in ratios],
+        "ttft_ms": round(last.ttft_ms.median, 2),
+        "load_ms": round(last.load_time_s.median * 1000, 1),
+        "peak_rss_mb": round(last.peak_rss_bytes.max / 1e6, 1),
+    }
+
+
+def evaluate_wall_times(dirs: dict[str, Path], text: str) -> list[dict[str, Any]]:
+    """HOOK (evaluation wall time): seconds of `measure()` per variant on three profiles."""
+    profiles = builtin_profiles()
+    rows = []
+    for name in VARIANTS:
+        for pname in WALL_PROFILES:
+            t0 = time.perf_counter()
+            res = measure(name, dirs[name], profiles[pname], text=text)
+            rows.append(
+                {
+                    "variant": name,
+                    "profile": pname,
+                    "threads": res.threads,
+                    "status": res.status,
+                    "wall_s": round(time.perf_counter() - t0, 2),
+                }
+            )
+    return rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--tokens", type=int, default=64, help="decode tokens per generation")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved harness/direct rounds")
+    ap.add_argument("--minutes", type=float, default=3.0, help="demo model training budget")
+    ap.add_argument("--no-wall", action="store_true", help="skip the evaluation wall-time table")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+
+    dirs, text = prepare(args.minutes)
+    rows = [
+        harness_vs_direct(name, dirs[name], text, args.threads, args.tokens, args.rounds)
+        for name in [*VARIANTS, "hf"]
+    ]
+    walls = [] if args.no_wall else evaluate_wall_times(dirs, text)
+    ratios = [r["ratio"] for r in rows if "ratio" in r]
+    result = {
+        "threads": args.threads,
+        "tokens": args.tokens,
+        "rounds": args.rounds,
+        "rows": rows,
+        "wall_times": walls,
+        "targets": {"harness_overhead<5%": bool(ratios) and min(ratios) >= 0.95},
+    }
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"decode tokens/s, {args.threads} threads, {args.tokens} tokens, 128-token prompt\n")
+    print(
+        f"{'runtime':18} {'variant':12} {'harness':>9} {'direct':>9} {'ratio':>6}  "
+        f"{'TTFT ms':>8} {'load ms':>8} {'peak RSS':>9}"
+    )
+    for r in rows:
+        if "ratio" not in r:
+            print(f"{'?':18} {r['variant']:12} {r['status']}: {r['detail']}")
+            continue
+        print(
+            f"{r['runtime']:18} {r['variant']:12} {r['harness_decode_tps']:9.1f} "
+            f"{r['direct_decode_tps']:9.1f} {r['ratio']:6.3f}  {r['ttft_ms']:8.2f} "
+            f"{r['load_ms']:8.1f} {r['peak_rss_mb']:7.1f}MB   rounds {r['ratios']}"
+        )
+    if walls:
+        print(f"\n{'evaluation wall time':32} {'profile':18} {'threads':>7} {'wall':>7}")
+        for w in walls:
+            print(
+                f"{w['variant']:32} {w['profile']:18} {w['threads']:7d} {w['wall_s']:6.2f}s"
+                f"  {w['status']}"
+            )
+    for name, ok in result["targets"].items():
+        print(f"\n  target {name:30} {'met' if ok else 'MISSED'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

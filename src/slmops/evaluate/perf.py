@@ -1,0 +1,298 @@
+"""Performance harness: each variant x device profile measured in its own pinned, watched process.
+
+Why a subprocess per (variant, profile):
+- Pinning: the child gets CPU affinity to the profile's core count (set in preexec, before the
+  interpreter starts) and the runtime gets the same thread count, so a 4-core profile is not
+  measured with 16 cores' worth of threads.
+- The memory ceiling: the parent samples the child's RSS (and its children's) every ~15 ms with
+  psutil and kills it above profile.ram_mb; the result is "does-not-fit", never a crash. RSS, not
+  RLIMIT_AS: address-space limits count mmapped weights that are never touched and reserved
+  arenas, so they refuse models that would run fine.
+- Isolation: a native crash, a hang (timeout) or a model that fails to load becomes an "error"
+  row with the message, and the evaluation goes on.
+
+Host numbers are measured; device numbers are projections (host x relative_speed), labelled so.
+Heavy imports (runtimes, numpy, gguf) happen in the child or inside functions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from slmops.core.errors import SlmopsError, UserInputError
+from slmops.core.process import die_with_parent
+from slmops.evaluate.profiles import DeviceProfile
+from slmops.evaluate.schema import PerfResult, Stat
+
+MIB = 1024 * 1024
+SAMPLE_INTERVAL_S = 0.015
+CHILDREN_SCAN_EVERY = 33  # samples between scans for grandchildren: a /proc walk costs ~1 ms
+STDERR_TAIL = 600
+
+
+def available_cpus() -> list[int]:
+    """CPUs this process may run on (affinity-aware: a container's cpuset, taskset)."""
+    if hasattr(os, "sched_getaffinity"):
+        return sorted(os.sched_getaffinity(0))
+    return list(range(os.cpu_count() or 1))  # pragma: no cover  (non-Linux)
+
+
+def pinned_cpus(cores: int) -> list[int]:
+    """The first min(cores, available) CPUs: the set a profile's measurement is pinned to."""
+    cpus = available_cpus()
+    return cpus[: max(1, min(cores, len(cpus)))]
+
+
+@functools.cache
+def host_cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def _pin_and_tie(cpus: list[int]) -> None:  # pragma: no cover  (runs in the child before exec)
+    die_with_parent()
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, cpus)
+
+
+@dataclass
+class ChildOutcome:
+    """What the parent saw of one measuring process, and the child's raw result (None if none)."""
+
+    returncode: int | None
+    peak_rss: int
+    exceeded: bool
+    timed_out: bool
+    stderr: str
+    wall_s: float
+    result: dict[str, Any] | None
+
+
+def _rss(procs: list[Any]) -> int:
+    import psutil
+
+    total = 0
+    for p in procs:
+        try:
+            total += int(p.memory_info().rss)
+        except psutil.Error:
+            continue
+    return total
+
+
+def _watch(child: subprocess.Popen[bytes], ceiling: int, deadline: float) -> tuple[int, bool, bool]:
+    """Sample RSS until the child exits; kill it (and its children) above `ceiling` or late."""
+    import psutil
+
+    try:
+        root = psutil.Process(child.pid)
+    except psutil.NoSuchProcess:  # exited (and was reaped) before the first sample
+        return 0, False, False
+    procs: list[Any] = [root]
+    peak, n = 0, 0
+    while child.poll() is None:
+        if n % CHILDREN_SCAN_EVERY == 0:
+            try:
+                procs = [root, *root.children(recursive=True)]
+            except psutil.Error:
+                procs = [root]
+        n += 1
+        rss = _rss(procs)
+        peak = max(peak, rss)
+        exceeded, late = rss > ceiling, time.perf_counter() > deadline
+        if exceeded or late:
+            for p in reversed(procs):  # grandchildren first, then the child
+                with contextlib.suppress(psutil.Error):
+                    p.kill()
+            child.wait()
+            return peak, exceeded, late
+        time.sleep(SAMPLE_INTERVAL_S)
+    return peak, False, False
+
+
+def run_pinned(
+    spec: dict[str, Any], cpus: list[int], ceiling_bytes: int, timeout_s: float
+) -> ChildOutcome:
+    """Run perf_child on `spec` pinned to `cpus`; kill it above `ceiling_bytes` RSS or on timeout."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(len(cpus)), "TOKENIZERS_PARALLELISM": "false"}
+    with tempfile.TemporaryDirectory(prefix="slmops-perf-") as tmp:
+        work = Path(tmp)
+        spec_file, res_file, err_file = work / "spec.json", work / "result.json", work / "stderr"
+        spec_file.write_text(json.dumps(spec), encoding="utf-8")
+        t0 = time.perf_counter()
+        with err_file.open("wb") as err:
+            child = subprocess.Popen(
+                [sys.executable, "-m", "slmops.evaluate.perf_child", str(spec_file), str(res_file)],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+                env=env,
+                preexec_fn=functools.partial(_pin_and_tie, cpus),
+            )
+        try:
+            peak, exceeded, late = _watch(child, ceiling_bytes, t0 + timeout_s)
+        finally:
+            if child.poll() is None:  # the watcher itself failed: leave no orphan
+                child.kill()
+            child.wait()
+        wall = time.perf_counter() - t0
+        stderr = err_file.read_text(encoding="utf-8", errors="replace")[-STDERR_TAIL:].strip()
+        result = json.loads(res_file.read_text()) if res_file.exists() else None
+    return ChildOutcome(child.returncode, peak, exceeded, late, stderr, wall, result)
+
+
+def _runtime_name(variant_dir: Path) -> str:
+    from slmops.runtimes.base import runtime_for
+
+    try:
+        return runtime_for(variant_dir).name
+    except SlmopsError:
+        return "unknown"
+
+
+def _mib(n: float) -> str:
+    return f"{n / MIB:.0f} MiB"
+
+
+def measure(
+    variant_name: str,
+    variant_dir: Path,
+    profile: DeviceProfile,
+    *,
+    text: str,
+    repeats: int = 3,
+    max_tokens: int = 64,
+    timeout_s: float = 300,
+) -> PerfResult:
+    """Measure one variant on one profile (pinned, watched subprocess); never raises for a bad model.
+
+    The prompt is profile.prompt_tokens tokens of `text` (repeated if short), clipped so that
+    prompt + max_tokens fit the context; the context is profile.context_length capped to the
+    model's own maximum.
+    """
+    from slmops.evaluate.memory import memory_at_context, runtime_context
+
+    if repeats < 1 or max_tokens < 2:
+        raise UserInputError(
+            f"repeats={repeats}, max_tokens={max_tokens}: need at least 1 repeat and 2 tokens",
+            hint="decode speed counts the tokens after the first one",
+        )
+    variant_dir = Path(variant_dir)
+    cpus = pinned_cpus(profile.cores)
+    base: dict[str, Any] = {
+        "variant": variant_name,
+        "profile": profile.name,
+        "runtime": _runtime_name(variant_dir),
+        "threads": len(cpus),
+        "repeats": repeats,
+        "memory_ceiling_bytes": profile.ram_mb * MIB,
+        "measured_on": f"host ({host_cpu_name()}, {len(cpus)} threads)",
+    }
+    try:
+        n_ctx = runtime_context(variant_dir, profile.context_length)
+        base["memory_at_context_bytes"] = memory_at_context(variant_dir, n_ctx)
+    except (SlmopsError, OSError) as exc:
+        return PerfResult(**base, status="error", detail=str(exc))
+    spec = {
+        "variant_dir": str(variant_dir.resolve()),
+        "threads": len(cpus),
+        "n_ctx": n_ctx,
+        "prompt_tokens": max(1, min(profile.prompt_tokens, n_ctx - max_tokens - 1)),
+        "max_tokens": max_tokens,
+        "repeats": repeats,
+        "text": text,
+    }
+    run = run_pinned(spec, cpus, base["memory_ceiling_bytes"], timeout_s)
+    return _to_result(base, profile, run, timeout_s)
+
+
+def _to_result(
+    base: dict[str, Any], profile: DeviceProfile, run: ChildOutcome, timeout_s: float
+) -> PerfResult:
+    ceiling, res = base["memory_ceiling_bytes"], run.result
+    over = f"exceeded the {_mib(ceiling)} available on {profile.name}"
+    if run.exceeded:
+        detail = f"peak RSS {_mib(run.peak_rss)} {over} (stopped after {run.wall_s:.1f} s)"
+        return PerfResult(
+            **base, status="does-not-fit", detail=detail, peak_rss_bytes=Stat.of([run.peak_rss])
+        )
+    if run.timed_out:
+        return PerfResult(**base, status="error", detail=f"timed out after {timeout_s:g} s")
+    if res is None:
+        code = run.returncode or 0
+        how = f"signal {-code}" if code < 0 else f"exit code {code}"
+        detail = f"the measuring process died ({how}) without a result"
+        return PerfResult(
+            **base, status="error", detail=f"{detail}: {run.stderr}" if run.stderr else detail
+        )
+    if res.get("status") != "ok":
+        return PerfResult(**base, status="error", detail=str(res.get("detail", "unknown error")))
+    base["runtime"] = res["runtime"]
+    # getrusage sees spikes between watchdog samples; the watchdog also sees grandchildren
+    rss = Stat.of([max(*res["rss"], run.peak_rss)])
+    ttft = Stat.of([t * 1000 for t in res["ttft_s"]])
+    tps = Stat.of(res["decode_tps"])
+    notes = []
+    if min(res["generated"]) < res["max_tokens"]:
+        notes.append(f"the runtime stopped early: {min(res['generated'])} tokens in one repeat")
+    fits = rss.max <= ceiling  # the watchdog can miss a spike between two samples; getrusage not
+    if not fits:
+        notes.insert(0, f"peak RSS {_mib(rss.max)} {over}")
+    return PerfResult(
+        **base,
+        status="ok" if fits else "does-not-fit",
+        detail="; ".join(notes),
+        load_time_s=Stat.of(res["load_s"]),
+        ttft_ms=ttft,
+        decode_tps=tps,
+        peak_rss_bytes=rss,
+        projected_ttft_ms=ttft.median / profile.relative_speed,
+        projected_decode_tps=tps.median * profile.relative_speed,
+    )
+
+
+def direct_decode_tps(
+    variant_dir: Path,
+    threads: int,
+    prompt_ids: Sequence[int],
+    max_tokens: int,
+    *,
+    n_ctx: int | None = None,
+    repeats: int = 3,
+) -> float:
+    """Median decode tokens/s from the runtime called in this process, without the harness.
+
+    The baseline the bench compares the harness against: same runtime, threads, prompt and
+    warm-up, but no subprocess, no pinning, no watchdog. `n_ctx` defaults to the model's maximum (<= 2048).
+    """
+    import statistics
+
+    from slmops.evaluate.memory import runtime_context
+    from slmops.runtimes import open_runtime
+
+    ctx = n_ctx or runtime_context(Path(variant_dir), 2048)
+    rt = open_runtime(variant_dir, threads=threads, n_ctx=ctx)
+    try:
+        rt.generate(prompt_ids, max_tokens, stop_at_eos=False)  # warm-up, as the harness does
+        runs = [rt.generate(prompt_ids, max_tokens, stop_at_eos=False)[1] for _ in range(repeats)]
+    finally:
+        rt.close()
+    return statistics.median(s.decode_tokens_per_s for s in runs)

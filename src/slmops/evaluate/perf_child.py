@@ -1,0 +1,130 @@
+"""The measuring process: `python -m slmops.evaluate.perf_child SPEC.json RESULT.json`.
+
+It runs in its own process so that the parent can pin it (CPU affinity, set before exec), watch
+its RSS against the device's memory ceiling and kill it, and so that one variant's allocator
+state or native crash never leaks into the next measurement.
+
+The model is loaded once (timed), warmed up with one untimed generation of the full length, then
+generated `repeats` times (timed). Why not a fresh load per repeat: a device loads once and then
+serves many requests, so steady-state TTFT and decode rate are the figures that matter; and a
+runtime's first pass through each sequence length pays one-off allocations (ONNX Runtime GenAI
+reads ~3% slower on a fresh load even after a short warm-up), so cold repeats would bias every
+median low. The load time is therefore a single figure (n=1), and the interpreter and runtime
+imports stay outside it (imported before timing, as an agent that is already running would).
+
+The child always writes a result (status ok or error with the message) and then leaves with
+os._exit, so runtime teardown at interpreter exit cannot turn a good measurement into a crash.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from slmops.runtimes.base import Runtime
+
+# the runtime library each format loads; imported before timing so load time is the model's
+_RUNTIME_MODULES = {"gguf": "llama_cpp", "onnx-genai": "onnxruntime_genai", "hf": "transformers"}
+
+
+def build_prompt(rt: Runtime, text: str, n_tokens: int) -> list[int]:
+    """Exactly `n_tokens` ids: BOS (when the model has one) then `text`'s tokens, repeated.
+
+    Tokenized by the runtime under test, so every variant sees a prompt of the same length in
+    its own vocabulary; BOS is added by hand because ONNX GenAI's tokenizer does not add it.
+    """
+    toks = rt.tokenize(text)
+    if not toks:
+        raise ValueError("the prompt text tokenizes to nothing")
+    head = [rt.bos_id] if rt.bos_id is not None else []
+    body_len = max(0, n_tokens - len(head))
+    body = (toks * (body_len // len(toks) + 1))[:body_len]
+    return head + body
+
+
+def _ru_maxrss_bytes() -> int:
+    scale = 1 if sys.platform == "darwin" else 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+def measure_in_process(spec: dict[str, Any]) -> dict[str, Any]:
+    """Load, warm up and time the generations `spec` asks for; numbers as lists for the parent."""
+    import importlib
+
+    from slmops.model.handle import detect_format
+    from slmops.runtimes.base import runtime_for
+
+    path = Path(spec["variant_dir"])
+    cls = runtime_for(path)
+    importlib.import_module(_RUNTIME_MODULES[detect_format(path).value])
+    threads, n_ctx = int(spec["threads"]), int(spec["n_ctx"])
+    max_tokens = int(spec["max_tokens"])
+    out: dict[str, Any] = {"runtime": cls.name, "threads": threads, "n_ctx": n_ctx}
+    out["max_tokens"] = max_tokens
+    rt = cls(path, threads, n_ctx)
+    try:
+        ids = build_prompt(rt, spec["text"], int(spec["prompt_tokens"]))
+        rt.generate(ids, max_tokens, stop_at_eos=False)  # warm-up, untimed
+        runs = [
+            rt.generate(ids, max_tokens, stop_at_eos=False) for _ in range(int(spec["repeats"]))
+        ]
+        out["os_threads"] = _thread_count()
+    finally:
+        rt.close()
+    out["prompt_tokens"] = len(ids)
+    out["load_s"] = [rt.load_time_s]
+    out["ttft_s"] = [stats.ttft_s for _, stats in runs]
+    out["decode_tps"] = [stats.decode_tokens_per_s for _, stats in runs]
+    out["generated"] = [len(toks) for toks, _ in runs]
+    # process-lifetime peak (load transients included), the figure a memory ceiling must cover
+    out["rss"] = [float(_ru_maxrss_bytes())]
+    return out
+
+
+def _thread_count() -> int:
+    """OS threads of this process: shows whether a runtime honoured its thread setting."""
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:
+        return 0
+
+
+def _error_text(exc: BaseException) -> str:
+    from slmops.core.errors import SlmopsError
+
+    if isinstance(exc, SlmopsError):
+        return exc.render()
+    return f"{type(exc).__name__}: {exc}"
+
+
+def main(argv: Sequence[str]) -> int:
+    if len(argv) != 2:
+        sys.stderr.write("usage: python -m slmops.evaluate.perf_child SPEC.json RESULT.json\n")
+        return 2
+    spec = json.loads(Path(argv[0]).read_text(encoding="utf-8"))
+    result: dict[str, Any] = {"pid": os.getpid()}
+    if hasattr(os, "sched_getaffinity"):
+        result["affinity"] = sorted(os.sched_getaffinity(0))
+    try:
+        result.update(measure_in_process(spec))
+        result["status"] = "ok"
+    except Exception as exc:
+        result.update(status="error", detail=_error_text(exc))
+    from slmops.core.atomic import write_json_atomic
+
+    write_json_atomic(Path(argv[1]), result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.stdout.flush()
+    code = main(sys.argv[1:])
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

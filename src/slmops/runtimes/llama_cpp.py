@@ -1,0 +1,83 @@
+"""llama.cpp through llama-cpp-python: GGUF models, CPU threads, all-position logits for scoring."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+from slmops.core.errors import ModelFormatError
+from slmops.runtimes.base import Runtime
+
+if TYPE_CHECKING:
+    import numpy as np
+
+
+class LlamaCppRuntime(Runtime):
+    name = "llama.cpp"
+    format = "gguf"
+
+    def _load(self) -> None:
+        import llama_cpp
+
+        files = sorted(self.path.glob("*.gguf")) if self.path.is_dir() else [self.path]
+        if not files:
+            raise ModelFormatError("no .gguf file", where=self.path)
+        try:
+            self._llm: Any = llama_cpp.Llama(
+                model_path=str(files[0]),
+                n_ctx=self.n_ctx,
+                n_batch=min(512, self.n_ctx),
+                n_threads=self.threads,
+                n_threads_batch=self.threads,
+                logits_all=True,
+                verbose=False,
+            )
+        except (ValueError, RuntimeError) as exc:
+            raise ModelFormatError(
+                f"llama.cpp cannot load the model: {exc}", where=files[0]
+            ) from None
+        self._scoring = False
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self._llm.n_vocab())
+
+    @property
+    def bos_id(self) -> int | None:
+        b = int(self._llm.token_bos())
+        return b if b >= 0 else None
+
+    @property
+    def eos_ids(self) -> set[int]:
+        return {int(self._llm.token_eos())}
+
+    def tokenize(self, text: str) -> list[int]:
+        return [
+            int(t) for t in self._llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
+        ]
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        return bytes(self._llm.detokenize(list(ids))).decode("utf-8", errors="replace")
+
+    def logits(self, ids: Sequence[int]) -> np.ndarray:
+        import numpy as np
+
+        if len(ids) > self.n_ctx:
+            raise ValueError(f"{len(ids)} tokens exceed the context of {self.n_ctx}")
+        self._llm.reset()
+        self._llm.eval(list(ids))
+        return np.array(self._llm.scores[: len(ids)], dtype=np.float32, copy=True)
+
+    def stream(self, ids: Sequence[int], max_tokens: int, temperature: float = 0.0) -> Iterator[int]:
+        self._llm.reset()
+        top_k = 1 if temperature == 0 else 40
+        gen = self._llm.generate(list(ids), temp=temperature, top_k=top_k, reset=True)
+        for n, tok in enumerate(gen, 1):
+            yield int(tok)
+            if n >= max_tokens or len(ids) + n >= self.n_ctx:
+                return
+
+    def close(self) -> None:
+        llm = getattr(self, "_llm", None)
+        if llm is not None:
+            llm.close()
