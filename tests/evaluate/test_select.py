@@ -103,7 +103,7 @@ def make_report(
             name=n,
             path=f"/v/{n}",
             format=s[0],
-            runtime=s[0],
+            runtime={"gguf": "llama.cpp", "onnx-genai": "onnxruntime-genai"}[s[0]],
             weights_bytes=s[1],
             digest="sha256:" + "0" * 64,
         )
@@ -158,7 +158,7 @@ def _verdict(report: EvalReport, variant: str, profile: str) -> list[str]:
 def test_variant_breaking_several_budgets_lists_all_of_them() -> None:
     reasons = _verdict(make_report(), "int4", "gw")
     text = "\n".join(reasons)
-    assert "runtime: onnx-genai not available on this device (has: gguf)" in reasons
+    assert "runtime: onnxruntime-genai (onnx-genai) not available on this device (has: gguf)" in reasons
     assert "memory: peak RSS 750 MB > 700 MB available" in reasons
     assert "memory at context 1024: 950 MB > 700 MB" in reasons
     assert "time to first token: 3333 ms (projected) > 3000 ms" in reasons

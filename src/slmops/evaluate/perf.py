@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 from slmops.core.errors import SlmopsError, UserInputError
-from slmops.core.process import die_with_parent
 from slmops.evaluate.profiles import DeviceProfile
 from slmops.evaluate.schema import PerfResult, Stat
 
@@ -65,12 +64,6 @@ def host_cpu_name() -> str:
     import platform
 
     return platform.processor() or platform.machine()
-
-
-def _pin_and_tie(cpus: list[int]) -> None:  # pragma: no cover  (runs in the child before exec)
-    die_with_parent()
-    if hasattr(os, "sched_setaffinity"):
-        os.sched_setaffinity(0, cpus)
 
 
 @dataclass
@@ -136,7 +129,10 @@ def run_pinned(
     with tempfile.TemporaryDirectory(prefix="slmops-perf-") as tmp:
         work = Path(tmp)
         spec_file, res_file, err_file = work / "spec.json", work / "result.json", work / "stderr"
-        spec_file.write_text(json.dumps(spec), encoding="utf-8")
+        # The child pins itself and arms its parent-death signal first thing (perf_child.main).
+        # No preexec_fn here on purpose: that forces fork(), and a forked child's RSS counts the
+        # evaluator's pages (torch, the reference model) until exec, which the watchdog would see.
+        spec_file.write_text(json.dumps({**spec, "cpus": cpus}), encoding="utf-8")
         t0 = time.perf_counter()
         with err_file.open("wb") as err:
             child = subprocess.Popen(
@@ -145,7 +141,6 @@ def run_pinned(
                 stdout=subprocess.DEVNULL,
                 stderr=err,
                 env=env,
-                preexec_fn=functools.partial(_pin_and_tie, cpus),
             )
         try:
             peak, exceeded, late = _watch(child, ceiling_bytes, t0 + timeout_s)

@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from slmops.core.process import die_with_parent
+from slmops.core.resources import own_peak_rss_bytes
 
 if TYPE_CHECKING:
     from slmops.runtimes.base import Runtime
@@ -46,11 +48,6 @@ def build_prompt(rt: Runtime, text: str, n_tokens: int) -> list[int]:
     body_len = max(0, n_tokens - len(head))
     body = (toks * (body_len // len(toks) + 1))[:body_len]
     return head + body
-
-
-def _ru_maxrss_bytes() -> int:
-    scale = 1 if sys.platform == "darwin" else 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
 def measure_in_process(spec: dict[str, Any]) -> dict[str, Any]:
@@ -83,7 +80,7 @@ def measure_in_process(spec: dict[str, Any]) -> dict[str, Any]:
     out["decode_tps"] = [stats.decode_tokens_per_s for _, stats in runs]
     out["generated"] = [len(toks) for toks, _ in runs]
     # process-lifetime peak (load transients included), the figure a memory ceiling must cover
-    out["rss"] = [float(_ru_maxrss_bytes())]
+    out["rss"] = [float(own_peak_rss_bytes())]
     return out
 
 
@@ -107,7 +104,10 @@ def main(argv: Sequence[str]) -> int:
     if len(argv) != 2:
         sys.stderr.write("usage: python -m slmops.evaluate.perf_child SPEC.json RESULT.json\n")
         return 2
+    die_with_parent()
     spec = json.loads(Path(argv[0]).read_text(encoding="utf-8"))
+    if spec.get("cpus") and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, spec["cpus"])
     result: dict[str, Any] = {"pid": os.getpid()}
     if hasattr(os, "sched_getaffinity"):
         result["affinity"] = sorted(os.sched_getaffinity(0))

@@ -51,6 +51,7 @@ class EvalOptions:
     threads: int = 2
     greedy_prompts: int = 8
     cloud_usd_per_million: float | None = None
+    tie_kld: float = 0.002
     only: list[str] = field(default_factory=list)
 
 
@@ -256,7 +257,7 @@ def evaluate(
             for info in infos
         ]
         verdicts.extend(pv)
-        sel = select(prof, infos, pv, quality, perf)
+        sel = select(prof, infos, pv, quality, perf, tie_kld=opts.tie_kld)
         selections.append(sel)
         sel_perf = next(
             (p for p in perf if p.variant == sel.variant and p.profile == prof.name), None

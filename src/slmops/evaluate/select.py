@@ -73,9 +73,11 @@ def judge(
     """Check one variant against every budget of one profile; each broken budget is one reason."""
     reasons: list[str] = []
     ram = profile.ram_mb * MIB
-    if variant.runtime not in profile.runtimes:
+    # profiles list the model formats their runtimes load (gguf: llama.cpp, onnx-genai: ORT GenAI)
+    if variant.format not in profile.runtimes:
         reasons.append(
-            f"runtime: {variant.runtime} not available on this device (has: {', '.join(profile.runtimes)})"
+            f"runtime: {variant.runtime} ({variant.format}) not available on this device "
+            f"(has: {', '.join(profile.runtimes)})"
         )
     storage = profile.storage_mb * MIB
     if variant.weights_bytes > storage:

@@ -68,7 +68,9 @@ class LlamaCppRuntime(Runtime):
         self._llm.eval(list(ids))
         return np.array(self._llm.scores[: len(ids)], dtype=np.float32, copy=True)
 
-    def stream(self, ids: Sequence[int], max_tokens: int, temperature: float = 0.0) -> Iterator[int]:
+    def stream(
+        self, ids: Sequence[int], max_tokens: int, temperature: float = 0.0
+    ) -> Iterator[int]:
         self._llm.reset()
         top_k = 1 if temperature == 0 else 40
         gen = self._llm.generate(list(ids), temp=temperature, top_k=top_k, reset=True)

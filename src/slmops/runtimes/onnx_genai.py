@@ -26,7 +26,13 @@ class OnnxGenAIRuntime(Runtime):
             cfg.clear_providers()  # CPU
             # the thread count given to the seam, as llama.cpp gets it (the default follows cores)
             cfg.overlay(
-                json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": self.threads}}}})
+                json.dumps(
+                    {
+                        "model": {
+                            "decoder": {"session_options": {"intra_op_num_threads": self.threads}}
+                        }
+                    }
+                )
             )
             self._model: Any = og.Model(cfg)
         except Exception as exc:  # the binding raises plain RuntimeError/OrtException types
