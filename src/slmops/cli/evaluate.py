@@ -129,6 +129,12 @@ def evaluate_command(
     cloud_price: Annotated[
         float | None, typer.Option(help="cloud API USD per million output tokens")
     ] = None,
+    tie_kld: Annotated[
+        float,
+        typer.Option(
+            min=0.0, help="KLD difference below which variants tie (smaller, then faster wins)"
+        ),
+    ] = 0.002,
     profile_file: ProfileFiles = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -147,6 +153,7 @@ def evaluate_command(
             windows=windows,
             window_tokens=window_tokens,
             cloud_usd_per_million=cloud_price,
+            tie_kld=tie_kld,
             only=variant or [],
         )
         report = run_evaluation(variants, profs, out, opts, as_json)
