@@ -9,7 +9,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install demo test lint typecheck unit bench clean
+.PHONY: install demo test lint format typecheck unit bench clean
 
 $(VENV)/.stamp-base:
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "slmops needs Python 3.11+"'
@@ -37,6 +37,10 @@ lint: install
 	$(VENV)/bin/ruff check src tests bench
 	$(VENV)/bin/ruff format --check src tests bench
 
+format: install
+	$(VENV)/bin/ruff check --fix src tests bench
+	$(VENV)/bin/ruff format src tests bench
+
 typecheck: install
 	$(VENV)/bin/mypy
 
@@ -47,6 +51,7 @@ test: lint typecheck unit
 
 bench: install
 	$(VENV)/bin/python bench/optimize.py
+	$(VENV)/bin/python bench/evaluate.py
 
 clean:
 	rm -rf $(VENV) slmops-demo .pytest_cache .mypy_cache .ruff_cache

@@ -12,7 +12,9 @@ def test_readme_starts_with_the_two_commands() -> None:
     assert "make demo" in head and "make test" in head
 
 
-@pytest.mark.parametrize("name", sorted(__import__("slmops.optimize.passes.base", fromlist=["x"]).registry()))
+@pytest.mark.parametrize(
+    "name", sorted(__import__("slmops.optimize.passes.base", fromlist=["x"]).registry())
+)
 def test_every_pass_is_documented(name: str) -> None:
     assert f"`{name}`" in README, f"pass {name} is missing from the README's pass table"
 

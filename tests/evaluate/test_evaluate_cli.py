@@ -38,7 +38,12 @@ cost: {hardware_usd: 5, lifetime_years: 5, power_watts: 1}
 
 
 def slmops(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "slmops.cli.main", *args], capture_output=True, text=True, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "slmops.cli.main", *args],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -46,11 +51,31 @@ def evaluated(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dic
     root = tmp_path_factory.mktemp("e2e")
     (root / "recipe.yaml").write_text(RECIPE)
     (root / "tiny.yaml").write_text(TINY_PROFILE)
-    r = slmops("optimize", str(tiny_model), "-r", str(root / "recipe.yaml"), "-o", str(root / "variants"), "--json")
+    r = slmops(
+        "optimize",
+        str(tiny_model),
+        "-r",
+        str(root / "recipe.yaml"),
+        "-o",
+        str(root / "variants"),
+        "--json",
+    )
     assert r.returncode == 0, r.stderr
     r = slmops(
-        "evaluate", str(root / "variants"), "--profiles", f"rpi5-8gb,{root / 'tiny.yaml'}",
-        "--out", str(root / "report"), "--repeats", "2", "--max-tokens", "16", "--windows", "6", "--window-tokens", "64",
+        "evaluate",
+        str(root / "variants"),
+        "--profiles",
+        f"rpi5-8gb,{root / 'tiny.yaml'}",
+        "--out",
+        str(root / "report"),
+        "--repeats",
+        "2",
+        "--max-tokens",
+        "16",
+        "--windows",
+        "6",
+        "--window-tokens",
+        "64",
     )
     assert r.returncode == 0, r.stdout + r.stderr
     assert "selection per device profile" in r.stdout
@@ -69,9 +94,9 @@ def test_report_files_and_selection(evaluated: dict[str, Path]) -> None:
     assert sel["tiny-mcu"] is None, "nothing fits 20 MB"
     tiny = [p for p in data["perf"] if p["profile"] == "tiny-mcu"]
     assert tiny and all(p["status"] == "does-not-fit" for p in tiny)
-    assert not any(p["profile"] == "tiny-mcu" and p["variant"] == "onnx-int4" for p in data["perf"]), (
-        "a runtime the device does not have is not measured"
-    )
+    assert not any(
+        p["profile"] == "tiny-mcu" and p["variant"] == "onnx-int4" for p in data["perf"]
+    ), "a runtime the device does not have is not measured"
     for f in ("report.md", "report.html"):
         assert (rep / f).stat().st_size > 1000
     assert len(list((rep / "charts").glob("*.png"))) == 4
@@ -95,12 +120,25 @@ def test_profiles_and_bad_input(evaluated: dict[str, Path], tmp_path: Path) -> N
     r = slmops("profiles", "--json")
     assert r.returncode == 0
     names = {p["name"] for p in json.loads(r.stdout)}
-    assert {"arm-gateway-2gb", "rpi5-8gb", "jetson-orin-nano-8gb", "x86-minipc-16gb", "phone-6gb"} <= names
+    assert {
+        "arm-gateway-2gb",
+        "rpi5-8gb",
+        "jetson-orin-nano-8gb",
+        "x86-minipc-16gb",
+        "phone-6gb",
+    } <= names
     bad = tmp_path / "bad.yaml"
     bad.write_text(TINY_PROFILE + "ram_gb: 4\n")
     r = slmops("profiles", "--profile-file", str(bad))
     assert r.returncode == 2 and "ram_gb" in r.stderr and str(bad) in r.stderr
-    r = slmops("evaluate", str(evaluated["variants"]), "--profiles", "no-such-device", "--out", str(tmp_path / "o"))
+    r = slmops(
+        "evaluate",
+        str(evaluated["variants"]),
+        "--profiles",
+        "no-such-device",
+        "--out",
+        str(tmp_path / "o"),
+    )
     assert r.returncode == 2 and "no-such-device" in r.stderr
     r = slmops("evaluate", str(tmp_path), "--profiles", "rpi5-8gb", "--out", str(tmp_path / "o"))
     assert r.returncode == 2 and "no deployable variants" in r.stderr

@@ -33,7 +33,11 @@ def setup(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):
     scores = q.ReferenceScores(ref, windows)
     prompts = q.greedy_prompts(ref, text, n=4)
     variants = {
-        "q8": _chain(tiny_model, root / "q8", [("export-gguf", {"outtype": "f16"}), ("quantize-gguf", {"type": "Q8_0"})]),
+        "q8": _chain(
+            tiny_model,
+            root / "q8",
+            [("export-gguf", {"outtype": "f16"}), ("quantize-gguf", {"type": "Q8_0"})],
+        ),
         "pruned90": _chain(
             tiny_model,
             root / "p90",

@@ -36,8 +36,14 @@ def test_markdown_and_html_contain_choice_reasons_and_images(tmp_path: Path) -> 
     for text in (md, page):
         assert "tiny-llama" in text and "8 windows of 256 tokens" in text
         assert "q8 (chosen)" in text
-        assert "runtime: onnxruntime-genai (onnx-genai) not available on this device (has: gguf)" in text
-        assert "runtime: onnxruntime-genai (onnx-genai) not available on this device (has: gguf)" in text
+        assert (
+            "runtime: onnxruntime-genai (onnx-genai) not available on this device (has: gguf)"
+            in text
+        )
+        assert (
+            "runtime: onnxruntime-genai (onnx-genai) not available on this device (has: gguf)"
+            in text
+        )
         assert "no variant fits gw" in text
         assert "projected (estimate)" in text and "host" in text
         assert "$0.167" in text and "$0.60" in text  # device vs cloud per million tokens

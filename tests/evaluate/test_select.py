@@ -158,7 +158,10 @@ def _verdict(report: EvalReport, variant: str, profile: str) -> list[str]:
 def test_variant_breaking_several_budgets_lists_all_of_them() -> None:
     reasons = _verdict(make_report(), "int4", "gw")
     text = "\n".join(reasons)
-    assert "runtime: onnxruntime-genai (onnx-genai) not available on this device (has: gguf)" in reasons
+    assert (
+        "runtime: onnxruntime-genai (onnx-genai) not available on this device (has: gguf)"
+        in reasons
+    )
     assert "memory: peak RSS 750 MB > 700 MB available" in reasons
     assert "memory at context 1024: 950 MB > 700 MB" in reasons
     assert "time to first token: 3333 ms (projected) > 3000 ms" in reasons

@@ -75,6 +75,8 @@ def _draw(
                 label="fits" if fits else "does not fit",
             )
     for p in points:
+        if p.name == chosen:
+            continue  # labelled once, in bold, below
         ax.annotate(
             p.name,
             (p.x, p.kld),
@@ -93,7 +95,7 @@ def _draw(
             f"chosen: {star.name}",
             (star.x, star.kld),
             textcoords="offset points",
-            xytext=(6, -14),
+            xytext=(8, 8),
             fontsize=8,
             fontweight="bold",
             color=STAR_COLOR,
