@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -31,10 +31,12 @@ def build_demo(
         console=console,
         disable=quiet,
     ) as progress:
-        task = progress.add_task("train", total=None, loss="-")
+        task: list[Any] = []  # created at the first step, so a cached model shows no bar
 
         def on_step(step: int, total: int, loss: float) -> None:
-            progress.update(task, completed=step, total=total, loss=f"{loss:.3f}")
+            if not task:
+                task.append(progress.add_task("train", total=total, loss="-"))
+            progress.update(task[0], completed=step, total=total, loss=f"{loss:.3f}")
             # Without a terminal (CI logs) the bar is not redrawn; print a line every 10%.
             if not quiet and not console.is_terminal and step % max(1, total // 10) == 0:
                 console.print(f"  training step {step}/{total}, loss {loss:.3f}")

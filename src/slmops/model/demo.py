@@ -221,6 +221,9 @@ def _train_into(
     import torch
     from transformers import AutoTokenizer, LlamaForCausalLM
 
+    from slmops.optimize.passes._hf import quiet_transformers
+
+    quiet_transformers()
     torch.manual_seed(seed)
     corpus = build_corpus(limit_chars=dims.corpus_chars)
     build_tokenizer(corpus.train, dims.vocab_size, out)

@@ -43,10 +43,18 @@ PROJECTIONS = (
 )
 
 
+def quiet_transformers() -> None:
+    """transformers draws tqdm bars for loading and saving; ours are the ones users read."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+
+
 def load_causal_lm(path: Path) -> Any:
     import torch
     from transformers import AutoModelForCausalLM
 
+    quiet_transformers()
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=torch.float32, low_cpu_mem_usage=True
