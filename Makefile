@@ -9,7 +9,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install demo test lint format typecheck unit bench clean
+.PHONY: install system-deps demo test lint format typecheck unit bench clean
 
 $(VENV)/.stamp-base:
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "slmops needs Python 3.11+"'
@@ -44,7 +44,10 @@ format: install
 typecheck: install
 	$(VENV)/bin/mypy
 
-unit: install
+system-deps:
+	scripts/install-system-deps.sh
+
+unit: install system-deps
 	$(VENV)/bin/python -m pytest -q
 
 test: lint typecheck unit

@@ -9,6 +9,8 @@ import typer
 
 from slmops.cli._output import emit_json, handled, out_console
 
+DEMO_NAME = "slmops-demo"
+DEMO_VERSION = "1.0.0"
 DEMO_PROFILES = ["arm-gateway-2gb", "rpi5-8gb", "x86-minipc-16gb"]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON document on stdout")]
 
@@ -21,7 +23,7 @@ def demo_command(
     seed: Annotated[int, typer.Option(help="seed for the demo model")] = 0,
     as_json: JsonOpt = False,
 ) -> None:
-    """Train the demo model, optimize it with the default recipe, evaluate it on three device profiles."""
+    """Train the demo model, optimize it, evaluate it on three device profiles, bundle, sign and verify it."""
     from slmops.cli.evaluate import print_selection, run_evaluation
     from slmops.cli.model import build_demo
     from slmops.cli.optimize import default_recipe_path, optimize, print_variant_table
@@ -47,6 +49,13 @@ def demo_command(
         report = run_evaluation(
             workdir / "variants", profiles, workdir / "report", EvalOptions(), as_json
         )
+        if not as_json:
+            print_selection(report)
+            out_console.print(
+                f"report: [bold]{workdir / 'report' / 'report.html'}[/] ({report.wall_time_s:.0f} s)"
+            )
+            out_console.rule("[bold]4. bundle, sign, verify[/]")
+        bundled = bundle_sign_verify(workdir)
         if as_json:
             emit_json(
                 {
@@ -54,14 +63,48 @@ def demo_command(
                     "optimize": run.to_dict(),
                     "report": str(workdir / "report"),
                     "selections": [s.model_dump(mode="json") for s in report.selections],
+                    "bundle": bundled,
                 }
             )
             return
-        print_selection(report)
         out_console.print(
-            f"report: [bold]{workdir / 'report' / 'report.html'}[/] ({report.wall_time_s:.0f} s)"
+            f"bundle [bold]{bundled['path']}[/] ({bundled['name']}:{bundled['version']}) signed with "
+            f"{bundled['public_key']} and verified\nbundle digest [bold]{bundled['digest']}[/]"
         )
         out_console.print(
-            f"\nnext: [bold]slmops gate {workdir / 'report'}[/] (the CI gate), "
+            f"\nnext: [bold]slmops inspect {bundled['path']}[/] (variants and selection), "
+            f"[bold]slmops gate {workdir / 'report'}[/] (the CI gate), "
             f"[bold]slmops model info {run.variants[0].path}[/] (lineage)"
         )
+
+
+def bundle_sign_verify(workdir: Path) -> dict[str, str]:
+    """Bundle, sign, verify. The demo owns its workdir, so a bundle an earlier demo left with
+    other content (another seed, say) is replaced rather than refused."""
+    import shutil
+
+    from slmops.bundle.build import build_bundle
+    from slmops.bundle.signing import init_keys, sign_bundle
+    from slmops.bundle.verify import verify_bundle
+    from slmops.core.errors import UserInputError
+
+    keys = workdir / "keys"
+    private, public = keys / "slmops.key", keys / "slmops.pub"
+    if not private.exists():
+        private, public = init_keys(keys)
+    out = workdir / "bundle"
+    args = (workdir / "variants", workdir / "report")
+    try:
+        built = build_bundle(*args, name=DEMO_NAME, version=DEMO_VERSION, out=out)
+    except UserInputError:
+        shutil.rmtree(out, ignore_errors=True)
+        built = build_bundle(*args, name=DEMO_NAME, version=DEMO_VERSION, out=out)
+    sign_bundle(out, private)
+    verified = verify_bundle(out, [public])
+    return {
+        "path": str(out),
+        "digest": verified.digest,
+        "public_key": str(public),
+        "name": built.name,
+        "version": built.version,
+    }

@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from slmops import __version__
-from slmops.cli import demo, evaluate, model, optimize
+from slmops.cli import bundle, demo, evaluate, model, optimize
 
 app = typer.Typer(
     name="slmops",
@@ -41,6 +41,13 @@ app.command("optimize")(optimize.optimize_command)
 app.command("profiles")(evaluate.profiles_command)
 app.command("evaluate")(evaluate.evaluate_command)
 app.command("gate")(evaluate.gate_command)
+app.command("bundle")(bundle.bundle_command)
+app.command("inspect")(bundle.inspect_command)
+app.command("sign")(bundle.sign_command)
+app.command("verify")(bundle.verify_command)
+app.command("push")(bundle.push_command)
+app.command("pull")(bundle.pull_command)
+app.add_typer(bundle.keys_app, name="keys")
 app.command("demo")(demo.demo_command)
 app.add_typer(model.app, name="model")
 

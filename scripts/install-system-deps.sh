@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Debian packages the tests start as real services: an OCI registry (docker-registry).
+# Installs what is missing when running as root (CI, fresh machines); otherwise says what to run.
+set -euo pipefail
+
+need=()
+command -v docker-registry >/dev/null 2>&1 || [ -x /usr/bin/docker-registry ] || need+=(docker-registry)
+
+if [ ${#need[@]} -eq 0 ]; then
+  exit 0
+fi
+if [ "$(id -u)" -ne 0 ]; then
+  echo "missing Debian packages: ${need[*]}; run: sudo apt-get install -y ${need[*]}" >&2
+  exit 1
+fi
+echo "==> apt-get install ${need[*]}"
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+# The package starts a registry on all interfaces with its default config; the tests run their
+# own on 127.0.0.1, so stop the system one where a service manager started it.
+(systemctl stop docker-registry 2>/dev/null || service docker-registry stop 2>/dev/null || true) >/dev/null 2>&1
