@@ -52,9 +52,10 @@ unit: install system-deps
 
 test: lint typecheck unit
 
-bench: install
+bench: install system-deps
 	$(VENV)/bin/python bench/optimize.py
 	$(VENV)/bin/python bench/evaluate.py
+	$(VENV)/bin/python bench/bundle.py
 
 clean:
 	rm -rf $(VENV) slmops-demo .pytest_cache .mypy_cache .ruff_cache
