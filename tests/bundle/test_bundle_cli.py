@@ -7,20 +7,11 @@ about packaging and transfer, not inference); the registry is a real docker-regi
 import json
 import os
 import stat
-import subprocess
-import sys
 from pathlib import Path
 
 from test_bundle_build import make_inputs
 
-
-def slmops(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "slmops.cli.main", *args],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+from helpers import run_cli as slmops
 
 
 def test_build_sign_verify_push_pull(tmp_path: Path, oci_registry: str) -> None:
@@ -94,7 +85,9 @@ def test_bad_input_exit_codes(tmp_path: Path) -> None:
     assert not (tmp_path / "b").exists()
     r = slmops("verify", str(tmp_path / "b"), "--trust", str(tmp_path / "k.pub"))
     assert r.returncode == 2 and "k.pub" in r.stderr, "a missing key file is named"
-    pub = json.loads(slmops("keys", "init", "--out", str(tmp_path / "keys"), "--json").stdout)["public_key"]
+    pub = json.loads(slmops("keys", "init", "--out", str(tmp_path / "keys"), "--json").stdout)[
+        "public_key"
+    ]
     r = slmops("verify", str(tmp_path / "nope"), "--trust", pub)
     assert r.returncode in (1, 2) and "nope" in r.stderr, "a missing bundle is named"
     r = slmops("pull", "oci://bad ref", "--out", str(tmp_path / "p"))

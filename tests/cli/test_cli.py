@@ -1,20 +1,11 @@
 """The CLI as a user meets it: exit codes, messages, --json on every command."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-
-def slmops(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "slmops.cli.main", *args],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+from helpers import run_cli as slmops
 
 
 def test_version() -> None:

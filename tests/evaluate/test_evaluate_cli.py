@@ -1,11 +1,11 @@
 """End to end: optimize a tiny model, evaluate it on profiles, gate the report, as a user would."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from helpers import run_cli as slmops
 
 RECIPE = """
 variants:
@@ -35,15 +35,6 @@ relative_speed: 0.05
 budgets: {max_ttft_ms: 5000, min_decode_tps: 1, max_kld: 1.0}
 cost: {hardware_usd: 5, lifetime_years: 5, power_watts: 1}
 """
-
-
-def slmops(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "slmops.cli.main", *args],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
 
 
 @pytest.fixture(scope="module")

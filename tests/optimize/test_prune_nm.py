@@ -7,20 +7,10 @@ from typing import Any
 
 import pytest
 
+from helpers import run_pass_in as run_pass
 from slmops.core.errors import ConfigError, ToolError
-from slmops.model.handle import open_model
 from slmops.optimize.passes._hf import PROJECTIONS
-from slmops.optimize.passes.base import PassResult, build_pass
-
-
-def run_pass(
-    name: str, options: dict[str, Any], src: Path, tmp_path: Path
-) -> tuple[PassResult, Path]:
-    out = tmp_path / "out"
-    out.mkdir()
-    p = build_pass(name, options)
-    p.prepare()
-    return p.run(open_model(src), out), out
+from slmops.optimize.passes.base import build_pass
 
 
 def projections(path: Path) -> dict[str, Any]:

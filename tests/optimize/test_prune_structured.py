@@ -12,21 +12,11 @@ from typing import Any
 
 import pytest
 
+from helpers import run_pass_in as run_pass
 from slmops.core.errors import ConfigError
-from slmops.model.handle import open_model
 from slmops.optimize.passes.base import PassResult, build_pass
 
 PROBE = [[5, 17, 42, 99, 7, 300, 12, 64, 3, 250]]
-
-
-def run_pass(
-    name: str, options: dict[str, Any], src: Path, tmp_path: Path
-) -> tuple[PassResult, Path]:
-    out = tmp_path / "out"
-    out.mkdir()
-    p = build_pass(name, options)
-    p.prepare()
-    return p.run(open_model(src), out), out
 
 
 def load(path: Path) -> Any:

@@ -14,20 +14,13 @@ from typing import Any
 
 import pytest
 
+from helpers import run_pass
 from slmops.core.digest import sha256_file
 from slmops.core.errors import ConfigError
-from slmops.model.handle import open_model
 from slmops.optimize.passes._hf import PROJECTIONS
-from slmops.optimize.passes.base import PassResult, build_pass
+from slmops.optimize.passes.base import build_pass
 
 FAST = {"samples": 4, "seqlen": 64}
-
-
-def run_pass(name: str, options: dict[str, Any], src: Path, out: Path) -> PassResult:
-    out.mkdir(parents=True)
-    p = build_pass(name, options)
-    p.prepare()
-    return p.run(open_model(src), out)
 
 
 def projections(path: Path) -> dict[str, Any]:

@@ -14,13 +14,11 @@ hash its blobs straight from the archive without extracting gigabytes first.
 from __future__ import annotations
 
 import contextlib
-import errno
 import io
 import os
 import re
 import shutil
 import tarfile
-import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from functools import partial
 from pathlib import Path
@@ -29,7 +27,7 @@ from typing import BinaryIO, cast
 
 from slmops.bundle.layout import BLOBS_DIR, INDEX_FILE, LayoutReader, OciLayout
 from slmops.bundle.media import MAX_BLOB_BYTES, MAX_MANIFEST_BYTES, OCI_LAYOUT_FILE
-from slmops.core.atomic import TMP_PREFIX, atomic_directory
+from slmops.core.atomic import atomic_directory, atomic_open
 from slmops.core.digest import CHUNK
 from slmops.core.errors import ResourceError, UserInputError
 
@@ -161,28 +159,15 @@ Entry = tuple[str, int, Callable[[], BinaryIO]]  # name, size, opener
 
 def _write_entries(out_tar: Path, entries: list[Entry]) -> None:
     """Write a deterministic tar atomically: sorted names, mtime 0, root owner, fixed modes."""
-    out_tar.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=out_tar.parent)
-    os.fchmod(fd, 0o644)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            with tarfile.TarFile(
-                fileobj=fh, mode="w", format=tarfile.PAX_FORMAT, copybufsize=CHUNK
-            ) as tf:
-                for d in ("blobs", BLOBS_DIR):
-                    tf.addfile(_info(d + "/", 0, tarfile.DIRTYPE, 0o755))
-                for name, size, opener in sorted(entries, key=lambda e: e[0]):
-                    with opener() as src:
-                        tf.addfile(_info(name, size, tarfile.REGTYPE, 0o644), src)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, out_tar)
-    except BaseException as exc:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-            raise ResourceError("no space left on device", where=out_tar) from None
-        raise
+    with (
+        atomic_open(out_tar) as fh,
+        tarfile.TarFile(fileobj=fh, mode="w", format=tarfile.PAX_FORMAT, copybufsize=CHUNK) as tf,
+    ):
+        for d in ("blobs", BLOBS_DIR):
+            tf.addfile(_info(d + "/", 0, tarfile.DIRTYPE, 0o755))
+        for name, size, opener in sorted(entries, key=lambda e: e[0]):
+            with opener() as src:
+                tf.addfile(_info(name, size, tarfile.REGTYPE, 0o644), src)
 
 
 def _info(name: str, size: int, kind: bytes, mode: int) -> tarfile.TarInfo:

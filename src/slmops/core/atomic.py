@@ -15,7 +15,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from slmops.core.errors import ResourceError
 
@@ -31,13 +31,18 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
-def write_bytes_atomic(path: Path, data: bytes) -> None:
+@contextlib.contextmanager
+def atomic_open(path: Path, mode: int = 0o644) -> Iterator[BinaryIO]:
+    """A binary file handle whose content appears at `path` only once complete (fsync + rename).
+
+    On any exception the temp file is removed and `path` keeps its old content (or stays absent).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=path.parent)
-    os.fchmod(fd, 0o644)  # mkstemp makes 0600; secrets use their own writer
+    os.fchmod(fd, mode)  # mkstemp makes 0600; secrets use their own writer
     try:
         with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+            yield fh
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -50,6 +55,11 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
             ) from None
         raise
     _fsync_dir(path.parent)
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    with atomic_open(path) as fh:
+        fh.write(data)
 
 
 def write_text_atomic(path: Path, text: str) -> None:
