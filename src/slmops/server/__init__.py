@@ -1,0 +1,1 @@
+"""Control plane: device and operator APIs, database, registry, rollouts, telemetry, dashboard."""
