@@ -1,0 +1,99 @@
+"""The device API's wire schemas: enrollment, check-in (inventory + status), desired state.
+
+Versioned by `schema`; unknown keys are refused in both directions so a mismatch between an
+agent and a control plane is an error, not silent data loss. Shared by the agent (client) and
+the server (API), and by nothing heavier than pydantic.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from slmops.core.config import StrictModel
+from slmops.protocol.fleet import DeviceActionState
+
+PROTOCOL_VERSION = "slmops.device/v1"
+
+
+class Inventory(StrictModel):
+    """Hardware facts the agent reports, and what it may give the model (set in its config)."""
+
+    arch: str
+    cores: int = Field(gt=0)
+    ram_bytes: int = Field(gt=0)
+    free_disk_bytes: int = Field(ge=0)
+    runtimes: list[Literal["gguf", "onnx-genai"]] = Field(default_factory=list)
+    agent_version: str
+    model_ram_bytes: int = Field(gt=0, description="RAM the device leaves for the model")
+    model_cores: int = Field(gt=0, description="cores the device leaves for the model")
+    profile: str | None = Field(None, description="hardware class (device profile name) if known")
+    labels: dict[str, str] = Field(default_factory=dict)
+
+
+class EnrollRequest(StrictModel):
+    schema_: str = Field(PROTOCOL_VERSION, alias="schema")
+    enrollment_token: str = Field(min_length=8, max_length=512)
+    device_id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+    inventory: Inventory
+    model_config = StrictModel.model_config | {"populate_by_name": True}
+
+
+class EnrollResponse(StrictModel):
+    device_id: str
+    credential: str = Field(description="per-device secret; the server stores only its hash")
+
+
+class ActiveModel(StrictModel):
+    name: str
+    version: str
+    variant: str
+    digest: str = Field(description="variant manifest digest")
+
+
+class ActionStatus(StrictModel):
+    rollout_id: str | None = None
+    version: str
+    state: DeviceActionState
+    stage: DeviceActionState | None = Field(None, description="where a failure happened")
+    detail: str = Field("", max_length=2000)
+
+
+class CheckIn(StrictModel):
+    schema_: str = Field(PROTOCOL_VERSION, alias="schema")
+    inventory: Inventory
+    active: ActiveModel | None = None
+    previous: ActiveModel | None = None
+    actions: list[ActionStatus] = Field(default_factory=list, max_length=64)
+    model_config = StrictModel.model_config | {"populate_by_name": True}
+
+
+class GenerationDefaults(StrictModel):
+    temperature: float = Field(0.7, ge=0, le=2)
+    top_p: float = Field(0.95, gt=0, le=1)
+    max_tokens: int = Field(256, gt=0, le=8192)
+    system_prompt: str | None = None
+
+
+class DesiredModel(StrictModel):
+    """One resolved variant of one bundle version: what the device should run."""
+
+    name: str
+    version: str
+    variant: str
+    bundle_digest: str
+    manifest_digest: str
+    repository: str = Field(description="OCI repository on the control plane's registry")
+    rollout_id: str | None = None
+    revert: bool = Field(False, description="true when this is a rollback to the kept version")
+
+
+class DesiredState(StrictModel):
+    schema_: str = Field(PROTOCOL_VERSION, alias="schema")
+    device_id: str
+    model: DesiredModel | None = Field(None, description="None: keep what runs")
+    generation: GenerationDefaults = Field(default_factory=GenerationDefaults)
+    unplaceable: str | None = Field(None, description="why no variant fits this device, if so")
+    poll_seconds: float = Field(60.0, gt=0)
+    model_config = StrictModel.model_config | {"populate_by_name": True}

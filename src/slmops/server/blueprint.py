@@ -1,0 +1,102 @@
+"""Blueprints: declarative desired state, applied like `kubectl apply`.
+
+    apiVersion: slmops/v1
+    kind: Blueprint
+    metadata: {name: store-assistant}
+    spec:
+      selector: {fleet: stores}              # devices with all these labels
+      model: {name: assistant, channel: stable}   # or version: 1.2.0
+      generation: {temperature: 0.2, system_prompt: "You help store staff."}   # fleet level
+      groups:                                # group level: later groups win over earlier ones
+        - selector: {region: eu}
+          generation: {system_prompt: "Du hilfst dem Filialpersonal."}
+      devices:                               # device level: the last word
+        kiosk-17: {max_tokens: 64}
+      rollout: {waves: [{count: 1}, {percent: 50}, {percent: 100}]}
+
+Precedence for generation settings: built-in defaults < spec.generation (fleet) < matching
+groups in order < devices[device_id]. Unknown keys are refused with the file and key named.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from slmops.core.config import StrictModel
+from slmops.protocol.device import GenerationDefaults
+from slmops.server.rollout.policy import RolloutPolicy
+
+NAME = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?$")
+
+
+class GenerationOverrides(StrictModel):
+    """Partial generation settings: only the keys given override the level below."""
+
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    max_tokens: int | None = Field(None, gt=0, le=8192)
+    system_prompt: str | None = Field(None, max_length=8000)
+
+
+class ModelRef(StrictModel):
+    name: str
+    channel: str | None = None
+    version: str | None = None
+
+    @model_validator(mode="after")
+    def _one_of(self) -> ModelRef:
+        if (self.channel is None) == (self.version is None):
+            raise ValueError("give exactly one of `channel` or `version`")
+        return self
+
+
+class GroupOverride(StrictModel):
+    selector: dict[str, str] = Field(min_length=1)
+    generation: GenerationOverrides
+
+
+class BlueprintSpec(StrictModel):
+    selector: dict[str, str] = Field(default_factory=dict, description="empty: every device")
+    model: ModelRef
+    generation: GenerationOverrides = Field(default_factory=GenerationOverrides)
+    groups: list[GroupOverride] = Field(default_factory=list)
+    devices: dict[str, GenerationOverrides] = Field(default_factory=dict)
+    rollout: RolloutPolicy = Field(default_factory=RolloutPolicy)
+
+
+class Metadata(StrictModel):
+    name: str
+
+    @model_validator(mode="after")
+    def _name(self) -> Metadata:
+        if not NAME.match(self.name):
+            raise ValueError("metadata.name must be lowercase letters, digits, '.' or '-'")
+        return self
+
+
+class Blueprint(StrictModel):
+    apiVersion: Literal["slmops/v1"]  # the YAML key, as in Kubernetes
+    kind: Literal["Blueprint"]
+    metadata: Metadata
+    spec: BlueprintSpec
+
+
+def matches(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    return all(labels.get(k) == v for k, v in selector.items())
+
+
+def effective_generation(
+    bp: Blueprint, device_id: str, labels: dict[str, str]
+) -> GenerationDefaults:
+    """Merge defaults < fleet < matching groups (in order) < device."""
+    merged = GenerationDefaults().model_dump()
+    layers = [bp.spec.generation]
+    layers += [g.generation for g in bp.spec.groups if matches(g.selector, labels)]
+    if device_id in bp.spec.devices:
+        layers.append(bp.spec.devices[device_id])
+    for layer in layers:
+        merged.update({k: v for k, v in layer.model_dump().items() if v is not None})
+    return GenerationDefaults.model_validate(merged)
