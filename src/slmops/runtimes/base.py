@@ -99,6 +99,21 @@ class Runtime(ABC):
         t_end = time.perf_counter()
         return out, GenerationStats(len(ids), len(out), t_first - t0, t_end - t_first)
 
+    @property
+    def chat_template(self) -> str | None:
+        """The model's chat template (Jinja), if its files carry one."""
+        from slmops.runtimes.chat import template_from_folder
+
+        return template_from_folder(self.path) if self.path.is_dir() else None
+
+    def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
+        """Token ids of a chat rendered with the model's template (BOS first when it has one)."""
+        from slmops.runtimes.chat import render_chat
+
+        text = render_chat(messages, self.chat_template)
+        bos = [self.bos_id] if self.bos_id is not None else []
+        return bos + self.tokenize(text)
+
     def close(self) -> None:  # noqa: B027  (optional hook)
         """Release native memory early (otherwise at garbage collection)."""
 

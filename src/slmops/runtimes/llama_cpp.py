@@ -39,6 +39,11 @@ class LlamaCppRuntime(Runtime):
         self._scoring = False
 
     @property
+    def chat_template(self) -> str | None:
+        value = self._llm.metadata.get("tokenizer.chat_template")
+        return str(value) if value else None
+
+    @property
     def vocab_size(self) -> int:
         return int(self._llm.n_vocab())
 

@@ -1,0 +1,289 @@
+"""An OpenAI-compatible HTTP API over the active model: /v1/models, /v1/chat/completions and
+/v1/completions, streaming (server-sent events) and not.
+
+Standard library only (http.server): the agent must stay lean, and one device serves one model
+to local clients, so a threaded server with one generation at a time (runtimes are not
+thread-safe) is the honest design. Requests are validated; errors use OpenAI's error shape so
+existing clients show them. While no model is active every model route answers 503.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from slmops.protocol.device import GenerationDefaults
+from slmops.runtimes.base import Runtime
+
+MAX_BODY = 1 << 20
+
+
+@dataclass
+class Served:
+    runtime: Runtime
+    model_id: str
+    defaults: GenerationDefaults
+
+
+Provider = Callable[[], Served | None]
+
+
+class _Lenient(BaseModel):
+    # OpenAI clients send fields we do not use (user, seed, logprobs...): accept and ignore them.
+    model_config = ConfigDict(extra="ignore")
+
+
+class Message(_Lenient):
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: str | list[dict[str, Any]] | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(str(p.get("text", "")) for p in self.content if p.get("type") == "text")
+        return self.content or ""
+
+
+class _Sampling(_Lenient):
+    model: str
+    max_tokens: int | None = Field(None, gt=0, le=8192)
+    max_completion_tokens: int | None = Field(None, gt=0, le=8192)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    stream: bool = False
+    stop: str | list[str] | None = None
+    n: int = Field(1, ge=1, le=1)
+
+
+class ChatRequest(_Sampling):
+    messages: list[Message] = Field(min_length=1)
+
+
+class CompletionRequest(_Sampling):
+    prompt: str
+
+
+class ApiError(Exception):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        kind: str = "invalid_request_error",
+        param: str | None = None,
+    ):
+        super().__init__(message)
+        self.status, self.message, self.kind, self.param = status, message, kind, param
+
+
+def _stops(stop: str | list[str] | None) -> list[str]:
+    return [stop] if isinstance(stop, str) else list(stop or [])
+
+
+def _generate(served: Served, ids: list[int], req: _Sampling) -> Iterator[tuple[str, str | None]]:
+    """Yield (text delta, finish reason or None); stops at EOS, a stop string or max tokens."""
+    d = served.defaults
+    max_tokens = req.max_completion_tokens or req.max_tokens or d.max_tokens
+    temperature = d.temperature if req.temperature is None else req.temperature
+    stops = _stops(req.stop)
+    rt = served.runtime
+    out: list[int] = []
+    sent = ""
+    for tok in rt.stream(ids, max_tokens, temperature):
+        if tok in rt.eos_ids:
+            yield "", "stop"
+            return
+        out.append(tok)
+        text = rt.detokenize(out)
+        cut = min((i for s in stops if (i := text.find(s)) >= 0), default=-1)
+        if cut >= 0:
+            yield text[len(sent) : cut], "stop"
+            return
+        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
+            continue
+        yield text[len(sent) :], None
+        sent = text
+    yield "", "length"
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: OpenAIServer
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: Any) -> None:  # silence per-request stderr lines
+        pass
+
+    def _send_json(self, status: int, obj: Any, headers: dict[str, str] | None = None) -> None:
+        body = json.dumps(obj).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _error(self, e: ApiError) -> None:
+        self._send_json(
+            e.status,
+            {"error": {"message": e.message, "type": e.kind, "param": e.param, "code": None}},
+        )
+
+    def _served(self) -> Served:
+        served = self.server.provider()
+        if served is None:
+            raise ApiError(
+                503,
+                "no model is active on this device yet; the agent is installing one",
+                "unavailable",
+            )
+        return served
+
+    def do_GET(self) -> None:
+        try:
+            if self.path.rstrip("/") != "/v1/models":
+                raise ApiError(404, f"unknown route {self.path}", "not_found")
+            served = self.server.provider()
+            data = (
+                [{"id": served.model_id, "object": "model", "created": 0, "owned_by": "slmops"}]
+                if served
+                else []
+            )
+            self._send_json(200, {"object": "list", "data": data})
+        except ApiError as e:
+            self._error(e)
+
+    def do_POST(self) -> None:
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+            if length > MAX_BODY:
+                raise ApiError(413, f"request body over {MAX_BODY} bytes")
+            try:
+                body = json.loads(self.rfile.read(length) or b"null")
+            except json.JSONDecodeError as exc:
+                raise ApiError(400, f"body is not JSON: {exc.msg}") from None
+            route = self.path.rstrip("/")
+            if route == "/v1/chat/completions":
+                self._chat(_parse(ChatRequest, body))
+            elif route == "/v1/completions":
+                self._completion(_parse(CompletionRequest, body))
+            else:
+                raise ApiError(404, f"unknown route {self.path}", "not_found")
+        except ApiError as e:
+            self._error(e)
+
+    def _chat(self, req: ChatRequest) -> None:
+        served = self._served()
+        msgs = [
+            {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+            for m in req.messages
+        ]
+        if served.defaults.system_prompt and not any(m["role"] == "system" for m in msgs):
+            msgs.insert(0, {"role": "system", "content": served.defaults.system_prompt})
+        with self.server.lock:
+            ids = served.runtime.chat_prompt(msgs)
+            self._respond(served, ids, req, chat=True)
+
+    def _completion(self, req: CompletionRequest) -> None:
+        served = self._served()
+        with self.server.lock:
+            rt = served.runtime
+            ids = ([rt.bos_id] if rt.bos_id is not None else []) + rt.tokenize(req.prompt)
+            self._respond(served, ids, req, chat=False)
+
+    def _respond(self, served: Served, ids: list[int], req: _Sampling, *, chat: bool) -> None:
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        created = int(time.time())
+        obj = "chat.completion" if chat else "text_completion"
+        if not req.stream:
+            parts, finish = [], "length"
+            for delta, fin in _generate(served, ids, req):
+                parts.append(delta)
+                finish = fin or finish
+            text = "".join(parts)
+            n_out = len(served.runtime.tokenize(text)) if text else 0
+            choice: dict[str, Any] = {"index": 0, "finish_reason": finish}
+            if chat:
+                choice["message"] = {"role": "assistant", "content": text}
+            else:
+                choice.update(text=text, logprobs=None)
+            usage = {
+                "prompt_tokens": len(ids),
+                "completion_tokens": n_out,
+                "total_tokens": len(ids) + n_out,
+            }
+            self._send_json(
+                200,
+                {
+                    "id": rid,
+                    "object": obj,
+                    "created": created,
+                    "model": served.model_id,
+                    "choices": [choice],
+                    "usage": usage,
+                },
+            )
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.close_connection = True
+        chunk_obj = "chat.completion.chunk" if chat else "text_completion"
+        first = True
+        for delta, fin in _generate(served, ids, req):
+            if chat:
+                d: dict[str, Any] = {"content": delta}
+                if first:
+                    d["role"] = "assistant"
+                choice = {"index": 0, "delta": d, "finish_reason": fin}
+            else:
+                choice = {"index": 0, "text": delta, "finish_reason": fin, "logprobs": None}
+            first = False
+            chunk = {
+                "id": rid,
+                "object": chunk_obj,
+                "created": created,
+                "model": served.model_id,
+                "choices": [choice],
+            }
+            self.wfile.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+            self.wfile.flush()
+        self.wfile.write(b"data: [DONE]\n\n")
+        self.wfile.flush()
+
+
+def _parse(cls: type[_Sampling], body: Any) -> Any:
+    try:
+        return cls.model_validate(body)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        param = ".".join(str(p) for p in err["loc"]) or None
+        raise ApiError(
+            400, f"{param}: {err['msg']}" if param else err["msg"], param=param
+        ) from None
+
+
+class OpenAIServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], provider: Provider) -> None:
+        super().__init__(address, _Handler)
+        self.provider = provider
+        self.lock = threading.Lock()
+
+
+def serve_in_thread(
+    provider: Provider, host: str = "127.0.0.1", port: int = 0
+) -> tuple[OpenAIServer, threading.Thread]:
+    srv = OpenAIServer((host, port), provider)
+    t = threading.Thread(target=srv.serve_forever, name="openai-api", daemon=True)
+    t.start()
+    return srv, t
