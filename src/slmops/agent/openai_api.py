@@ -94,21 +94,27 @@ def _generate(served: Served, ids: list[int], req: _Sampling) -> Iterator[tuple[
     stops = _stops(req.stop)
     rt = served.runtime
     out: list[int] = []
-    sent = ""
+    text = ""
+    # Incremental detokenization (as transformers' TextStreamer does): decode only a short window
+    # since the last clean boundary, so each token costs O(1) instead of re-decoding everything.
+    prefix = read = 0
     for tok in rt.stream(ids, max_tokens, temperature):
         if tok in rt.eos_ids:
             yield "", "stop"
             return
         out.append(tok)
-        text = rt.detokenize(out)
-        cut = min((i for s in stops if (i := text.find(s)) >= 0), default=-1)
-        if cut >= 0:
-            yield text[len(sent) : cut], "stop"
-            return
-        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
+        window = rt.detokenize(out[prefix:])
+        if window.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
             continue
-        yield text[len(sent) :], None
-        sent = text
+        delta = window[len(rt.detokenize(out[prefix:read])) if read > prefix else 0 :]
+        prefix, read = read, len(out)
+        if stops:
+            cut = min((i for st in stops if (i := (text + delta).find(st)) >= 0), default=-1)
+            if cut >= 0:
+                yield (text + delta)[len(text) : cut], "stop"
+                return
+        text += delta
+        yield delta, None
     yield "", "length"
 
 
