@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Debian packages the tests start as real services: an OCI registry (docker-registry).
+# Debian packages the tests start as real services: an OCI registry (docker-registry) and
+# PostgreSQL (throwaway clusters on 127.0.0.1 for the control plane's tests).
 # Installs what is missing when running as root (CI, fresh machines); otherwise says what to run.
 set -euo pipefail
 
 need=()
 command -v docker-registry >/dev/null 2>&1 || [ -x /usr/bin/docker-registry ] || need+=(docker-registry)
+compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || need+=(postgresql)
 
 if [ ${#need[@]} -eq 0 ]; then
   exit 0
@@ -19,4 +21,6 @@ apt-get update -qq
 apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 # The package starts a registry on all interfaces with its default config; the tests run their
 # own on 127.0.0.1, so stop the system one where a service manager started it.
-(systemctl stop docker-registry 2>/dev/null || service docker-registry stop 2>/dev/null || true) >/dev/null 2>&1
+for svc in docker-registry postgresql; do
+  (systemctl stop "$svc" 2>/dev/null || service "$svc" stop 2>/dev/null || true) >/dev/null 2>&1
+done
