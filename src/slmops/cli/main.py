@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from slmops import __version__
-from slmops.cli import bundle, demo, evaluate, model, optimize
+from slmops.cli import bundle, demo, evaluate, model, optimize, server
 
 app = typer.Typer(
     name="slmops",
@@ -48,6 +48,7 @@ app.command("verify")(bundle.verify_command)
 app.command("push")(bundle.push_command)
 app.command("pull")(bundle.pull_command)
 app.add_typer(bundle.keys_app, name="keys")
+app.add_typer(server.app, name="server")
 app.command("demo")(demo.demo_command)
 app.add_typer(model.app, name="model")
 

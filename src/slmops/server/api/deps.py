@@ -1,0 +1,127 @@
+"""Dependency aliases, so a route's signature says what it needs and who may call it.
+
+``SessionDep`` is a database session for the request. ``ViewerDep``, ``OperatorDep`` and
+``AdminDep`` authenticate an operator API token and require at least that role (401 when the
+token is missing, malformed, unknown or revoked; 403 when its role is too low). ``DeviceDep``
+authenticates a device credential and yields that device's row only, so every device route
+works on the caller's own record and nothing else.
+
+Each request looks its caller up in the database (an indexed hash lookup): no process keeps
+tokens in memory, so a token revoked through one API process is refused by all of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import Field, StringConstraints
+from sqlalchemy.orm import Session
+
+from slmops.server.db import find_api_token, find_device_by_credential
+from slmops.server.db.models import ApiToken, Device
+from slmops.server.db.session import Database
+from slmops.server.errors import api_error
+from slmops.server.security import Role, TokenKind, looks_like
+from slmops.server.settings import ServerSettings
+
+_operator_bearer = HTTPBearer(
+    auto_error=False, scheme_name="OperatorToken", description="operator API token (slmo_...)"
+)
+_device_bearer = HTTPBearer(
+    auto_error=False, scheme_name="DeviceCredential", description="device credential (slmd_...)"
+)
+
+
+def get_session(request: Request) -> Iterator[Session]:
+    db: Database = request.app.state.db
+    with db.sessions() as session:
+        yield session
+
+
+def get_settings(request: Request) -> ServerSettings:
+    settings: ServerSettings = request.app.state.settings
+    return settings
+
+
+SessionDep = Annotated[Session, Depends(get_session)]
+SettingsDep = Annotated[ServerSettings, Depends(get_settings)]
+Bearer = HTTPAuthorizationCredentials | None
+
+
+def _secret(creds: Bearer, kind: TokenKind, what: str) -> str:
+    if creds is None:
+        raise api_error(
+            401,
+            "unauthorized",
+            f"missing {what}",
+            where="Authorization",
+            hint="send 'Authorization: Bearer <token>'",
+        )
+    if not looks_like(creds.credentials, kind):
+        raise api_error(
+            401,
+            "unauthorized",
+            f"not a valid {what}",
+            where="Authorization",
+            hint=f"this API takes a {what} ({kind.value}_...)",
+        )
+    return creds.credentials
+
+
+def require_role(role: Role) -> Callable[..., ApiToken]:
+    """A dependency accepting live operator tokens whose role includes ``role``."""
+
+    def _operator(
+        session: SessionDep, creds: Annotated[Bearer, Depends(_operator_bearer)]
+    ) -> ApiToken:
+        secret = _secret(creds, TokenKind.API, "operator API token")
+        token = find_api_token(session, secret=secret)
+        if token is None:
+            raise api_error(
+                401,
+                "unauthorized",
+                "unknown or revoked API token",
+                where="Authorization",
+                hint="create one with `slmops server token create`",
+            )
+        if not Role(token.role).allows(role):
+            raise api_error(
+                403,
+                "forbidden",
+                f"role {token.role!r} may not do this; it needs {role.value!r}",
+                where="Authorization",
+                hint="use a token with a higher role",
+            )
+        return token
+
+    return _operator
+
+
+def current_device(
+    session: SessionDep, creds: Annotated[Bearer, Depends(_device_bearer)]
+) -> Device:
+    secret = _secret(creds, TokenKind.DEVICE, "device credential")
+    device = find_device_by_credential(session, secret=secret)
+    if device is None:
+        raise api_error(
+            401,
+            "unauthorized",
+            "unknown device credential",
+            where="Authorization",
+            hint="the credential was rotated or the device removed; enroll again",
+        )
+    return device
+
+
+ViewerDep = Annotated[ApiToken, Depends(require_role(Role.VIEWER))]
+OperatorDep = Annotated[ApiToken, Depends(require_role(Role.OPERATOR))]
+AdminDep = Annotated[ApiToken, Depends(require_role(Role.ADMIN))]
+DeviceDep = Annotated[Device, Depends(current_device)]
+
+LabelKey = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,62}$")]
+LabelValue = Annotated[str, StringConstraints(max_length=128)]
+Labels = Annotated[dict[LabelKey, LabelValue], Field(max_length=64)]
+"""Label maps as operators send them: keys like ``site``, ``hw.class``, ``team/a``."""

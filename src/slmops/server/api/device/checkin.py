@@ -1,0 +1,103 @@
+"""POST /device/v1/checkin: the agent reports, the server answers with its desired state.
+
+Every check-in records inventory, labels, last_seen, the active and previous models and the
+action statuses, even when the answer is 304. The desired state carries an ETag computed from
+its canonical JSON on each request (nothing cached per process); ``If-None-Match`` with the
+current ETag gets 304 and no body, so an idle fleet polls cheaply.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Response
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from slmops.protocol.device import ActionStatus, CheckIn, DesiredState
+from slmops.server.api.deps import DeviceDep, SessionDep, SettingsDep
+from slmops.server.api.device.enroll import check_schema
+from slmops.server.db.models import Device, DeviceAction, utcnow
+
+router = APIRouter(tags=["device"])
+
+
+def desired_document(device: Device, *, poll_seconds: float) -> DesiredState:
+    """The stored desired state (written by rollouts), or "keep what runs" when there is none."""
+    if device.desired:
+        return DesiredState.model_validate(device.desired)
+    return DesiredState(device_id=device.device_id, poll_seconds=poll_seconds)
+
+
+def etag_of(body: bytes) -> str:
+    return '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
+
+
+def etag_matches(header: str | None, etag: str) -> bool:
+    """RFC 9110 weak comparison over a comma-separated If-None-Match list (or ``*``)."""
+    if not header:
+        return False
+    for candidate in header.split(","):
+        tag = candidate.strip()
+        if tag == "*" or tag.removeprefix("W/") == etag:
+            return True
+    return False
+
+
+def record_actions(session: Session, device_id: str, actions: list[ActionStatus]) -> None:
+    now = utcnow()
+    for status in actions:
+        rollout_id = status.rollout_id or ""
+        row = session.scalar(
+            select(DeviceAction).where(
+                DeviceAction.device_id == device_id,
+                DeviceAction.rollout_id == rollout_id,
+                DeviceAction.version == status.version,
+            )
+        )
+        if row is None:
+            row = DeviceAction(device_id=device_id, rollout_id=rollout_id, version=status.version)
+            session.add(row)
+        row.state = status.state.value
+        row.stage = status.stage.value if status.stage else None
+        row.detail = status.detail
+        row.updated_at = now
+
+
+@router.post(
+    "/checkin",
+    response_model=DesiredState,
+    responses={304: {"description": "desired state unchanged since the If-None-Match ETag"}},
+)
+def check_in(
+    body: CheckIn,
+    device: DeviceDep,
+    session: SessionDep,
+    settings: SettingsDep,
+    if_none_match: Annotated[str | None, Header()] = None,
+) -> Response:
+    check_schema(body.schema_)
+    inventory = body.inventory
+    device.inventory = inventory.model_dump(mode="json")
+    device.labels = dict(inventory.labels)
+    device.profile = inventory.profile
+    device.last_seen = utcnow()
+    device.active = body.active.model_dump(mode="json") if body.active else None
+    device.previous = body.previous.model_dump(mode="json") if body.previous else None
+    record_actions(session, device.device_id, body.actions)
+
+    doc = desired_document(device, poll_seconds=settings.poll_seconds)
+    payload = json.dumps(
+        doc.model_dump(mode="json", by_alias=True), sort_keys=True, separators=(",", ":")
+    ).encode()
+    etag = etag_of(payload)
+    if device.desired_etag != etag:
+        device.desired_etag = etag
+    session.commit()
+
+    headers = {"ETag": etag, "Cache-Control": "no-cache"}
+    if etag_matches(if_none_match, etag):
+        return Response(status_code=304, headers=headers)
+    return Response(payload, media_type="application/json", headers=headers)

@@ -1,0 +1,12 @@
+"""The operator API under /api/v1: one router per resource, operator-token auth."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from slmops.server.api.operator import devices, enrollment, tokens
+
+router = APIRouter(prefix="/api/v1")
+router.include_router(devices.router)
+router.include_router(enrollment.router)
+router.include_router(tokens.router)

@@ -1,0 +1,74 @@
+"""The control-plane ASGI application: operator API, device API, health, OpenAPI.
+
+``create_app(settings)`` builds the app; the database is opened (and migrated) when it
+starts. The app holds only the settings and a connection pool, so any number of processes
+can serve the same database: ``app_from_env`` is the factory uvicorn workers import, reading
+the same SLMOPS_* settings the CLI exported.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
+from sqlalchemy import text
+from sqlalchemy.exc import SQLAlchemyError
+
+from slmops import __version__
+from slmops.server.api import device, operator
+from slmops.server.db.session import open_database
+from slmops.server.errors import envelope, install_error_handlers
+from slmops.server.settings import ServerSettings, load_settings
+
+
+def operation_id(route: APIRoute) -> str:
+    """Stable operation ids (``devices-read_devices``) for generated API clients."""
+    tag = str(route.tags[0]) if route.tags else "default"
+    return f"{tag}-{route.name}"
+
+
+def create_app(settings: ServerSettings) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        db = open_database(settings)
+        app.state.db = db
+        try:
+            yield
+        finally:
+            db.dispose()
+
+    app = FastAPI(
+        title="slmops control plane",
+        version=__version__,
+        lifespan=lifespan,
+        generate_unique_id_function=operation_id,
+    )
+    app.state.settings = settings
+    install_error_handlers(app)
+    app.include_router(operator.router)
+    app.include_router(device.router)
+
+    @app.get("/healthz", tags=["health"])
+    def healthz() -> JSONResponse:
+        """Liveness and database reachability; no authentication."""
+        try:
+            with app.state.db.engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+        except SQLAlchemyError as exc:
+            body = envelope(
+                "database_unavailable",
+                f"database unreachable: {type(exc).__name__}",
+                hint="check --db and that the database server is up",
+            )
+            return JSONResponse(body, status_code=503)
+        return JSONResponse({"status": "ok", "version": __version__})
+
+    return app
+
+
+def app_from_env() -> FastAPI:
+    """Factory for ``uvicorn --factory slmops.server.app:app_from_env`` (settings from env)."""
+    return create_app(load_settings())

@@ -1,0 +1,127 @@
+"""Tables of the control plane (SQLAlchemy 2 typed mappings).
+
+Only portable column types (String, Integer, Boolean, Text, JSON, DateTime with time zone),
+so one Alembic history serves SQLite and PostgreSQL. Secrets are stored as digests only
+(see ``server/security.py``). JSON columns are always replaced, never mutated in place, so
+SQLAlchemy notices the change without mutable-tracking wrappers.
+
+Label columns on ``devices``: ``labels`` is what the agent reports at every check-in;
+``operator_labels`` is set by operators and by the enrollment token's scope, and wins over
+the reported ones, so a device cannot leave the scope it was enrolled into.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def as_utc(value: datetime) -> datetime:
+    """SQLite returns naive datetimes even for timezone-aware columns; they are stored as UTC."""
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+Tz = DateTime(timezone=True)
+
+
+class ApiToken(Base):
+    """An operator API token (``slmops server token create`` or POST /api/v1/tokens)."""
+
+    __tablename__ = "api_tokens"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(128))
+    role: Mapped[str] = mapped_column(String(16))
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True, index=True)
+    created_at: Mapped[datetime] = mapped_column(Tz, default=utcnow)
+    revoked: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class EnrollmentToken(Base):
+    """A reusable, expiring enrollment token whose labels scope the devices it enrolls."""
+
+    __tablename__ = "enrollment_tokens"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True, index=True)
+    labels: Mapped[dict[str, str]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(Tz, default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(Tz)
+    uses: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class Device(Base):
+    """One enrolled device: its credential digest, labels, inventory, models and desired state."""
+
+    __tablename__ = "devices"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    device_id: Mapped[str] = mapped_column(String(128), unique=True, index=True)
+    credential_hash: Mapped[str] = mapped_column(String(64), unique=True, index=True)
+    labels: Mapped[dict[str, str]] = mapped_column(JSON, default=dict)
+    operator_labels: Mapped[dict[str, str]] = mapped_column(JSON, default=dict)
+    inventory: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    profile: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    enrolled_at: Mapped[datetime] = mapped_column(Tz, default=utcnow)
+    last_seen: Mapped[datetime | None] = mapped_column(Tz, nullable=True)
+    active: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    previous: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    desired: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    desired_etag: Mapped[str | None] = mapped_column(String(80), nullable=True)
+
+    @property
+    def effective_labels(self) -> dict[str, str]:
+        """Reported labels overridden by operator (and enrollment-scope) labels."""
+        return {**(self.labels or {}), **(self.operator_labels or {})}
+
+
+class DeviceAction(Base):
+    """A device's last reported status for one (rollout, version); ``rollout_id`` '' = none."""
+
+    __tablename__ = "device_actions"
+    __table_args__ = (
+        UniqueConstraint("device_id", "rollout_id", "version", name="uq_device_actions_key"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    device_id: Mapped[str] = mapped_column(
+        String(128), ForeignKey("devices.device_id", ondelete="CASCADE"), index=True
+    )
+    rollout_id: Mapped[str] = mapped_column(String(64), default="")
+    version: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(32))
+    stage: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    detail: Mapped[str] = mapped_column(Text, default="")
+    updated_at: Mapped[datetime] = mapped_column(Tz, default=utcnow)
+
+
+class Rollout(Base):
+    """A persisted ``RolloutState`` document (``to_json``/``from_json``); used by later work."""
+
+    __tablename__ = "rollouts"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    state_json: Mapped[str] = mapped_column(Text)  # RolloutState.to_json(), kept verbatim
+    status: Mapped[str] = mapped_column(String(32), index=True)
+    created_at: Mapped[datetime] = mapped_column(Tz, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(Tz, default=utcnow)

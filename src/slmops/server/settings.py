@@ -1,0 +1,73 @@
+"""Server settings: pydantic-settings with the ``SLMOPS_`` prefix, refusing unsafe values early.
+
+Everything a process needs is here and in the database, nothing else: several API processes
+started with the same settings behave as one server (statelessness). Listening on every
+interface is refused unless ``allow_public`` is set, because the default deployment is a
+single box behind a reverse proxy that terminates TLS; bearer tokens must not cross a network
+in clear text by accident.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from slmops.core.config import config_error_from_validation
+
+PUBLIC_HOSTS = frozenset({"0.0.0.0", "::", "[::]", ""})
+DB_FILENAME = "slmops.db"
+
+
+class ServerSettings(BaseSettings):
+    """Where the data lives, which database to use, where to listen, and a few protocol knobs."""
+
+    model_config = SettingsConfigDict(env_prefix="SLMOPS_", extra="forbid")
+
+    data_dir: Path = Field(description="folder holding the SQLite database (and later blobs)")
+    db_url: str | None = Field(
+        None,
+        description="SQLAlchemy URL, e.g. postgresql+psycopg://...; default SQLite in data_dir",
+    )
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    allow_public: bool = Field(False, description="allow listening on all interfaces")
+    poll_seconds: float = Field(60.0, gt=0, description="how often agents should check in")
+    sqlite_busy_timeout_ms: int = Field(5000, ge=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> ServerSettings:
+        if self.host in PUBLIC_HOSTS and not self.allow_public:
+            raise ValueError(
+                f"host {self.host!r} listens on every interface; put a TLS proxy in front and "
+                "pass --allow-public (SLMOPS_ALLOW_PUBLIC=1) if that is really meant"
+            )
+        if self.db_url is not None and "://" not in self.db_url:
+            raise ValueError(f"db_url {self.db_url!r} is not a SQLAlchemy URL (scheme://...)")
+        return self
+
+    @property
+    def database_url(self) -> str:
+        """The SQLAlchemy URL: the explicit one, or SQLite in the data directory."""
+        if self.db_url:
+            url = self.db_url
+            # "postgresql://" would pick psycopg2, which is not installed; psycopg 3 is.
+            if url.startswith("postgresql://"):
+                url = "postgresql+psycopg://" + url[len("postgresql://") :]
+            return url
+        return f"sqlite:///{(self.data_dir / DB_FILENAME).resolve()}"
+
+
+def load_settings(**values: Any) -> ServerSettings:
+    """Build settings from explicit values (CLI options) over SLMOPS_* variables.
+
+    Validation problems become a ConfigError (exit code 2 on the CLI) naming the setting.
+    Values given as None are dropped so the environment or the default applies.
+    """
+    given = {k: v for k, v in values.items() if v is not None}
+    try:
+        return ServerSettings(**given)
+    except ValidationError as exc:
+        raise config_error_from_validation(exc, source="server settings") from None
