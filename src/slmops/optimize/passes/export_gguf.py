@@ -72,13 +72,37 @@ class ExportGguf(Pass[ExportGgufConfig]):
         )
 
 
-def _convert(tool_dir: Path, src: Path, outfile: Path, outtype: str, pre: str, force: bool) -> str:
-    if str(tool_dir) not in sys.path:
-        sys.path.insert(0, str(tool_dir))
+def _import_converter(tool_dir: Path) -> tuple[Any, Any]:
+    """Import the converter against its own vendored `gguf` package.
+
+    The converter needs the gguf-py of its llama.cpp version. If the PyPI `gguf` (an older
+    writer) was imported earlier in this process, `import gguf` would return that one and the
+    converter fails on missing attributes; so the PyPI modules step aside while the converter
+    imports, and come back afterwards for the code that uses them.
+    """
     import importlib
 
-    converter = importlib.import_module("convert_hf_to_gguf")
-    base = importlib.import_module("conversion.base")
+    if "convert_hf_to_gguf" in sys.modules:
+        return sys.modules["convert_hf_to_gguf"], importlib.import_module("conversion.base")
+    saved = {k: m for k, m in sys.modules.items() if k == "gguf" or k.startswith("gguf.")}
+    for k in saved:
+        del sys.modules[k]
+    paths = [str(tool_dir), str(tool_dir / "gguf-py")]
+    sys.path[:0] = paths
+    try:
+        converter = importlib.import_module("convert_hf_to_gguf")
+        base = importlib.import_module("conversion.base")
+    finally:
+        for p in paths:
+            sys.path.remove(p)
+        for k in [k for k in sys.modules if k == "gguf" or k.startswith("gguf.")]:
+            del sys.modules[k]
+        sys.modules.update(saved)
+    return converter, base
+
+
+def _convert(tool_dir: Path, src: Path, outfile: Path, outtype: str, pre: str, force: bool) -> str:
+    converter, base = _import_converter(tool_dir)
     text_model: Any = base.TextModel
     original = text_model.get_vocab_base_pre
     used: dict[str, str] = {}

@@ -1,0 +1,126 @@
+"""Real signed bundles for agent tests: the tiny model -> GGUF variants -> bundles 1.0.0 / 1.1.0.
+
+Built once per session with the real optimizer (lineage cards written by the engine), the real
+bundle builder and real ed25519 keys. 1.0.0 holds a Q8_0 variant, 1.1.0 a Q4_0 one, so the two
+versions differ in content. Each version gets a minimal real evaluation report (one generous
+device profile, 2 windows, 1 repeat) so the bundles are what `slmops bundle` ships.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from slmops.bundle.layout import Index, OciLayout, parse_model
+from slmops.bundle.media import ANN_VARIANT, MT_INDEX
+from slmops.protocol.device import DesiredModel
+
+RECIPE = """\
+name: agent-test
+variants:
+  %s:
+    - export-gguf: {outtype: f16}
+    - quantize-gguf: {type: %s}
+"""
+NAME = "acme/bot"
+
+
+@dataclass(frozen=True)
+class Bundles:
+    v1: Path
+    v2: Path
+    pub: Path  # the signer's public key (trusted)
+    other_pub: Path  # a key that signed nothing
+
+
+def desired_for(bundle: Path, version: str, rollout_id: str | None = "r1") -> DesiredModel:
+    """The DesiredModel a control plane would send for the bundle's only variant."""
+    layout = OciLayout(bundle)
+    root = next(d for d in layout.read_index().manifests if d.media_type == MT_INDEX)
+    index = parse_model(Index, json.loads(layout.blob_path(root.digest).read_bytes()), where="t")
+    entry = next(d for d in index.manifests if d.annotation(ANN_VARIANT))
+    return DesiredModel(
+        name=NAME,
+        version=version,
+        variant=str(entry.annotation(ANN_VARIANT)),
+        bundle_digest=root.digest,
+        manifest_digest=entry.digest,
+        repository=NAME,
+        rollout_id=rollout_id,
+    )
+
+
+EVALUATE = """
+import sys
+from pathlib import Path
+from slmops.evaluate.profiles import DeviceProfile
+from slmops.evaluate.runner import EvalOptions, evaluate
+
+reference, variants, out = map(Path, sys.argv[1:4])
+profile = DeviceProfile.model_validate(
+    {
+        "name": "test-box",
+        "arch": "x86_64",
+        "cores": 2,
+        "ram_mb": 4096,
+        "storage_mb": 32768,
+        "runtimes": ["gguf"],
+        "context_length": 256,
+        "relative_speed": 1.0,
+        "budgets": {"max_ttft_ms": 100000, "min_decode_tps": 0.1, "max_kld": 100},
+        "cost": {"hardware_usd": 80, "lifetime_years": 5, "power_watts": 7},
+    }
+)
+options = EvalOptions(
+    reference=reference, repeats=1, max_tokens=8, windows=2, window_tokens=64,
+    greedy_prompts=1, threads=1,
+)
+evaluate(variants, [profile], out, options)
+"""
+
+
+def _evaluate(reference: Path, variants: Path, out: Path) -> None:
+    """A minimal real evaluation (one generous device profile) in a child process.
+
+    Why a child: evaluate() imports the `gguf` package from PyPI, and an in-process GGUF export
+    run later in the same session (another test module's fixture) then picks it up instead of
+    the converter's own and fails (`gguf` has no LazyChunkedTensor).
+    """
+    args = [str(reference), str(variants), str(out)]
+    subprocess.run([sys.executable, "-c", EVALUATE, *args], check=True, capture_output=True)
+
+
+@pytest.fixture(scope="session")
+def bundles(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Bundles:
+    from slmops.bundle.build import build_bundle
+    from slmops.bundle.signing import init_keys, sign_bundle
+    from slmops.optimize.engine import run_recipe
+    from slmops.optimize.recipe import load_recipe
+
+    root = tmp_path_factory.mktemp("agent-bundles")
+    priv, pub = init_keys(root / "keys", "fleet")
+    _, other_pub = init_keys(root / "keys", "other")
+    out: dict[str, Path] = {}
+    for version, variant, qtype in (("1.0.0", "gguf-q8_0", "Q8_0"), ("1.1.0", "gguf-q4_0", "Q4_0")):
+        recipe = root / f"{variant}.yaml"
+        recipe.write_text(RECIPE % (variant, qtype))
+        variants = root / f"variants-{version}"
+        run_recipe(tiny_model, load_recipe(recipe), variants, cache_dir=root / "cache")
+        report = root / f"report-{version}"
+        _evaluate(tiny_model, variants, report)
+        bundle = root / f"bundle-{version}"
+        build_bundle(variants, report, name=NAME, version=version, out=bundle)
+        sign_bundle(bundle, priv)
+        out[version] = bundle
+    return Bundles(out["1.0.0"], out["1.1.0"], pub, other_pub)
+
+
+@pytest.fixture(scope="session")
+def desired() -> Callable[[Path, str], DesiredModel]:
+    return desired_for
