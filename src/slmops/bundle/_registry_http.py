@@ -41,13 +41,19 @@ RegistryIntegrityError = OciContentError  # content broke its digest, size or a 
 class _Registry:
     """One repository on one registry: the few calls we make, with errors that say where."""
 
-    def __init__(self, ref: OciRef, *, allow_http: bool, timeout: float) -> None:
-        self.ref, self.where = ref, str(ref)
+    def __init__(
+        self, ref: OciRef, *, allow_http: bool, timeout: float, token: str | None = None
+    ) -> None:
+        self.ref, self.where, self.token = ref, str(ref), token
         self.base = ref.base_url(allow_http=allow_http)
         self.repo = f"{self.base}/v2/{ref.repository}"
         self.client = httpx.Client(
             timeout=httpx.Timeout(timeout, connect=min(timeout, 5.0)),
-            headers={"Accept-Encoding": "identity", "User-Agent": "slmops"},
+            headers={
+                "Accept-Encoding": "identity",
+                "User-Agent": "slmops",
+                **({"Authorization": f"Bearer {token}"} if token else {}),
+            },
             follow_redirects=True,  # registries on object storage redirect blob GETs
         )
 
@@ -88,6 +94,12 @@ class _Registry:
 
     def ping(self) -> None:
         if self.call("GET", f"{self.base}/v2/", (200, 401)).status_code == 401:
+            if self.token:
+                raise RegistryError(
+                    f"registry {self.ref.netloc} refused the token",
+                    where=self.where,
+                    hint="check the token (unknown, revoked, or of another server)",
+                )
             raise RegistryError(
                 f"registry {self.ref.netloc} requires authentication",
                 where=self.where,

@@ -11,7 +11,8 @@ fallback tag `sha256-<hex of the bundle digest>` (OCI distribution spec 1.1). A 
 signatures into the index already there, so several signers accumulate instead of the latest
 replacing the others. A pull accepts that index, or a single manifest under the tag.
 
-Not supported yet: registry authentication (401 is reported as such), cross-repo blob mounts,
+Authentication: an optional bearer token (`token=`, sent as `Authorization: Bearer`), as the
+slmops control plane takes; no token exchange. Not supported yet: cross-repo blob mounts,
 parallel transfers.
 """
 
@@ -144,6 +145,7 @@ def push(
     monolithic_limit: int = MONOLITHIC_LIMIT,
     allow_http: bool = False,
     timeout: float = 60.0,
+    token: str | None = None,
 ) -> PushStats:
     """Push the bundle in an OCI layout: blobs, manifests children-first, tag, signatures.
 
@@ -164,7 +166,7 @@ def push(
             hint="drop @sha256:... from the reference or push the right layout",
         )
     manifests, blobs = walk([root, *signatures], _local_fetch(layout))
-    reg = _Registry(oref, allow_http=allow_http, timeout=timeout)
+    reg = _Registry(oref, allow_http=allow_http, timeout=timeout, token=token)
     uploaded = skipped = sent = puts = chunked = 0
     with reg.client:
         reg.ping()
@@ -319,6 +321,7 @@ def pull(
     resume: bool = True,
     allow_http: bool = False,
     timeout: float = 60.0,
+    token: str | None = None,
     _stop_after_bytes: int | None = None,
 ) -> PullStats:
     """Pull a bundle into a new OCI layout at `out_dir`, resuming an interrupted pull.
@@ -331,7 +334,7 @@ def pull(
     out = Path(out_dir)
     staging = out.with_name(out.name + ".partial")
     blob_dir = staging / "blobs" / "sha256"
-    reg = _Registry(oref, allow_http=allow_http, timeout=timeout)
+    reg = _Registry(oref, allow_http=allow_http, timeout=timeout, token=token)
     with reg.client:
         reg.ping()
         if (got := reg.manifest(oref.reference, oref.digest)) is None:

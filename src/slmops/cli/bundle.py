@@ -12,6 +12,12 @@ from rich.table import Table
 from slmops.cli._output import emit_json, handled, human_bytes, out_console
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON document on stdout")]
+TokenOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--token", envvar="SLMOPS_TOKEN", help="bearer token for the registry (the control plane's)"
+    ),
+]
 keys_app = typer.Typer(help="Signing keys (ed25519).", no_args_is_help=True)
 
 
@@ -175,13 +181,14 @@ def verify_command(
 def push_command(
     bundle: Annotated[Path, typer.Argument(help="bundle folder")],
     ref: Annotated[str, typer.Argument(help="oci://HOST:PORT/REPO:TAG")],
+    token: TokenOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Push a bundle to an OCI registry; blobs the registry has are skipped."""
     with handled(as_json):
         from slmops.bundle.registry import push
 
-        stats = push(_as_layout(bundle), ref)
+        stats = push(_as_layout(bundle), ref, token=token)
         if as_json:
             emit_json(_plain(stats))
             return
@@ -195,13 +202,14 @@ def push_command(
 def pull_command(
     ref: Annotated[str, typer.Argument(help="oci://HOST:PORT/REPO:TAG or @sha256:...")],
     out: Annotated[Path, typer.Option("--out", "-o", help="folder for the bundle")],
+    token: TokenOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Pull a bundle (resuming an interrupted pull); verify it with `slmops verify`."""
     with handled(as_json):
         from slmops.bundle.registry import pull
 
-        stats = pull(ref, out)
+        stats = pull(ref, out, token=token)
         if as_json:
             emit_json(_plain(stats))
             return

@@ -21,6 +21,7 @@ from slmops import __version__
 from slmops.server.api import device, operator
 from slmops.server.db.session import open_database
 from slmops.server.errors import envelope, install_error_handlers
+from slmops.server.registry.api import router as registry_router
 from slmops.server.settings import ServerSettings, load_settings
 
 
@@ -50,6 +51,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
     install_error_handlers(app)
     app.include_router(operator.router)
     app.include_router(device.router)
+    app.include_router(registry_router)
 
     @app.get("/healthz", tags=["health"])
     def healthz() -> JSONResponse:

@@ -125,3 +125,6 @@ class Rollout(Base):
     status: Mapped[str] = mapped_column(String(32), index=True)
     created_at: Mapped[datetime] = mapped_column(Tz, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(Tz, default=utcnow)
+
+
+from slmops.server.registry import tables as _registry_tables  # noqa: E402, F401  (Base.metadata)

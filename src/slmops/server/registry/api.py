@@ -1,0 +1,353 @@
+"""The OCI Distribution API subset `slmops push`/`pull` (and other OCI clients) speak, at /v2.
+
+Blobs: HEAD/GET with ``Range`` (206), uploads by POST (optionally monolithic with ``?digest=``),
+PATCH chunks and PUT ``?digest=`` to finish. Manifests: HEAD/GET/PUT by tag or digest, stored
+byte for byte (their digest is over those bytes) after checking that they are an OCI manifest
+or index whose every referenced blob or child manifest is already here, so a tag never points
+at incomplete content. ``Accept`` is not enforced: we only store OCI types.
+
+Errors use the OCI shape ``{"errors": [{"code", "message", "detail"}]}`` rather than the slmops
+envelope, because distribution clients parse that; ``OciRoute`` renders them before the app's
+handlers see anything. Reads accept an operator token of any role or a device credential
+(devices pull their variant); writes need an operator or admin token.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Callable, Coroutine
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.routing import APIRoute
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
+
+from slmops.bundle.media import MAX_MANIFEST_BYTES, MT_INDEX, MT_MANIFEST
+from slmops.bundle.oci_ref import _REPO_RE, _TAG_RE, DIGEST_RE, Desc, OciContentError
+from slmops.bundle.oci_ref import load_manifest as parse_manifest
+from slmops.server.api.deps import SessionDep, get_settings
+from slmops.server.db import find_api_token, find_device_by_credential
+from slmops.server.db.models import ApiToken, Device, utcnow
+from slmops.server.registry import models_api
+from slmops.server.registry.store import PIECE, BlobStore, StoreError
+from slmops.server.registry.tables import RegistryTag
+from slmops.server.security import Role, TokenKind, looks_like
+
+CHALLENGE = {"WWW-Authenticate": 'Bearer realm="slmops"'}
+
+
+class OciError(Exception):
+    def __init__(
+        self, status: int, code: str, message: str, headers: dict[str, str] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message, self.headers = status, code, message, headers
+
+
+def oci_response(status: int, code: str, message: str, headers: Any = None) -> JSONResponse:
+    body = {"errors": [{"code": code, "message": message, "detail": None}]}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+class OciRoute(APIRoute):
+    """Renders OciError, StoreError and request validation failures in the OCI error shape."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def handle(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except OciError as exc:
+                return oci_response(exc.status, exc.code, exc.message, exc.headers)
+            except StoreError as exc:
+                return oci_response(exc.status, exc.code, exc.message)
+            except RequestValidationError as exc:
+                first = exc.errors()[0] if exc.errors() else {}
+                where = ".".join(str(p) for p in first.get("loc", ()))
+                return oci_response(400, "UNSUPPORTED", f"{where}: {first.get('msg', 'invalid')}")
+
+        return handle
+
+
+def store_of(request: Request) -> BlobStore:
+    return BlobStore(get_settings(request).data_dir)
+
+
+def principal(request: Request, session: SessionDep) -> ApiToken | Device:
+    """The caller: an operator token (any role) or an enrolled device; 401 otherwise."""
+    scheme, _, secret = request.headers.get("Authorization", "").partition(" ")
+    found: ApiToken | Device | None = None
+    if scheme.lower() == "bearer" and looks_like(secret, TokenKind.API):
+        found = find_api_token(session, secret=secret)
+    elif scheme.lower() == "bearer" and looks_like(secret, TokenKind.DEVICE):
+        found = find_device_by_credential(session, secret=secret)
+    if found is None:
+        raise OciError(
+            401, "UNAUTHORIZED", "a valid operator token or device credential is needed", CHALLENGE
+        )
+    return found
+
+
+def pusher(caller: Annotated[ApiToken | Device, Depends(principal)]) -> ApiToken:
+    if not isinstance(caller, ApiToken) or not Role(caller.role).allows(Role.OPERATOR):
+        raise OciError(403, "DENIED", "pushing needs an operator or admin API token")
+    return caller
+
+
+Reader = Annotated[ApiToken | Device, Depends(principal)]
+Pusher = Annotated[ApiToken, Depends(pusher)]
+Store = Annotated[BlobStore, Depends(store_of)]
+
+
+def repo_name(name: str) -> str:
+    if not _REPO_RE.match(name) or len(name) > 255:
+        raise OciError(400, "NAME_INVALID", f"invalid repository name {name!r}")
+    return name
+
+
+v2 = APIRouter(prefix="/v2", tags=["registry"], route_class=OciRoute)
+
+
+@v2.get("/")
+def base(caller: Reader) -> JSONResponse:
+    """API version check; 401 tells clients to authenticate."""
+    return JSONResponse({})
+
+
+def _byte_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """(start, end inclusive) of a single ``bytes=`` range; None means the whole blob."""
+    m = re.fullmatch(r"bytes=(\d*)-(\d*)", (header or "").strip())
+    if not m or not (m[1] or m[2]):
+        return None  # absent, multi-range or unparsable: answer with the whole blob (RFC 9110)
+    if m[1]:
+        start, end = int(m[1]), min(int(m[2]) if m[2] else size - 1, size - 1)
+    else:
+        start, end = max(size - int(m[2]), 0), size - 1 if int(m[2]) else -1
+    if start >= size or start > end:
+        headers = {"Content-Range": f"bytes */{size}"}
+        raise OciError(416, "RANGE_INVALID", f"range {header} outside 0-{size - 1}", headers)
+    return start, end
+
+
+@v2.api_route("/{name:path}/blobs/{digest}", methods=["GET", "HEAD"])
+def get_blob(name: str, digest: str, request: Request, caller: Reader, store: Store) -> Response:
+    repo_name(name)
+    size = store.size(digest)
+    if size is None:
+        raise OciError(404, "BLOB_UNKNOWN", f"blob {digest} not found")
+    headers = {"Docker-Content-Digest": digest, "Accept-Ranges": "bytes"}
+    rng = None if request.method == "HEAD" else _byte_range(request.headers.get("Range"), size)
+    start, end = rng or (0, size - 1)
+    headers["Content-Length"] = str(end - start + 1)
+    if request.method == "HEAD":
+        return Response(status_code=200, headers=headers, media_type="application/octet-stream")
+    if rng:
+        headers["Content-Range"] = f"bytes {start}-{end}/{size}"
+    body = store.read_range(digest, start, end - start + 1)
+    media = "application/octet-stream"
+    return StreamingResponse(body, 206 if rng else 200, headers=headers, media_type=media)
+
+
+async def _receive(request: Request, store: BlobStore, upload_id: str) -> int:
+    """Append the request body to an upload in ~PIECE writes; returns the session's size."""
+    buf, size = bytearray(), await run_in_threadpool(store.upload_size, upload_id)
+    async for piece in request.stream():
+        buf += piece
+        if len(buf) >= PIECE:
+            size = await run_in_threadpool(store.append, upload_id, bytes(buf))
+            buf.clear()
+    if buf:
+        size = await run_in_threadpool(store.append, upload_id, bytes(buf))
+    return size
+
+
+def _session_headers(name: str, upload_id: str, size: int) -> dict[str, str]:
+    return {
+        "Location": f"/v2/{name}/blobs/uploads/{upload_id}",
+        "Docker-Upload-UUID": upload_id,
+        "Range": f"0-{max(size - 1, 0)}",
+    }
+
+
+def _created(name: str, digest: str) -> Response:
+    headers = {"Location": f"/v2/{name}/blobs/{digest}", "Docker-Content-Digest": digest}
+    return Response(status_code=201, headers=headers)
+
+
+@v2.post("/{name:path}/blobs/uploads/")
+async def start_upload(
+    name: str,
+    request: Request,
+    caller: Pusher,
+    store: Store,
+    digest: str | None = None,
+    mount: str | None = None,
+) -> Response:
+    """Open an upload session; ``?digest=`` uploads the body in one request; ``?mount=`` of a
+    digest already stored succeeds at once (the store is shared by all repositories)."""
+    repo_name(name)
+    if mount and store.size(mount) is not None:
+        return _created(name, mount)
+    upload_id = await run_in_threadpool(store.start_upload)
+    if digest is not None:
+        await _receive(request, store, upload_id)
+        await run_in_threadpool(store.finish, upload_id, digest)
+        return _created(name, digest)
+    return Response(status_code=202, headers=_session_headers(name, upload_id, 0))
+
+
+@v2.get("/{name:path}/blobs/uploads/{upload_id}")
+def upload_status(name: str, upload_id: str, caller: Pusher, store: Store) -> Response:
+    size = store.upload_size(upload_id)
+    return Response(status_code=204, headers=_session_headers(repo_name(name), upload_id, size))
+
+
+@v2.patch("/{name:path}/blobs/uploads/{upload_id}")
+async def upload_chunk(
+    name: str, upload_id: str, request: Request, caller: Pusher, store: Store
+) -> Response:
+    """Append a chunk; a ``Content-Range`` must start where the session ends (else 416)."""
+    repo_name(name)
+    have = await run_in_threadpool(store.upload_size, upload_id)
+    first = request.headers.get("Content-Range", "").split("-")[0].strip()
+    if first and (not first.isdigit() or int(first) != have):
+        headers = _session_headers(name, upload_id, have)
+        raise OciError(416, "BLOB_UPLOAD_INVALID", f"chunk must start at {have}", headers)
+    size = await _receive(request, store, upload_id)
+    return Response(status_code=202, headers=_session_headers(name, upload_id, size))
+
+
+@v2.put("/{name:path}/blobs/uploads/{upload_id}")
+async def finish_upload(
+    name: str,
+    upload_id: str,
+    request: Request,
+    caller: Pusher,
+    store: Store,
+    digest: str | None = None,
+) -> Response:
+    """Append a final body (if any), verify the digest and move the blob into the store."""
+    repo_name(name)
+    if digest is None:
+        raise OciError(400, "DIGEST_INVALID", "finishing an upload needs ?digest=sha256:...")
+    await _receive(request, store, upload_id)
+    await run_in_threadpool(store.finish, upload_id, digest)
+    return _created(name, digest)
+
+
+@v2.delete("/{name:path}/blobs/uploads/{upload_id}")
+def cancel_upload(name: str, upload_id: str, caller: Pusher, store: Store) -> Response:
+    store.cancel(upload_id)
+    return Response(status_code=204)
+
+
+def resolve(session: Session, store: BlobStore, name: str, reference: str) -> tuple[str, str]:
+    """(digest, media type) of a manifest named by tag or digest; 404 MANIFEST_UNKNOWN."""
+    digest: str | None = reference
+    if not DIGEST_RE.match(reference):
+        row = session.scalar(
+            select(RegistryTag).where(RegistryTag.repository == name, RegistryTag.tag == reference)
+        )
+        digest = row.digest if row else None
+    media = store.manifest_type(digest) if digest else None
+    if digest is None or media is None:
+        raise OciError(404, "MANIFEST_UNKNOWN", f"manifest {name}:{reference} not found")
+    return digest, media
+
+
+@v2.api_route("/{name:path}/manifests/{reference}", methods=["GET", "HEAD"])
+def get_manifest(
+    name: str, reference: str, request: Request, caller: Reader, session: SessionDep, store: Store
+) -> Response:
+    digest, media = resolve(session, store, repo_name(name), reference)
+    data = store.read_small(digest, MAX_MANIFEST_BYTES)
+    headers = {"Docker-Content-Digest": digest, "Content-Length": str(len(data))}
+    body = b"" if request.method == "HEAD" else data
+    return Response(body, status_code=200, headers=headers, media_type=media)
+
+
+def check_manifest(store: BlobStore, data: bytes, content_type: str) -> tuple[str, str]:
+    """(media type, digest) of an acceptable manifest; raises the OCI error otherwise."""
+    try:
+        obj = json.loads(data)
+    except ValueError:
+        raise OciError(400, "MANIFEST_INVALID", "manifest is not JSON") from None
+    media = obj.get("mediaType") if isinstance(obj, dict) else None
+    media = media or content_type
+    if media not in (MT_INDEX, MT_MANIFEST) or content_type not in ("", media):
+        raise OciError(400, "MANIFEST_INVALID", f"unsupported or conflicting type {media!r}")
+    if obj.get("schemaVersion") != 2:
+        raise OciError(400, "MANIFEST_INVALID", "schemaVersion must be 2")
+    desc = Desc(media, "sha256:" + "0" * 64, len(data))
+    try:
+        _, children, blobs = parse_manifest(data, desc)
+    except OciContentError as exc:
+        raise OciError(400, "MANIFEST_INVALID", exc.message) from None
+    for child in children:
+        if store.manifest_type(child.digest) is None:
+            raise OciError(400, "MANIFEST_BLOB_UNKNOWN", f"manifest {child.digest} not pushed")
+    for blob in blobs:
+        if (size := store.size(blob.digest)) is None:
+            raise OciError(400, "MANIFEST_BLOB_UNKNOWN", f"blob {blob.digest} not pushed")
+        if size != blob.size:
+            raise OciError(400, "MANIFEST_INVALID", f"blob {blob.digest} is {size} bytes")
+    return media, store.put_manifest(data, media)
+
+
+def tag_manifest(session: Session, name: str, tag: str, digest: str, media: str) -> None:
+    query = select(RegistryTag).where(RegistryTag.repository == name, RegistryTag.tag == tag)
+    row = session.scalar(query) or RegistryTag(repository=name, tag=tag)
+    row.digest, row.media_type, row.updated_at = digest, media, utcnow()
+    session.add(row)
+    session.commit()
+
+
+@v2.put("/{name:path}/manifests/{reference}")
+async def put_manifest(
+    name: str, reference: str, request: Request, caller: Pusher, session: SessionDep, store: Store
+) -> Response:
+    repo_name(name)
+    data = bytearray()
+    async for piece in request.stream():
+        data += piece
+        if len(data) > MAX_MANIFEST_BYTES:
+            raise OciError(413, "SIZE_INVALID", f"manifest over {MAX_MANIFEST_BYTES} bytes")
+    content_type = request.headers.get("Content-Type", "").split(";")[0].strip()
+    by_digest = bool(DIGEST_RE.match(reference))
+    if not by_digest and not _TAG_RE.match(reference):
+        raise OciError(400, "TAG_INVALID", f"invalid tag {reference!r}")
+    if by_digest and reference != "sha256:" + hashlib.sha256(data).hexdigest():
+        raise OciError(400, "DIGEST_INVALID", f"manifest content does not match {reference}")
+    media, digest = await run_in_threadpool(check_manifest, store, bytes(data), content_type)
+    if not by_digest:
+        await run_in_threadpool(tag_manifest, session, name, reference, digest, media)
+    headers = {"Location": f"/v2/{name}/manifests/{digest}", "Docker-Content-Digest": digest}
+    return Response(status_code=201, headers=headers)
+
+
+@v2.get("/{name:path}/tags/list")
+def list_tags(
+    name: str,
+    caller: Reader,
+    session: SessionDep,
+    n: Annotated[int | None, Query(ge=0)] = None,
+    last: str | None = None,
+) -> JSONResponse:
+    query = select(RegistryTag.tag).where(RegistryTag.repository == repo_name(name))
+    tags = sorted(session.scalars(query))
+    if not tags:
+        raise OciError(404, "NAME_UNKNOWN", f"repository {name!r} has no tags")
+    tags = [t for t in tags if last is None or t > last][:n]
+    return JSONResponse({"name": name, "tags": tags})
+
+
+router = APIRouter()
+router.include_router(v2)
+router.include_router(models_api.router)
