@@ -208,12 +208,21 @@ class RegistrySource:
     """One repository on an OCI registry (`HOST:PORT`); http only for loopback or when allowed."""
 
     def __init__(
-        self, base: str, repository: str, *, allow_http: bool = False, timeout: float = 60.0
+        self,
+        base: str,
+        repository: str,
+        *,
+        allow_http: bool = False,
+        timeout: float = 60.0,
+        token: str | None = None,
     ) -> None:
         host = base.split("://", 1)[-1].rstrip("/")
         allow_http = allow_http or base.startswith("http://")
         self.reg = _Registry(
-            parse_oci_ref(f"oci://{host}/{repository}"), allow_http=allow_http, timeout=timeout
+            parse_oci_ref(f"oci://{host}/{repository}"),
+            allow_http=allow_http,
+            timeout=timeout,
+            token=token,
         )
 
     def close(self) -> None:

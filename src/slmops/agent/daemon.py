@@ -1,0 +1,328 @@
+"""The agent loop: check in, apply what the control plane wants, serve the active model.
+
+Order of start: recover the slots (a crash may have left half an install), start the local
+OpenAI API over the active slot (it answers 503 while there is none), then enroll if this box
+has no credential. Then, forever: check in (inventory, active/previous model, pending action
+statuses) with If-None-Match; on a new desired state whose model differs from the active one,
+run the Installer (download, verify, install, health-check, switch) and report its statuses on
+the next check-in; sleep the poll interval with +-10% jitter so a fleet rebooted together does
+not poll in lockstep. When the server is unreachable the loop backs off exponentially with full
+jitter (capped), logging once per streak; the API keeps serving whatever happens to the network,
+because serving runs in its own thread and never waits on the control plane.
+
+Heavy parts are loaded only when needed: the runtime at the first request after a model became
+active, the installer (cryptography, registry client) only when there is something to install.
+An install runs in the loop thread, so no check-in happens during a download: one apply at a
+time per data dir is what the Installer requires, and its statuses are reported right after.
+``DATA/agent-status.json`` is rewritten atomically after each step, for operators and tests.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import Any
+
+from slmops.agent.client import DeviceClient, Rejected, Unreachable
+from slmops.agent.config import AgentConfig
+from slmops.agent.inventory import collect
+from slmops.agent.openai_api import ApiError, OpenAIServer, Served, serve_in_thread
+from slmops.agent.slots import SlotStore
+from slmops.core.atomic import write_json_atomic
+from slmops.core.errors import ConfigError
+from slmops.protocol.device import (
+    ActionStatus,
+    ActiveModel,
+    CheckIn,
+    DesiredState,
+    EnrollRequest,
+    GenerationDefaults,
+)
+from slmops.protocol.fleet import DeviceActionState as S
+from slmops.runtimes.base import Runtime
+
+log = logging.getLogger("slmops.agent")
+STATUS_FILE = "agent-status.json"
+DESIRED_FILE = "desired.json"
+
+
+def jittered(seconds: float, rng: random.Random, fraction: float = 0.1) -> float:
+    """`seconds` +- `fraction`, uniformly: spreads a fleet's polls over time."""
+    return seconds * rng.uniform(1.0 - fraction, 1.0 + fraction)
+
+
+@dataclass
+class Backoff:
+    """Exponential backoff with full jitter (AWS architecture blog): the n-th consecutive
+    failure waits uniform(0, min(cap, base * 2**(n-1))), so devices that lost the server
+    together do not come back together."""
+
+    base: float = 1.0
+    cap: float = 300.0
+    rng: random.Random = field(default_factory=random.Random)
+    failures: int = 0
+
+    def ceiling(self) -> float:
+        return min(self.cap, self.base * 2.0 ** max(0, self.failures - 1))
+
+    def next_delay(self) -> float:
+        self.failures += 1
+        return self.rng.uniform(0.0, self.ceiling())
+
+    def reset(self) -> None:
+        self.failures = 0
+
+
+class Agent:
+    def __init__(self, cfg: AgentConfig, *, rng: random.Random | None = None) -> None:
+        self.cfg = cfg
+        self.server_url = cfg.check_server()
+        self.rng = rng or random.Random()
+        self.backoff = Backoff(
+            base=min(1.0, cfg.poll_seconds or 1.0), cap=cfg.backoff_cap_seconds, rng=self.rng
+        )
+        self.client = DeviceClient(self.server_url, cfg.data_dir)
+        self.store = SlotStore(cfg.data_dir)
+        self.device_id = ""
+        self.etag: str | None = None
+        self.desired: DesiredState | None = None
+        self.pending: dict[tuple[str | None, str], ActionStatus] = {}
+        self.stats: dict[str, Any] = {"checkins": 0, "not_modified": 0, "failures": 0}
+        self.api: OpenAIServer | None = None
+        self._stop = threading.Event()
+        self._serve_lock = threading.Lock()
+        self._served: Served | None = None
+        self._served_digest: str | None = None
+
+    # start / stop ----------------------------------------------------------------------------
+    def start(self) -> None:
+        """Recover slots, start serving, and check that a first start can enroll."""
+        cfg = self.cfg
+        for key in cfg.trusted_keys:
+            if not key.is_file():
+                raise ConfigError("trusted key file not found", where=key, hint="check the path")
+        cfg.data_dir.mkdir(parents=True, exist_ok=True)
+        if self.client.credential() is None and not cfg.enroll_token:
+            raise ConfigError(
+                "this device is not enrolled and no enrollment token was given",
+                where="--enroll-token",
+                hint="ask an operator: slmops server enrollment-token create",
+            )
+        self.device_id = cfg.resolved_device_id()
+        for action in self.store.recover().actions:
+            log.warning("slot recovery: %s", action)
+        try:
+            self.desired = DesiredState.model_validate_json(
+                (cfg.data_dir / DESIRED_FILE).read_bytes()
+            )
+        except (OSError, ValueError):
+            self.desired = None
+        self.api, _ = serve_in_thread(self.serving, cfg.api_host, cfg.api_port)
+        log.info("OpenAI API on http://%s:%d/v1", cfg.api_host, self.api.server_address[1])
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def close(self) -> None:
+        if self.api is not None:
+            self.api.shutdown()
+            self.api.server_close()
+        with self._serve_lock:
+            if self._served is not None:
+                self._served.runtime.close()
+                self._served = None
+        self.client.close()
+        self._write_status("stopped")
+
+    def run(self) -> None:
+        """Run until SIGTERM/SIGINT; the current step finishes, then everything closes."""
+
+        def _handler(signum: int, frame: FrameType | None) -> None:
+            log.info("signal %d: stopping", signum)
+            self._stop.set()
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, _handler)
+        self.start()
+        try:
+            while not self._stop.is_set():
+                try:
+                    delay = self.step()
+                except ConfigError:  # a first start that cannot enroll: bad input, exit 2
+                    raise
+                except Exception as exc:  # a bug or a full disk must not stop the serving
+                    log.exception("agent step failed")
+                    delay = self._failed(f"{type(exc).__name__}: {exc}", "error")
+                self._stop.wait(delay)
+        finally:
+            self.close()
+
+    # one step --------------------------------------------------------------------------------
+    def step(self) -> float:
+        """Enroll if needed, check in, apply a changed desired model; seconds until the next."""
+        try:
+            if self.client.credential() is None:
+                self._enroll()
+            try:
+                result = self._checkin()
+            except Rejected as exc:
+                if exc.status != 401 or not self.cfg.enroll_token:
+                    raise
+                log.warning("credential refused (%s); enrolling again", exc.message)
+                self._enroll()
+                result = self._checkin()
+        except Unreachable as exc:
+            return self._failed(exc.render(), "backoff")
+        except Rejected as exc:
+            return self._failed(exc.render(), "rejected")
+        if self.backoff.failures:
+            log.warning("server reachable again after %d failure(s)", self.backoff.failures)
+        self.backoff.reset()
+        if result is not None:
+            self._apply_if_needed(result)
+        self._write_status("ok")
+        poll = self.cfg.poll_seconds or (self.desired.poll_seconds if self.desired else 60.0)
+        return jittered(poll, self.rng)
+
+    def _failed(self, message: str, state: str) -> float:
+        if self.backoff.failures == 0:  # once per streak: a dead link must not flood the log
+            log.warning("check-in failed, backing off: %s", message)
+        self.stats["failures"] += 1
+        delay = self.backoff.next_delay()
+        self._write_status(state, error=message, retry_in=delay)
+        return delay
+
+    def _enroll(self) -> None:
+        token = self.cfg.enroll_token
+        if not token:
+            raise Rejected(401, "no credential and no enrollment token", hint="pass --enroll-token")
+        req = EnrollRequest(
+            enrollment_token=token, device_id=self.device_id, inventory=collect(self.cfg)
+        )
+        first = self.stats["checkins"] == 0 and self.client.credential() is None
+        try:
+            self.client.enroll(req)
+        except Rejected as exc:
+            # On a first start a refused token is bad input (exit 2): waiting will not fix it.
+            # Later (a revoked credential) the agent keeps serving and retries with backoff.
+            if first and exc.status in (401, 403, 422):
+                raise ConfigError(exc.message, where="--enroll-token", hint=exc.hint) from None
+            raise
+        log.info("enrolled as %s", self.device_id)
+
+    def _checkin(self) -> DesiredState | None:
+        active, previous = self.store.active(), self.store.previous()
+        sent = list(self.pending.values())[-64:]
+        body = CheckIn(
+            inventory=collect(self.cfg),
+            active=active[1] if active else None,
+            previous=previous[1] if previous else None,
+            actions=sent,
+        )
+        result = self.client.checkin(body, self.etag)
+        for st in sent:  # delivered; keep only what changed meanwhile
+            key = (st.rollout_id, st.version)
+            if self.pending.get(key) is st:
+                del self.pending[key]
+        self.stats["checkins"] += 1
+        self.etag = result.etag
+        if result.desired is None:
+            self.stats["not_modified"] += 1
+            return None
+        self.desired = result.desired
+        write_json_atomic(
+            self.cfg.data_dir / DESIRED_FILE, result.desired.model_dump(mode="json", by_alias=True)
+        )
+        return result.desired
+
+    def _report(self, status: ActionStatus) -> None:
+        self.pending[(status.rollout_id, status.version)] = status
+        log.info("action %s %s %s", status.version, status.state.value, status.detail)
+
+    def _apply_if_needed(self, desired: DesiredState) -> None:
+        """Install a new desired model; a failed apply is reported, and retried only when the
+        desired state changes or the agent restarts (no retry storm on a broken bundle)."""
+        want = desired.model
+        active = self.store.active()
+        if want is None or (active is not None and active[1].digest == want.manifest_digest):
+            return
+        from slmops.agent.fetch import RegistrySource  # heavy: only when there is work
+        from slmops.agent.install import Installer
+
+        threads = self.cfg.threads or self.cfg.model_cores or 2
+        try:
+            installer = Installer(self.cfg.data_dir, self.cfg.trusted_keys, threads=threads)
+            # the control plane's registry takes the device credential as a bearer token
+            source = RegistrySource(
+                self.server_url,
+                want.repository,
+                allow_http=self.cfg.allow_http,
+                token=self.client.credential(),
+            )
+        except Exception as exc:  # a bad key file or repository name: report, do not crash
+            self._report(
+                ActionStatus(
+                    rollout_id=want.rollout_id,
+                    version=want.version,
+                    state=S.FAILED,
+                    stage=S.DOWNLOADING,
+                    detail=f"cannot start the install: {exc}"[:2000],
+                )
+            )
+            return
+        try:
+            installer.apply(want, source, self._report)
+        finally:
+            source.close()
+
+    # serving ---------------------------------------------------------------------------------
+    def serving(self) -> Served | None:
+        """The API's provider: the active slot's runtime, loaded lazily, swapped on change."""
+        active = self.store.active()
+        defaults = self.desired.generation if self.desired else GenerationDefaults()
+        with self._serve_lock:
+            cur = self._served
+            if active is None:
+                return None
+            model: ActiveModel = active[1]
+            if cur is not None and self._served_digest == model.digest:
+                cur.defaults = defaults
+                return cur
+            from slmops.runtimes import open_runtime
+
+            threads = self.cfg.threads or self.cfg.model_cores or 2
+            try:
+                runtime: Runtime = open_runtime(active[0], threads=threads)
+            except Exception as exc:  # the client gets a clear 503, the agent keeps running
+                raise ApiError(
+                    503, f"the active model failed to load: {exc}", "unavailable"
+                ) from None
+            if cur is not None and self.api is not None:
+                with self.api.lock:  # no generation is running on the old runtime
+                    cur.runtime.close()
+            self._served = Served(runtime, f"{model.name}:{model.version}", defaults)
+            self._served_digest = model.digest
+            return self._served
+
+    # status ----------------------------------------------------------------------------------
+    def _write_status(self, state: str, **extra: Any) -> None:
+        active = self.store.active()
+        doc = {
+            "state": state,
+            "device_id": self.device_id,
+            "time": time.time(),
+            "backoff_failures": self.backoff.failures,
+            "active": active[1].model_dump(mode="json") if active else None,
+            "api_port": self.api.server_address[1] if self.api else None,
+            **self.stats,
+            **extra,
+        }
+        try:
+            write_json_atomic(self.cfg.data_dir / STATUS_FILE, doc)
+        except OSError as exc:
+            log.debug("cannot write the status file: %s", exc)
