@@ -127,4 +127,5 @@ class Rollout(Base):
     updated_at: Mapped[datetime] = mapped_column(Tz, default=utcnow)
 
 
+from slmops.server import blueprints_table as _blueprints_table  # noqa: E402, F401
 from slmops.server.registry import tables as _registry_tables  # noqa: E402, F401  (Base.metadata)

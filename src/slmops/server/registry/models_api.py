@@ -230,7 +230,12 @@ def _channel_public(name: str, ch: RegistryChannel, digest: str) -> ChannelPubli
 
 @router.put("/{name:path}/channels/{channel}")
 def set_channel(
-    name: str, channel: str, body: ChannelSet, session: SessionDep, caller: OperatorDep
+    name: str,
+    channel: str,
+    body: ChannelSet,
+    session: SessionDep,
+    settings: SettingsDep,
+    caller: OperatorDep,
 ) -> ChannelPublic:
     """Point a channel at a pushed version; refused when that version does not exist."""
     if not re.fullmatch(r"[a-z0-9][a-z0-9._-]{0,63}", channel):
@@ -250,6 +255,10 @@ def set_channel(
     ch.version, ch.updated_at = body.version, utcnow()
     session.add(ch)
     session.commit()
+    # Devices whose blueprint follows this channel move now, not only at their next check-in.
+    from slmops.server.desired import refresh_fleet  # desired imports this module
+
+    refresh_fleet(session, BlobStore(settings.data_dir), poll_seconds=settings.poll_seconds)
     return _channel_public(name, ch, tag.digest)
 
 

@@ -1,15 +1,16 @@
 """POST /device/v1/checkin: the agent reports, the server answers with its desired state.
 
 Every check-in records inventory, labels, last_seen, the active and previous models and the
-action statuses, even when the answer is 304. The desired state carries an ETag computed from
-its canonical JSON on each request (nothing cached per process); ``If-None-Match`` with the
-current ETag gets 304 and no body, so an idle fleet polls cheaply.
+action statuses, even when the answer is 304. The desired state is then recomputed from the
+governing blueprint (``server/desired.py``) on every check-in rather than only when the
+inventory or labels changed: it is a few small reads, and it cannot miss a change (labels,
+inventory, a channel moved) that happened since. It carries an ETag computed from its canonical
+JSON on each request (nothing cached per process); ``If-None-Match`` with the current ETag gets
+304 and no body, so an idle fleet polls cheaply.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Response
@@ -20,19 +21,17 @@ from slmops.protocol.device import ActionStatus, CheckIn, DesiredState
 from slmops.server.api.deps import DeviceDep, SessionDep, SettingsDep
 from slmops.server.api.device.enroll import check_schema
 from slmops.server.db.models import Device, DeviceAction, utcnow
+from slmops.server.desired import Refresher, canonical, etag_of
+from slmops.server.registry.store import BlobStore
 
 router = APIRouter(tags=["device"])
 
 
 def desired_document(device: Device, *, poll_seconds: float) -> DesiredState:
-    """The stored desired state (written by rollouts), or "keep what runs" when there is none."""
+    """The stored desired state (from blueprints or rollouts), or "keep what runs" when there is none."""
     if device.desired:
         return DesiredState.model_validate(device.desired)
     return DesiredState(device_id=device.device_id, poll_seconds=poll_seconds)
-
-
-def etag_of(body: bytes) -> str:
-    return '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
 
 
 def etag_matches(header: str | None, etag: str) -> bool:
@@ -88,10 +87,10 @@ def check_in(
     device.previous = body.previous.model_dump(mode="json") if body.previous else None
     record_actions(session, device.device_id, body.actions)
 
+    refresher = Refresher(session, BlobStore(settings.data_dir), poll_seconds=settings.poll_seconds)
+    refresher.refresh(device)
     doc = desired_document(device, poll_seconds=settings.poll_seconds)
-    payload = json.dumps(
-        doc.model_dump(mode="json", by_alias=True), sort_keys=True, separators=(",", ":")
-    ).encode()
+    payload = canonical(doc)
     etag = etag_of(payload)
     if device.desired_etag != etag:
         device.desired_etag = etag

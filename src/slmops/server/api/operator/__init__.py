@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from slmops.server.api.operator import devices, enrollment, tokens
+from slmops.server.api.operator import blueprints, devices, enrollment, tokens
 
 router = APIRouter(prefix="/api/v1")
+router.include_router(blueprints.router)
 router.include_router(devices.router)
 router.include_router(enrollment.router)
 router.include_router(tokens.router)

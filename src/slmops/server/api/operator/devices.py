@@ -17,10 +17,19 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from slmops.core.config import StrictModel
-from slmops.server.api.deps import LabelKey, Labels, OperatorDep, SessionDep, ViewerDep
+from slmops.server.api.deps import (
+    LabelKey,
+    Labels,
+    OperatorDep,
+    SessionDep,
+    SettingsDep,
+    ViewerDep,
+)
 from slmops.server.db import find_device
 from slmops.server.db.models import Device, DeviceAction, as_utc
+from slmops.server.desired import Refresher
 from slmops.server.errors import api_error
+from slmops.server.registry.store import BlobStore
 
 router = APIRouter(prefix="/devices", tags=["devices"])
 
@@ -172,11 +181,19 @@ def read_device(device_id: str, session: SessionDep, _caller: ViewerDep) -> Devi
 
 @router.patch("/{device_id}/labels")
 def update_device_labels(
-    device_id: str, body: LabelsUpdate, session: SessionDep, _caller: OperatorDep
+    device_id: str,
+    body: LabelsUpdate,
+    session: SessionDep,
+    settings: SettingsDep,
+    _caller: OperatorDep,
 ) -> DevicePublic:
     device = _get_or_404(session, device_id)
     labels = {k: v for k, v in (device.operator_labels or {}).items() if k not in body.remove}
     labels.update(body.set)
     device.operator_labels = labels
+    # New labels may put the device under another blueprint: show the result now.
+    Refresher(session, BlobStore(settings.data_dir), poll_seconds=settings.poll_seconds).refresh(
+        device
+    )
     session.commit()
     return DevicePublic.of(device, _actions(session, device_id))

@@ -1,0 +1,208 @@
+"""Blueprints end to end: a real `slmops server run` on SQLite, a real bundle pushed to its
+registry, devices enrolled and checking in, and `slmops apply -f` as an operator runs it.
+
+The bundle comes from `build_bundle` over fabricated inputs (fake weights, a hand-made report),
+so its variant configs are real VariantDescriptors: q8 (selected for profile `pi`) and q4 in
+GGUF, int4 and int8 in ONNX, each needing about 400 MiB of RAM.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+from test_server_api import Server, _server, credential, enrollment_token, inventory, make_token
+
+from slmops.bundle.build import build_bundle
+from slmops.bundle.registry import push
+from slmops.protocol.device import DesiredState
+
+MAIN = [sys.executable, "-m", "slmops.cli.main"]
+MODEL = "assistant"
+FITS = {"runtimes": ["gguf"], "model_ram_bytes": 2 << 30, "profile": "pi"}
+TOO_SMALL = {"runtimes": ["gguf"], "model_ram_bytes": 100 << 20, "profile": None}
+
+
+def _make_inputs() -> Any:
+    path = Path(__file__).parents[1] / "bundle" / "test_bundle_build.py"
+    spec = importlib.util.spec_from_file_location("_bundle_build_factories", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module.make_inputs
+
+
+make_inputs = _make_inputs()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    yield from _server(tmp_path_factory)
+
+
+def push_version(server: Server, root: Path, version: str, names: list[str] | None = None) -> str:
+    variants, report = make_inputs(root / "in", names)
+    built = build_bundle(variants, report, name=MODEL, version=version, out=root / "bundle")
+    address = server.url.removeprefix("http://")
+    push(built.path, f"oci://{address}/{MODEL}:{version}", token=server.admin)
+    return built.digest
+
+
+def apply(server: Server, path: Path, token: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*MAIN, "apply", "-f", str(path), "--server", server.url, "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**_env(), "SLMOPS_TOKEN": token},
+        check=False,
+    )
+
+
+def _env() -> dict[str, str]:
+    """The test's environment without a token or server of the caller's leaking in."""
+    return {k: v for k, v in os.environ.items() if k not in ("SLMOPS_TOKEN", "SLMOPS_SERVER")}
+
+
+def blueprint(name: str, selector: dict[str, str], model: dict[str, str]) -> dict[str, Any]:
+    return {
+        "apiVersion": "slmops/v1",
+        "kind": "Blueprint",
+        "metadata": {"name": name},
+        "spec": {
+            "selector": selector,
+            "model": model,
+            "generation": {"temperature": 0.2},
+            "devices": {"bp-1": {"max_tokens": 64}},
+        },
+    }
+
+
+def write(path: Path, doc: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def check_in(server: Server, cred: str, inv: dict[str, Any], etag: str | None = None) -> Any:
+    headers = {"Authorization": f"Bearer {cred}"}
+    if etag:
+        headers["If-None-Match"] = etag
+    return httpx.post(
+        server.url + "/device/v1/checkin", json={"inventory": inv}, headers=headers, timeout=10
+    )
+
+
+def test_apply_resolves_variants_generation_and_channels(server: Server, tmp_path: Path) -> None:
+    digest = push_version(server, tmp_path / "v1", "1.0.0")
+    enroll = enrollment_token(server, {"fleet": "bp"})
+    inv1 = inventory(**FITS, labels={"site": "a"})
+    inv2 = inventory(**TOO_SMALL, labels={"site": "b"})
+    inv3 = inventory(**FITS, labels={"ring": "canary"})
+    cred1 = credential(server, enroll, "bp-1", **FITS, labels={"site": "a"})
+    cred2 = credential(server, enroll, "bp-2", **TOO_SMALL, labels={"site": "b"})
+    cred3 = credential(server, enroll, "bp-3", **FITS, labels={"ring": "canary"})
+    before = check_in(server, cred1, inv1)
+    assert before.status_code == 200 and before.json()["model"] is None
+
+    operator = make_token(server, "operator")
+    doc = blueprint("fleet-bp", {"fleet": "bp"}, {"name": MODEL, "version": "1.0.0"})
+    res = apply(server, write(tmp_path / "bp.yaml", doc), operator)
+    assert res.returncode == 0, res.stdout + res.stderr
+    applied = json.loads(res.stdout)
+    assert applied["changed"] is True and applied["generation"] == 1 and applied["devices"] == 3
+
+    first = check_in(server, cred1, inv1, before.headers["etag"])
+    assert first.status_code == 200 and first.headers["etag"] != before.headers["etag"]
+    desired = DesiredState.model_validate(first.json())
+    assert desired.model is not None and desired.unplaceable is None
+    assert (desired.model.name, desired.model.version, desired.model.variant) == (
+        MODEL,
+        "1.0.0",
+        "q8",
+    )
+    assert desired.model.bundle_digest == digest and desired.model.repository == MODEL
+    assert desired.model.manifest_digest.startswith("sha256:")
+    assert desired.generation.temperature == 0.2 and desired.generation.max_tokens == 64
+
+    small = DesiredState.model_validate(check_in(server, cred2, inv2).json())
+    assert small.model is None and small.unplaceable and "no variant fits" in small.unplaceable
+    assert small.generation.max_tokens == 256  # the device override is bp-1's only
+
+    again = apply(server, tmp_path / "bp.yaml", operator)
+    assert again.returncode == 0 and json.loads(again.stdout)["changed"] is False
+    assert check_in(server, cred1, inv1, first.headers["etag"]).status_code == 304
+
+    # Channel-based and more specific: bp-3 follows it, and moves when the channel does.
+    with server.client(operator) as c:
+        assert c.put(
+            f"/api/v1/models/{MODEL}/channels/stable", json={"version": "1.0.0"}
+        ).is_success
+    chan = blueprint(
+        "canary", {"fleet": "bp", "ring": "canary"}, {"name": MODEL, "channel": "stable"}
+    )
+    assert apply(server, write(tmp_path / "canary.yaml", chan), operator).returncode == 0
+    push_version(server, tmp_path / "v2", "1.1.0", ["q4"])
+    with server.client(operator) as c:
+        assert c.put(
+            f"/api/v1/models/{MODEL}/channels/stable", json={"version": "1.1.0"}
+        ).is_success
+        assert c.get("/api/v1/devices/bp-3").json()["desired"]["model"]["version"] == "1.1.0"
+    moved = DesiredState.model_validate(check_in(server, cred3, inv3).json())
+    assert moved.model is not None and (moved.model.version, moved.model.variant) == ("1.1.0", "q4")
+    still = DesiredState.model_validate(check_in(server, cred1, inv1).json())
+    assert still.model is not None and still.model.version == "1.0.0"
+
+    listed = subprocess.run(
+        [*MAIN, "get", "blueprints", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**_env(), "SLMOPS_SERVER": server.url, "SLMOPS_TOKEN": operator},
+        check=False,
+    )
+    assert listed.returncode == 0, listed.stderr
+    assert [b["name"] for b in json.loads(listed.stdout)["data"]] == ["canary", "fleet-bp"]
+
+    with server.client(operator) as c:  # deleting releases bp-3 to the fleet blueprint
+        assert c.delete("/api/v1/blueprints/canary").status_code == 204
+        assert c.get("/api/v1/devices/bp-3").json()["desired"]["model"]["version"] == "1.0.0"
+        assert c.get("/api/v1/blueprints/canary").status_code == 404
+        # An operator label moving a device out of every selector releases it at once.
+        r = c.patch("/api/v1/devices/bp-1/labels", json={"set": {"fleet": "elsewhere"}})
+        assert r.status_code == 200 and r.json()["desired"]["model"] is None
+        r = c.patch("/api/v1/devices/bp-1/labels", json={"set": {"fleet": "bp"}})
+        assert r.json()["desired"]["model"]["variant"] == "q8"
+
+
+def test_bad_blueprints_and_roles_are_refused(server: Server, tmp_path: Path) -> None:
+    doc = blueprint("bad", {}, {"name": MODEL, "version": "1.0.0"})
+    doc["spec"]["modle"] = {"name": MODEL}
+    path = write(tmp_path / "bad.yaml", doc)
+    res = apply(server, path, make_token(server, "operator"))
+    assert res.returncode == 2
+    err = json.loads(res.stdout)
+    assert "bad.yaml" in err["where"] and "modle" in err["where"] + err["message"]
+
+    good = write(tmp_path / "good.yaml", blueprint("good", {}, {"name": MODEL, "version": "1"}))
+    viewer = make_token(server, "viewer")
+    res = apply(server, good, viewer)
+    assert res.returncode == 2 and "403" in json.loads(res.stdout)["message"]
+    with server.client(viewer) as c:
+        assert (
+            c.put("/api/v1/blueprints/good", json=yaml.safe_load(good.read_text())).status_code
+            == 403
+        )
+        assert c.get("/api/v1/blueprints").status_code == 200
+    with server.client(make_token(server, "operator")) as c:
+        r = c.put("/api/v1/blueprints/bad", json=doc)
+        assert r.status_code == 422 and r.json()["error"]["where"] == "body.spec.modle"
