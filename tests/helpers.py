@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -34,3 +35,10 @@ def run_pass_in(
 ) -> tuple[PassResult, Path]:
     out = tmp_path / "out"
     return run_pass(name, options, src, out), out
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (servers under test bind it next)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

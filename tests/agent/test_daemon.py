@@ -12,7 +12,6 @@ import json
 import os
 import random
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -25,6 +24,7 @@ import httpx
 import psutil
 import pytest
 
+from helpers import free_port
 from slmops.agent.config import hostname_device_id, load_config
 from slmops.agent.daemon import Backoff, jittered
 from slmops.agent.inventory import collect
@@ -33,13 +33,6 @@ from slmops.protocol.device import DesiredState
 
 SERVER_CLI = [sys.executable, "-m", "slmops.cli.server"]
 AGENT_CLI = [sys.executable, "-m", "slmops.cli.agent"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def cli_json(*args: str | Path) -> dict[str, Any]:

@@ -7,9 +7,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,11 +15,11 @@ from typing import Any
 
 import httpx
 import pytest
+from test_server_api import _server
 
 from slmops.bundle.media import MT_MANIFEST
 from slmops.bundle.registry import pull, push
 
-CLI = [sys.executable, "-m", "slmops.cli.server"]
 REPO = "models/demo"
 
 
@@ -58,37 +56,9 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    data = tmp_path_factory.mktemp("registry-server")
-    res = subprocess.run(
-        [*CLI, "token", "create", "--data", str(data), "--role", "admin", "--json"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    admin = json.loads(res.stdout)["token"]
-    port = helpers.free_port()
-    log = (data / "server.log").open("w")
-    proc = subprocess.Popen(
-        [*CLI, "run", "--data", str(data), "--port", str(port)], stdout=log, stderr=log
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(url + "/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("server did not start: " + (data / "server.log").read_text())
-            time.sleep(0.1)
-        yield Server(url, f"127.0.0.1:{port}", data, admin)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=15)
-        log.close()
+    """The server suite's own `slmops server run` subprocess (SQLite), seen as a registry."""
+    for base in _server(tmp_path_factory):
+        yield Server(base.url, base.url.removeprefix("http://"), base.data, base.admin)
 
 
 def token(server: Server, role: str) -> str:

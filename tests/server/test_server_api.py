@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ from typing import Any
 import httpx
 import pytest
 
+from helpers import free_port
 from slmops.protocol.device import DesiredState, EnrollResponse
 from slmops.server.db import create_enrollment_token, find_device
 from slmops.server.db.models import utcnow
@@ -45,13 +45,6 @@ def cli_json(*args: str | Path) -> dict[str, Any]:
     assert res.returncode == 0, res.stderr + res.stdout
     doc: dict[str, Any] = json.loads(res.stdout)
     return doc
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @dataclass
