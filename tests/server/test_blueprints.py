@@ -84,6 +84,8 @@ def blueprint(name: str, selector: dict[str, str], model: dict[str, str]) -> dic
             "model": model,
             "generation": {"temperature": 0.2},
             "devices": {"bp-1": {"max_tokens": 64}},
+            # one wave, no soak: every matching device is moved when the apply starts it
+            "rollout": {"waves": [{"percent": 100}], "gates": {"min_soak_seconds": 0}},
         },
     }
 

@@ -241,15 +241,39 @@ class Agent:
         return result.desired
 
     def _report(self, status: ActionStatus) -> None:
-        self.pending[(status.rollout_id, status.version)] = status
+        """Queue a status for the next check-in and, for a rollout, post it now (best effort)
+        so operators see downloading/verifying/... while the install runs."""
+        key = (status.rollout_id, status.version)
+        self.pending[key] = status
         log.info("action %s %s %s", status.version, status.state.value, status.detail)
+        if status.rollout_id is None or self.client.credential() is None:
+            return
+        try:
+            self.client.report_actions([status])
+        except (Unreachable, Rejected) as exc:
+            log.debug("progress report not delivered (kept for the next check-in): %s", exc)
+            return
+        if self.pending.get(key) is status:
+            del self.pending[key]
 
     def _apply_if_needed(self, desired: DesiredState) -> None:
         """Install a new desired model; a failed apply is reported, and retried only when the
         desired state changes or the agent restarts (no retry storm on a broken bundle)."""
         want = desired.model
         active = self.store.active()
-        if want is None or (active is not None and active[1].digest == want.manifest_digest):
+        if want is None:
+            return
+        if active is not None and active[1].digest == want.manifest_digest:
+            if want.rollout_id:  # e.g. told to revert to what it kept serving after a failure
+                done = S.ROLLED_BACK if want.revert else S.ACTIVE
+                self._report(
+                    ActionStatus(
+                        rollout_id=want.rollout_id,
+                        version=want.version,
+                        state=done,
+                        detail=f"already running {want.name}:{want.version} ({want.variant})",
+                    )
+                )
             return
         from slmops.agent.fetch import RegistrySource  # heavy: only when there is work
         from slmops.agent.install import Installer

@@ -82,11 +82,13 @@ class Installer:
             report(st)
             return st
 
+        # a revert the control plane ordered ends in rolled-back, whichever way it was reached
+        done = S.ROLLED_BACK if desired.revert else S.ACTIVE
         stage = S.SCHEDULED
         try:
             current, kept = self.store.active(), self.store.previous()
             if current is not None and current[1].digest == desired.manifest_digest:
-                return status(S.ACTIVE, detail="already active")
+                return status(done, detail="already active")
             if desired.revert and kept is not None and kept[1].digest == desired.manifest_digest:
                 return self.revert(report, rollout_id=desired.rollout_id)
             stage = S.DOWNLOADING
@@ -134,7 +136,7 @@ class Installer:
             actions = "; ".join(self.store.recover().actions)
             return status(S.ROLLED_BACK, S.HEALTH_CHECKING, f"post-switch check: {actions}")
         shutil.rmtree(staging, ignore_errors=True)
-        return status(S.ACTIVE, detail=self.last_health.detail if self.last_health else "")
+        return status(done, detail=self.last_health.detail if self.last_health else "")
 
     def revert(self, report: Report, *, rollout_id: str | None = None) -> ActionStatus:
         """Control-plane rollback: swap back to the kept previous model instantly."""

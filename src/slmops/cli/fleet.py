@@ -28,7 +28,7 @@ TokenOpt = Annotated[
 get_app = typer.Typer(help="List control-plane resources.", no_args_is_help=True)
 
 
-def _call(method: str, server: str, path: str, token: str, body: Any = None) -> dict[str, Any]:
+def call(method: str, server: str, path: str, token: str, body: Any = None) -> dict[str, Any]:
     """One API call; the error envelope becomes a SlmopsError (exit 2 for 4xx, else 1)."""
     url = server.rstrip("/") + path
     try:
@@ -65,7 +65,7 @@ def apply_command(
     def go() -> dict[str, Any]:
         bp = Blueprint.from_file(file)
         doc = bp.model_dump(mode="json", exclude_none=True)
-        return _call("PUT", server, f"/api/v1/blueprints/{bp.metadata.name}", token, doc)
+        return call("PUT", server, f"/api/v1/blueprints/{bp.metadata.name}", token, doc)
 
     result = run_command(as_json, go)
     if as_json:
@@ -76,12 +76,18 @@ def apply_command(
         f"blueprint/{result['name']} {state} (generation {result['generation']}, "
         f"{result['devices']} device(s))"
     )
+    if result.get("rollout"):
+        rid = result["rollout"]
+        out_console.print(
+            f"rollout/{rid} created: follow it with [bold]slmops rollout get {rid}[/] or "
+            f"[bold]slmops rollout wait {rid}[/]"
+        )
 
 
 @get_app.command("blueprints")
 def get_blueprints_command(server: ServerOpt, token: TokenOpt, as_json: JsonOpt = False) -> None:
     """List the applied blueprints."""
-    result = run_command(as_json, lambda: _call("GET", server, "/api/v1/blueprints", token))
+    result = run_command(as_json, lambda: call("GET", server, "/api/v1/blueprints", token))
     if as_json:
         emit_json(result)
         return

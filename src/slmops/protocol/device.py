@@ -60,6 +60,12 @@ class ActionStatus(StrictModel):
     detail: str = Field("", max_length=2000)
 
 
+class ActionReport(StrictModel):
+    """Install progress posted between check-ins (POST /device/v1/actions)."""
+
+    actions: list[ActionStatus] = Field(min_length=1, max_length=64)
+
+
 class CheckIn(StrictModel):
     schema_: str = Field(PROTOCOL_VERSION, alias="schema")
     inventory: Inventory

@@ -22,6 +22,8 @@ from slmops.server.api import device, operator
 from slmops.server.db.session import open_database
 from slmops.server.errors import envelope, install_error_handlers
 from slmops.server.registry.api import router as registry_router
+from slmops.server.registry.store import BlobStore
+from slmops.server.rollouts import Ticker
 from slmops.server.settings import ServerSettings, load_settings
 
 
@@ -36,9 +38,17 @@ def create_app(settings: ServerSettings) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         db = open_database(settings)
         app.state.db = db
+        ticker = Ticker(
+            db,
+            BlobStore(settings.data_dir),
+            poll_seconds=settings.poll_seconds,
+            interval=settings.rollout_tick_seconds,
+        )
+        ticker.start()
         try:
             yield
         finally:
+            ticker.stop()
             db.dispose()
 
     app = FastAPI(

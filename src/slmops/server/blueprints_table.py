@@ -2,7 +2,9 @@
 
 Only the spec is stored (the name is the key, apiVersion and kind are constant), as JSON so
 the document round-trips exactly; ``generation`` counts the applies that changed it, so an
-operator (and later rollouts) can tell which revision a device's desired state came from.
+operator can tell which revision a device's desired state came from. ``stable_version`` is the
+version the blueprint's devices run outside a rollout: it moves only when a rollout succeeds
+(``server/rollouts.py``), so a rolled-back or aborted version never reaches new devices.
 """
 
 from __future__ import annotations
@@ -23,5 +25,6 @@ class BlueprintRow(Base):
     name: Mapped[str] = mapped_column(String(63), unique=True, index=True)
     spec: Mapped[dict[str, Any]] = mapped_column(JSON)
     generation: Mapped[int] = mapped_column(Integer, default=1)
+    stable_version: Mapped[str | None] = mapped_column(String(64), nullable=True)
     created_at: Mapped[datetime] = mapped_column(Tz, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(Tz, default=utcnow)

@@ -1,16 +1,20 @@
-"""Desired state from blueprints: which model version and variant each device should run.
+"""Desired state from blueprints and rollouts: which version and variant each device should run.
 
 For a device, the governing blueprint is the one whose selector matches its effective labels
 (reported, overridden by operator labels). When several match, the most specific selector
 (most keys) wins and ties go to the first name in alphabetical order, so the answer never
-depends on the order blueprints were applied. The blueprint's model is resolved to a version
-(pinned, or the channel's current version), the version's bundle index is read from the
-registry store, and ``resolve_variant`` picks a variant for the device's inventory; when none
-fits, the device gets ``model=None`` (keep what runs) and the reason in ``unplaceable``.
+depends on the order blueprints were applied.
 
-No rollout waves yet: a change moves every matching device at once. Devices no blueprint
-governs keep whatever desired state a rollout wrote, but one a blueprint wrote (a model without a
-rollout id, or an ``unplaceable`` reason) is reset to "keep what runs".
+Which *version* the device should run is the blueprint's rollout plan (``plan_for``): a device
+the blueprint's latest rollout has moved gets its target (or, once reverted, the version it had
+before); a device still queued keeps what it runs; any other device gets the blueprint's stable
+version (the last version a rollout brought to completion). The version's bundle index is read
+from the registry store, and ``resolve_variant`` picks a variant for the device's inventory;
+when none fits, the device keeps what it runs and gets the reason in ``unplaceable``.
+
+So a blueprint change never moves devices by itself: it creates a rollout (``server/rollouts``),
+and only the rollout's assignments change what devices are told. Everything here is computed
+from stored rows, so any API process gives the same answer.
 
 The upper half is pure (shared by tests); the lower half reads the database and the store.
 """
@@ -21,7 +25,6 @@ import hashlib
 import json
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any
 
 from pydantic import ValidationError
 from sqlalchemy import select
@@ -31,10 +34,11 @@ from slmops.protocol.bundle import VariantDescriptor
 from slmops.protocol.device import DesiredModel, DesiredState, Inventory
 from slmops.server.blueprint import Blueprint, ModelRef, effective_generation, matches
 from slmops.server.blueprints_table import BlueprintRow
-from slmops.server.db.models import Device
+from slmops.server.db.models import Device, Rollout
 from slmops.server.registry.store import BlobStore
 from slmops.server.registry.tables import RegistryChannel, RegistryTag
 from slmops.server.resolve import resolve_variant
+from slmops.server.rollout import RolloutState
 
 
 @dataclass(frozen=True)
@@ -53,18 +57,52 @@ def governing(blueprints: list[Blueprint], labels: dict[str, str]) -> Blueprint 
     return min(fitting, key=lambda b: (-len(b.spec.selector), b.metadata.name), default=None)
 
 
+@dataclass(frozen=True)
+class Plan:
+    """The version a device should run under its blueprint, and the rollout that says so."""
+
+    version: str | None  # None: keep what runs
+    rollout_id: str | None = None
+    revert: bool = False
+    known: bool = False  # the rollout has this device (moved, queued or skipped)
+
+
+def plan_for(device_id: str, stable: str | None, rollout: RolloutState | None) -> Plan:
+    """What the blueprint's latest rollout (or else its stable version) means for one device.
+
+    Moved devices get the target, reverted ones the version they had before (``revert``), queued
+    ones keep what they ran when matched (``from_version``; None: no model), skipped ones (already
+    on the target) the target; a device the rollout never matched gets the stable version.
+    """
+    record = rollout.devices.get(device_id) if rollout is not None else None
+    if rollout is None or record is None:
+        return Plan(stable)
+    rid = rollout.rollout_id
+    if record.skipped:
+        return Plan(rollout.target_version, known=True)
+    if record.reverted_at is not None:
+        return Plan(record.from_version, rid, revert=True, known=True)
+    if record.wave is not None:
+        return Plan(rollout.target_version, rid, known=True)
+    return Plan(record.from_version, known=True)
+
+
 def desired_for(
     device_id: str,
     inventory: Inventory | None,
     labels: dict[str, str],
     bp: Blueprint,
-    target: Target | str,
+    target: Target | str | None,
     *,
     poll_seconds: float,
+    plan: Plan | None = None,
 ) -> DesiredState:
-    """The desired state under ``bp``; ``target`` is the resolved version or why there is none."""
+    """The desired state under ``bp``; ``target`` is the resolved version, why there is none,
+    or None (keep what runs); ``plan`` adds the rollout id and revert flag to the model."""
     generation = effective_generation(bp, device_id, labels)
     base = DesiredState(device_id=device_id, generation=generation, poll_seconds=poll_seconds)
+    if target is None:
+        return base
     if isinstance(target, str):
         return base.model_copy(update={"unplaceable": target})
     if inventory is None:
@@ -80,6 +118,8 @@ def desired_for(
         bundle_digest=target.bundle_digest,
         manifest_digest=manifest,
         repository=target.name,
+        rollout_id=plan.rollout_id if plan else None,
+        revert=plan.revert if plan else False,
     )
     return base.model_copy(update={"model": model})
 
@@ -109,20 +149,28 @@ def load_blueprints(session: Session) -> list[Blueprint]:
     return [to_blueprint(r) for r in session.scalars(select(BlueprintRow))]
 
 
+def resolve_version(session: Session, ref: ModelRef) -> str:
+    """The version ``ref`` pins or its channel points at; ``LookupError`` says why there is none."""
+    if ref.version is not None:
+        return ref.version
+    channel = session.scalar(
+        select(RegistryChannel).where(
+            RegistryChannel.repository == ref.name, RegistryChannel.channel == ref.channel
+        )
+    )
+    if channel is None:
+        raise LookupError(f"model {ref.name!r} has no channel {ref.channel!r}")
+    return channel.version
+
+
 def resolve_target(session: Session, store: BlobStore, ref: ModelRef) -> Target | str:
     """The pushed version ``ref`` names, or a sentence saying why it cannot be resolved."""
     from slmops.server.registry.models_api import describe  # models_api imports this module
 
-    version = ref.version
-    if version is None:
-        channel = session.scalar(
-            select(RegistryChannel).where(
-                RegistryChannel.repository == ref.name, RegistryChannel.channel == ref.channel
-            )
-        )
-        if channel is None:
-            return f"model {ref.name!r} has no channel {ref.channel!r}"
-        version = channel.version
+    try:
+        version = resolve_version(session, ref)
+    except LookupError as exc:
+        return str(exc)
     tag = session.scalar(
         select(RegistryTag).where(RegistryTag.repository == ref.name, RegistryTag.tag == version)
     )
@@ -144,79 +192,120 @@ def store_desired(device: Device, doc: DesiredState) -> str:
     return etag
 
 
-def _inventory(device: Device) -> Inventory | None:
+def inventory_of(device: Device) -> Inventory | None:
     try:
         return Inventory.model_validate(device.inventory) if device.inventory else None
     except ValidationError:
         return None
 
 
-def _from_blueprint(desired: dict[str, Any] | None) -> bool:
-    """Whether a stored desired state was written here: blueprints set a model without a
-    rollout id, or an ``unplaceable`` reason; rollouts always set their id."""
-    if not desired:
-        return False
-    model = desired.get("model")
-    return bool(desired.get("unplaceable")) or bool(model and not model.get("rollout_id"))
+def current_version(device: Device, model: str) -> str | None:
+    """The version of ``model`` the device reported active, or None (none, or another model)."""
+    active = device.active or {}
+    return str(active["version"]) if active.get("name") == model and active.get("version") else None
+
+
+def latest_rollout(session: Session, blueprint: str) -> Rollout | None:
+    return session.scalar(
+        select(Rollout).where(Rollout.blueprint == blueprint).order_by(Rollout.seq.desc()).limit(1)
+    )
 
 
 class Refresher:
-    """Recomputes devices against one snapshot of blueprints; each version is resolved once."""
+    """Recomputes devices against one snapshot of blueprints and rollouts; each version is
+    resolved and each rollout parsed once per snapshot."""
 
     def __init__(self, session: Session, store: BlobStore, *, poll_seconds: float) -> None:
         self.session, self.store, self.poll_seconds = session, store, poll_seconds
-        self.blueprints = load_blueprints(session)
-        self._targets: dict[str, Target | str] = {}
+        rows = list(session.scalars(select(BlueprintRow)))
+        self.blueprints = [to_blueprint(r) for r in rows]
+        self.stable = {r.name: r.stable_version for r in rows}
+        self._targets: dict[tuple[str, str], Target | str] = {}
+        self._rollouts: dict[str, RolloutState | None] = {}
 
-    def target(self, bp: Blueprint) -> Target | str:
-        key = bp.spec.model.model_dump_json()
+    def target(self, name: str, version: str) -> Target | str:
+        key = (name, version)
         if key not in self._targets:
-            self._targets[key] = resolve_target(self.session, self.store, bp.spec.model)
+            ref = ModelRef(name=name, version=version)
+            self._targets[key] = resolve_target(self.session, self.store, ref)
         return self._targets[key]
 
-    def refresh(self, device: Device, released: Blueprint | None = None) -> Blueprint | None:
-        """Recompute one device; returns its governing blueprint (None: left as it was).
+    def spec_target(self, bp: Blueprint) -> Target | str:
+        try:
+            version = resolve_version(self.session, bp.spec.model)
+        except LookupError as exc:
+            return str(exc)
+        return self.target(bp.spec.model.name, version)
 
-        A device nothing governs now is reset to "keep what runs" when its stored state came
-        from a blueprint, or when ``released`` (a blueprint's previous revision) matched it,
-        instead of keeping a stale model; a state a rollout wrote is left alone.
-        """
-        labels = device.effective_labels
-        bp = governing(self.blueprints, labels)
-        if bp is not None:
-            doc = desired_for(
-                device.device_id,
-                _inventory(device),
-                labels,
-                bp,
-                self.target(bp),
-                poll_seconds=self.poll_seconds,
-            )
-            store_desired(device, doc)
-        elif _from_blueprint(device.desired) or (
-            released is not None and matches(released.spec.selector, labels)
-        ):
-            store_desired(
-                device, DesiredState(device_id=device.device_id, poll_seconds=self.poll_seconds)
-            )
+    def rollout(self, bp: Blueprint) -> RolloutState | None:
+        name = bp.metadata.name
+        if name not in self._rollouts:
+            row = latest_rollout(self.session, name)
+            self._rollouts[name] = RolloutState.from_json(row.state_json) if row else None
+        return self._rollouts[name]
+
+    def governing(self, device: Device) -> Blueprint | None:
+        return governing(self.blueprints, device.effective_labels)
+
+    def desired(self, device: Device, bp: Blueprint) -> DesiredState:
+        labels, inv = device.effective_labels, inventory_of(device)
+        rollout = self.rollout(bp)
+        plan = plan_for(device.device_id, self.stable.get(bp.metadata.name), rollout)
+        target: Target | str | None
+        if plan.version is not None:
+            target = self.target(bp.spec.model.name, plan.version)
+        elif rollout is None:  # the spec's version cannot be resolved, so no rollout exists
+            target = self.spec_target(bp)
+        else:
+            target = None  # queued with nothing before the rollout: keep what runs
+        doc = desired_for(
+            device.device_id, inv, labels, bp, target, poll_seconds=self.poll_seconds, plan=plan
+        )
+        if not plan.known and rollout is not None and not rollout.status.is_terminal:
+            why = self.misfit(device, rollout.target_version, bp)
+            if why:  # the rollout cannot place it: say so, and keep the stable version
+                doc = doc.model_copy(update={"unplaceable": why})
+        return doc
+
+    def misfit(self, device: Device, version: str, bp: Blueprint) -> str | None:
+        """Why ``version`` of the blueprint's model cannot be placed on the device, or None."""
+        target = self.target(bp.spec.model.name, version)
+        if isinstance(target, str):
+            return target
+        inv = inventory_of(device)
+        if inv is None:
+            return "the device has not reported an inventory"
+        res = resolve_variant(inv, [d for d, _ in target.variants])
+        return None if res.variant else f"{target.name}:{version}: {res.reason}"
+
+    def refresh(self, device: Device) -> Blueprint | None:
+        """Recompute one device; returns its governing blueprint. A device nothing governs
+        is told to keep what it runs."""
+        bp = self.governing(device)
+        if bp is None:
+            doc = DesiredState(device_id=device.device_id, poll_seconds=self.poll_seconds)
+        else:
+            doc = self.desired(device, bp)
+        store_desired(device, doc)
         return bp
 
 
-def refresh_fleet(
-    session: Session,
-    store: BlobStore,
-    *,
-    poll_seconds: float,
-    released: Blueprint | None = None,
+def refresh_devices(
+    session: Session, store: BlobStore, *, poll_seconds: float, device_ids: set[str] | None = None
 ) -> Counter[str]:
-    """Recompute every device and commit; counts devices per governing blueprint name."""
+    """Recompute every device (or those named) without committing; counts devices per
+    governing blueprint name."""
     refresher = Refresher(session, store, poll_seconds=poll_seconds)
     counts: Counter[str] = Counter()
-    for device in session.scalars(select(Device)):
-        bp = refresher.refresh(device, released)
+    query = select(Device)
+    if device_ids is not None:
+        if not device_ids:
+            return counts
+        query = query.where(Device.device_id.in_(sorted(device_ids)))
+    for device in session.scalars(query):
+        bp = refresher.refresh(device)
         if bp is not None:
             counts[bp.metadata.name] += 1
-    session.commit()
     return counts
 
 

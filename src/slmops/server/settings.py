@@ -36,6 +36,9 @@ class ServerSettings(BaseSettings):
     allow_public: bool = Field(False, description="allow listening on all interfaces")
     poll_seconds: float = Field(60.0, gt=0, description="how often agents should check in")
     sqlite_busy_timeout_ms: int = Field(5000, ge=0)
+    rollout_tick_seconds: float = Field(
+        5.0, gt=0, description="how often rollouts re-check soak times and timeouts"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> ServerSettings:

@@ -116,13 +116,23 @@ class DeviceAction(Base):
 
 
 class Rollout(Base):
-    """A persisted ``RolloutState`` document (``to_json``/``from_json``); used by later work."""
+    """A persisted ``RolloutState`` document (``to_json``/``from_json``), one per rollout.
+
+    ``revision`` makes writes optimistic: a writer updates ``WHERE revision = <what it read>``
+    and retries on a miss, so several API processes (and their tickers) can drive the same
+    rollout without one overwriting another's step (``server/rollouts.py``).
+    """
 
     __tablename__ = "rollouts"
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    blueprint: Mapped[str] = mapped_column(String(63), index=True, default="")
+    model: Mapped[str] = mapped_column(String(128), default="")
+    target_version: Mapped[str] = mapped_column(String(64), default="")
     state_json: Mapped[str] = mapped_column(Text)  # RolloutState.to_json(), kept verbatim
     status: Mapped[str] = mapped_column(String(32), index=True)
+    revision: Mapped[int] = mapped_column(Integer, default=0)
+    seq: Mapped[int] = mapped_column(Integer, default=0)  # per blueprint: 1, 2, ... (newest last)
     created_at: Mapped[datetime] = mapped_column(Tz, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(Tz, default=utcnow)
 

@@ -255,10 +255,12 @@ def set_channel(
     ch.version, ch.updated_at = body.version, utcnow()
     session.add(ch)
     session.commit()
-    # Devices whose blueprint follows this channel move now, not only at their next check-in.
-    from slmops.server.desired import refresh_fleet  # desired imports this module
+    # Blueprints following this channel roll the new version out now, not at the next check-in.
+    from slmops.server.rollouts import Context, reconcile_following, settle  # they import this
 
-    refresh_fleet(session, BlobStore(settings.data_dir), poll_seconds=settings.poll_seconds)
+    ctx = Context(BlobStore(settings.data_dir), settings.poll_seconds)
+    reconcile_following(session, name, channel, actor=caller.name, ctx=ctx)
+    settle(session, ctx)
     return _channel_public(name, ch, tag.digest)
 
 

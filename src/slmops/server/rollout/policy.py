@@ -137,6 +137,11 @@ class RolloutPolicy(RolloutModel):
     auto_advance: bool = Field(
         True, description="false: a wave that passes waits for an operator's promote"
     )
+    start: Literal["auto", "manual"] = Field(
+        "auto",
+        description="auto: the rollout an apply creates starts at once; manual: it waits for "
+        "an operator's start",
+    )
 
     @model_validator(mode="after")
     def _waves_make_sense(self) -> Self:

@@ -1,12 +1,17 @@
-"""POST /device/v1/checkin: the agent reports, the server answers with its desired state.
+"""POST /device/v1/checkin and /device/v1/actions: the agent reports, the server answers.
 
 Every check-in records inventory, labels, last_seen, the active and previous models and the
-action statuses, even when the answer is 304. The desired state is then recomputed from the
-governing blueprint (``server/desired.py``) on every check-in rather than only when the
-inventory or labels changed: it is a few small reads, and it cannot miss a change (labels,
-inventory, a channel moved) that happened since. It carries an ETag computed from its canonical
-JSON on each request (nothing cached per process); ``If-None-Match`` with the current ETag gets
-304 and no body, so an idle fleet polls cheaply.
+action statuses, even when the answer is 304. Action statuses that name a rollout are fed to it
+(each may advance, pause or roll back the rollout), and a device its blueprint's active rollout
+does not know yet joins it (late enrollment). The desired state is then recomputed from the
+governing blueprint and its rollout (``server/desired.py``) on every check-in rather than only
+when something changed: it is a few small reads, and it cannot miss a change. It carries an ETag
+computed from its canonical JSON on each request (nothing cached per process);
+``If-None-Match`` with the current ETag gets 304 and no body, so an idle fleet polls cheaply.
+
+``/actions`` takes only action statuses, answering 204: an agent posts its progress
+(downloading, verifying, ...) while an install runs, so operators see it per rollout without
+waiting for the next check-in, and the agent's ETag bookkeeping is not disturbed.
 """
 
 from __future__ import annotations
@@ -17,18 +22,20 @@ from fastapi import APIRouter, Header, Response
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from slmops.protocol.device import ActionStatus, CheckIn, DesiredState
+from slmops.protocol.device import ActionReport, ActionStatus, CheckIn, DesiredState
 from slmops.server.api.deps import DeviceDep, SessionDep, SettingsDep
 from slmops.server.api.device.enroll import check_schema
 from slmops.server.db.models import Device, DeviceAction, utcnow
 from slmops.server.desired import Refresher, canonical, etag_of
 from slmops.server.registry.store import BlobStore
+from slmops.server.rollouts import Context, join_if_matching, record_reports
+from slmops.server.settings import ServerSettings
 
 router = APIRouter(tags=["device"])
 
 
 def desired_document(device: Device, *, poll_seconds: float) -> DesiredState:
-    """The stored desired state (from blueprints or rollouts), or "keep what runs" when there is none."""
+    """The stored desired state, or "keep what runs" when there is none."""
     if device.desired:
         return DesiredState.model_validate(device.desired)
     return DesiredState(device_id=device.device_id, poll_seconds=poll_seconds)
@@ -65,6 +72,19 @@ def record_actions(session: Session, device_id: str, actions: list[ActionStatus]
         row.updated_at = now
 
 
+def _context(settings: ServerSettings) -> Context:
+    return Context(BlobStore(settings.data_dir), settings.poll_seconds)
+
+
+def _reports(session: Session, device: Device, actions: list[ActionStatus], ctx: Context) -> None:
+    """Store the statuses, then feed those naming a rollout to it (each commits)."""
+    device_id = device.device_id
+    record_actions(session, device_id, actions)
+    session.commit()
+    if any(a.rollout_id for a in actions):
+        record_reports(session, device_id, actions, ctx)
+
+
 @router.post(
     "/checkin",
     response_model=DesiredState,
@@ -85,9 +105,11 @@ def check_in(
     device.last_seen = utcnow()
     device.active = body.active.model_dump(mode="json") if body.active else None
     device.previous = body.previous.model_dump(mode="json") if body.previous else None
-    record_actions(session, device.device_id, body.actions)
-
-    refresher = Refresher(session, BlobStore(settings.data_dir), poll_seconds=settings.poll_seconds)
+    ctx = _context(settings)
+    if body.actions:
+        _reports(session, device, body.actions, ctx)
+    refresher = Refresher(session, ctx.store, poll_seconds=settings.poll_seconds)
+    join_if_matching(refresher, device, ctx)  # reads no rollout through the refresher's cache
     refresher.refresh(device)
     doc = desired_document(device, poll_seconds=settings.poll_seconds)
     payload = canonical(doc)
@@ -100,3 +122,13 @@ def check_in(
     if etag_matches(if_none_match, etag):
         return Response(status_code=304, headers=headers)
     return Response(payload, media_type="application/json", headers=headers)
+
+
+@router.post("/actions", status_code=204)
+def report_actions(
+    body: ActionReport, device: DeviceDep, session: SessionDep, settings: SettingsDep
+) -> Response:
+    """Progress of an install, between check-ins."""
+    device.last_seen = utcnow()
+    _reports(session, device, body.actions, _context(settings))
+    return Response(status_code=204)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from slmops.server.api.operator import blueprints, devices, enrollment, tokens
+from slmops.server.api.operator import blueprints, devices, enrollment, rollouts, tokens
 
 router = APIRouter(prefix="/api/v1")
 router.include_router(blueprints.router)
 router.include_router(devices.router)
 router.include_router(enrollment.router)
+router.include_router(rollouts.router)
 router.include_router(tokens.router)

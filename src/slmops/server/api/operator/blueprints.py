@@ -1,16 +1,17 @@
 """Blueprints as operators apply them: PUT is idempotent like ``kubectl apply``.
 
-PUT /blueprints/{name} stores the document and recomputes every device's desired state at
-once (no rollout waves yet); applying the same spec again answers ``changed: false`` and
-touches nothing, so CI can apply on every run. The body is validated with the Blueprint model
+PUT /blueprints/{name} stores the document; when the version it resolves to differs from the
+one its devices run, it creates a rollout (``server/rollouts.reconcile``) that moves them in
+waves, and the answer names it. Other changes (generation settings, groups) reach devices at
+once. Applying the same spec again answers ``changed: false`` and touches nothing, so CI can
+apply on every run. The body is validated with the Blueprint model
 (unknown keys refused), and errors use the usual envelope naming the key, e.g.
-``body.spec.modle``. DELETE resets the devices it governed to "keep what runs" unless another
-blueprint now governs them.
+``body.spec.modle``. DELETE aborts its active rollout and resets the devices it governed to
+"keep what runs" unless another blueprint now governs them.
 """
 
 from __future__ import annotations
 
-from collections import Counter
 from datetime import datetime
 from typing import Any
 
@@ -24,9 +25,10 @@ from slmops.server.api.deps import OperatorDep, SessionDep, SettingsDep, ViewerD
 from slmops.server.blueprint import Blueprint
 from slmops.server.blueprints_table import BlueprintRow
 from slmops.server.db.models import as_utc, utcnow
-from slmops.server.desired import governed, refresh_fleet, to_blueprint
+from slmops.server.desired import governed, to_blueprint
 from slmops.server.errors import api_error
 from slmops.server.registry.store import BlobStore
+from slmops.server.rollouts import Context, reconcile, settle, stop_for_blueprint
 from slmops.server.settings import ServerSettings
 
 router = APIRouter(prefix="/blueprints", tags=["blueprints"])
@@ -43,6 +45,7 @@ class BlueprintPublic(StrictModel):
 class ApplyResult(BlueprintPublic):
     changed: bool
     devices: int = Field(description="devices this blueprint governs now")
+    rollout: str | None = Field(None, description="the rollout this apply created, if any")
 
 
 class BlueprintList(StrictModel):
@@ -63,16 +66,13 @@ def _row(session: Session, name: str) -> BlueprintRow | None:
     return session.scalar(select(BlueprintRow).where(BlueprintRow.name == name))
 
 
-def _refresh(
-    session: Session, settings: ServerSettings, released: Blueprint | None
-) -> Counter[str]:
-    store = BlobStore(settings.data_dir)
-    return refresh_fleet(session, store, poll_seconds=settings.poll_seconds, released=released)
+def _context(settings: ServerSettings) -> Context:
+    return Context(BlobStore(settings.data_dir), settings.poll_seconds)
 
 
 @router.put("/{name}")
 def apply_blueprint(
-    name: str, body: Blueprint, session: SessionDep, settings: SettingsDep, _caller: OperatorDep
+    name: str, body: Blueprint, session: SessionDep, settings: SettingsDep, caller: OperatorDep
 ) -> ApplyResult:
     """Create or update; unchanged spec → ``changed: false`` and no device is touched."""
     if body.metadata.name != name:
@@ -85,17 +85,25 @@ def apply_blueprint(
         )
     spec = body.spec.model_dump(mode="json")
     row = _row(session, name)
-    previous = to_blueprint(row) if row is not None else None
     changed = row is None or row.spec != spec
     if row is None:
         now = utcnow()
         row = BlueprintRow(name=name, spec=spec, generation=1, created_at=now, updated_at=now)
         session.add(row)
     elif changed:
+        if row.spec.get("model", {}).get("name") != body.spec.model.name:
+            row.stable_version = None  # another model: its versions say nothing about this one
         row.spec, row.generation, row.updated_at = spec, row.generation + 1, utcnow()
     session.commit()
-    counts = _refresh(session, settings, previous) if changed else governed(session)
-    return ApplyResult(**_public(row).model_dump(), changed=changed, devices=counts.get(name, 0))
+    rollout = None
+    if changed:
+        ctx = _context(settings)
+        rollout = reconcile(session, row, actor=caller.name, ctx=ctx)
+        counts = settle(session, ctx)
+    else:
+        counts = governed(session)
+    public = _public(row).model_dump()
+    return ApplyResult(**public, changed=changed, devices=counts.get(name, 0), rollout=rollout)
 
 
 @router.get("")
@@ -124,10 +132,11 @@ def read_blueprint(name: str, session: SessionDep, _caller: ViewerDep) -> Bluepr
 
 @router.delete("/{name}", status_code=204)
 def delete_blueprint(
-    name: str, session: SessionDep, settings: SettingsDep, _caller: OperatorDep
+    name: str, session: SessionDep, settings: SettingsDep, caller: OperatorDep
 ) -> None:
     row = _get_or_404(session, name)
-    released = to_blueprint(row)
+    ctx = _context(settings)
+    stop_for_blueprint(session, name, actor=caller.name, ctx=ctx)
     session.delete(row)
     session.commit()
-    _refresh(session, settings, released)
+    settle(session, ctx)

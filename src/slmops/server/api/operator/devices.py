@@ -30,6 +30,7 @@ from slmops.server.db.models import Device, DeviceAction, as_utc
 from slmops.server.desired import Refresher
 from slmops.server.errors import api_error
 from slmops.server.registry.store import BlobStore
+from slmops.server.rollouts import Context, join_if_matching
 
 router = APIRouter(prefix="/devices", tags=["devices"])
 
@@ -191,9 +192,10 @@ def update_device_labels(
     labels = {k: v for k, v in (device.operator_labels or {}).items() if k not in body.remove}
     labels.update(body.set)
     device.operator_labels = labels
-    # New labels may put the device under another blueprint: show the result now.
-    Refresher(session, BlobStore(settings.data_dir), poll_seconds=settings.poll_seconds).refresh(
-        device
-    )
+    # New labels may put the device under another blueprint (and its rollout): show it now.
+    ctx = Context(BlobStore(settings.data_dir), settings.poll_seconds)
+    refresher = Refresher(session, ctx.store, poll_seconds=ctx.poll_seconds)
+    join_if_matching(refresher, device, ctx)
+    refresher.refresh(device)
     session.commit()
     return DevicePublic.of(device, _actions(session, device_id))

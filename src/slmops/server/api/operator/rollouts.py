@@ -1,0 +1,206 @@
+"""Rollouts as operators see and steer them, under /api/v1/rollouts.
+
+Rollouts are created by blueprint applies and channel moves (``server/rollouts.reconcile``);
+here they are listed, read (waves with the gate results that decided them, every device with
+its last reported action state, the audit history) and steered: start, pause, resume, promote,
+abort, rollback. A command the rollout's state does not allow answers 409 with the states that
+would allow it; ``wave`` in the body guards against promoting twice from a stale view.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from datetime import datetime
+from typing import Any
+
+from fastapi import APIRouter, Query
+from pydantic import Field
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from slmops.core.config import StrictModel
+from slmops.server.api.deps import OperatorDep, SessionDep, SettingsDep, ViewerDep
+from slmops.server.db.models import Rollout, as_utc
+from slmops.server.errors import api_error
+from slmops.server.registry.store import BlobStore
+from slmops.server.rollout import (
+    InvalidTransition,
+    OperatorAction,
+    OperatorCommand,
+    RolloutState,
+    StateChanged,
+)
+from slmops.server.rollout.gates import GateEvaluation
+from slmops.server.rollouts import Context, run_event
+
+router = APIRouter(prefix="/rollouts", tags=["rollouts"])
+
+
+class RolloutSummary(StrictModel):
+    id: str
+    blueprint: str
+    model: str
+    target_version: str
+    status: str
+    wave: int | None = Field(description="current wave index; null before the start")
+    waves: int = Field(description="waves in the policy")
+    devices: int = Field(description="devices the rollout moves (matched, not already there)")
+    by_status: dict[str, int] = Field(description="devices per action state (queued, active, ..)")
+    created_at: datetime
+    updated_at: datetime
+
+
+class WavePublic(StrictModel):
+    index: int
+    target: int = Field(description="cumulative devices moved by the end of this wave")
+    size: str = Field(description="the policy's wave step, e.g. 1% or 5 devices")
+    started_at: float | None
+    ended_at: float | None
+    outcome: str | None
+    ended_by: str | None
+    evaluation: GateEvaluation | None
+    decision: GateEvaluation | None
+
+
+class DeviceInRollout(StrictModel):
+    device_id: str
+    hardware_class: str
+    from_version: str | None
+    wave: int | None
+    status: str
+    failed_stage: str | None
+    detail: str | None
+    reported_at: float | None
+
+
+class RolloutDetail(RolloutSummary):
+    policy: dict[str, Any]
+    wave_list: list[WavePublic]
+    device_list: list[DeviceInRollout]
+    history: list[StateChanged]
+
+
+class RolloutList(StrictModel):
+    data: list[RolloutSummary]
+
+
+class ActionBody(StrictModel):
+    reason: str | None = Field(None, max_length=500)
+    wave: int | None = Field(
+        None, ge=0, description="the wave you saw; refused if the rollout has moved on"
+    )
+
+
+def summary(row: Rollout, state: RolloutState) -> RolloutSummary:
+    counts = Counter(d.status for d in state.devices.values())
+    return RolloutSummary(
+        id=row.id,
+        blueprint=row.blueprint,
+        model=row.model,
+        target_version=state.target_version,
+        status=state.status.value,
+        wave=state.wave,
+        waves=len(state.policy.waves),
+        devices=state.total,
+        by_status=dict(sorted(counts.items())),
+        created_at=as_utc(row.created_at),
+        updated_at=as_utc(row.updated_at),
+    )
+
+
+def detail(row: Rollout) -> RolloutDetail:
+    state = RolloutState.from_json(row.state_json)
+    targets = state.targets()
+    waves: list[WavePublic] = []
+    for i, step in enumerate(state.policy.waves):
+        rec = state.waves[i] if i < len(state.waves) else None
+        waves.append(
+            WavePublic(
+                index=i,
+                target=targets[i],
+                size=step.describe(),
+                started_at=rec.started_at if rec else None,
+                ended_at=rec.ended_at if rec else None,
+                outcome=rec.outcome.value if rec and rec.outcome else None,
+                ended_by=rec.ended_by if rec else None,
+                evaluation=rec.evaluation if rec else None,
+                decision=rec.decision if rec else None,
+            )
+        )
+    devices = [
+        DeviceInRollout(
+            device_id=device_id,
+            hardware_class=d.hardware_class,
+            from_version=d.from_version,
+            wave=d.wave,
+            status=d.status,
+            failed_stage=d.failed_stage.value if d.failed_stage else None,
+            detail=d.detail,
+            reported_at=d.reported_at,
+        )
+        for device_id, d in sorted(state.devices.items())
+    ]
+    return RolloutDetail(
+        **summary(row, state).model_dump(),
+        policy=state.policy.model_dump(mode="json"),
+        wave_list=waves,
+        device_list=devices,
+        history=state.history,
+    )
+
+
+def _get_or_404(session: Session, rollout_id: str) -> Rollout:
+    row = session.get(Rollout, rollout_id)
+    if row is None:
+        raise api_error(
+            404,
+            "not_found",
+            f"no rollout {rollout_id!r}",
+            where="rollout_id",
+            hint="list them with GET /api/v1/rollouts (slmops rollout list)",
+        )
+    return row
+
+
+@router.get("")
+def read_rollouts(
+    session: SessionDep,
+    _caller: ViewerDep,
+    blueprint: str | None = Query(None, description="only this blueprint's rollouts"),
+    status: str | None = Query(None, description="only rollouts in this status"),
+) -> RolloutList:
+    query = select(Rollout).order_by(Rollout.created_at.desc(), Rollout.seq.desc())
+    if blueprint:
+        query = query.where(Rollout.blueprint == blueprint)
+    if status:
+        query = query.where(Rollout.status == status)
+    rows = session.scalars(query.limit(500))
+    return RolloutList(data=[summary(r, RolloutState.from_json(r.state_json)) for r in rows])
+
+
+@router.get("/{rollout_id}")
+def read_rollout(rollout_id: str, session: SessionDep, _caller: ViewerDep) -> RolloutDetail:
+    return detail(_get_or_404(session, rollout_id))
+
+
+@router.post("/{rollout_id}/{action}")
+def act_on_rollout(
+    rollout_id: str,
+    action: OperatorAction,
+    session: SessionDep,
+    settings: SettingsDep,
+    caller: OperatorDep,
+    body: ActionBody | None = None,
+) -> RolloutDetail:
+    """start, pause, resume, promote, abort or rollback; 409 when the state does not allow it."""
+    _get_or_404(session, rollout_id)
+    body = body or ActionBody()
+    command = OperatorCommand(action=action, actor=caller.name, reason=body.reason, wave=body.wave)
+    ctx = Context(BlobStore(settings.data_dir), settings.poll_seconds)
+    try:
+        run_event(session, rollout_id, command, ctx)
+    except InvalidTransition as exc:
+        raise api_error(
+            409, "invalid_transition", exc.message, where=exc.where, hint=exc.hint
+        ) from None
+    return detail(_get_or_404(session, rollout_id))
