@@ -19,7 +19,14 @@ from pydantic import ValidationError
 
 from slmops.core.atomic import atomic_open
 from slmops.core.errors import SlmopsError
-from slmops.protocol.device import CheckIn, DesiredState, EnrollRequest, EnrollResponse
+from slmops.protocol.device import (
+    ActionReport,
+    ActionStatus,
+    CheckIn,
+    DesiredState,
+    EnrollRequest,
+    EnrollResponse,
+)
 
 CREDENTIAL_FILE = "credential"
 
@@ -119,3 +126,11 @@ class DeviceClient:
         except ValidationError as exc:
             raise Unreachable(f"check-in answer is not a DesiredState: {exc}") from None
         return CheckInResult(desired, new_etag)
+
+    def report_actions(self, actions: list[ActionStatus]) -> None:
+        """Post action statuses between check-ins (install progress); 204 expected."""
+        cred = self.credential()
+        if cred is None:
+            raise Rejected(401, "no device credential", hint="enroll first")
+        body = ActionReport(actions=actions).model_dump_json().encode()
+        self._post("/device/v1/actions", body, {"Authorization": f"Bearer {cred}"})

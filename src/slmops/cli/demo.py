@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -21,9 +21,17 @@ def demo_command(
     ] = Path("slmops-demo"),
     minutes: Annotated[float, typer.Option(help="demo model training budget")] = 3.0,
     seed: Annotated[int, typer.Option(help="seed for the demo model")] = 0,
+    fleet: Annotated[
+        bool, typer.Option("--fleet/--no-fleet", help="run the fleet part (server, agents)")
+    ] = True,
+    keep_running: Annotated[
+        bool, typer.Option("--keep-running", help="leave the server and agents up until Ctrl-C")
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Train the demo model, optimize it, evaluate it on three device profiles, bundle, sign and verify it."""
+    """The whole loop: train the demo model, optimize it, evaluate it on three device profiles,
+    bundle, sign and verify it, then run a local fleet (server, three agents) through a staged
+    rollout, a broken version rolled back at the canary, and a chat completion."""
     from slmops.cli.evaluate import print_selection, run_evaluation
     from slmops.cli.model import build_demo
     from slmops.cli.optimize import default_recipe_path, optimize, print_variant_table
@@ -56,6 +64,21 @@ def demo_command(
             )
             out_console.rule("[bold]4. bundle, sign, verify[/]")
         bundled = bundle_sign_verify(workdir)
+        if not as_json:
+            out_console.print(
+                f"bundle [bold]{bundled['path']}[/] ({bundled['name']}:{bundled['version']}) "
+                f"signed with {bundled['public_key']} and verified\n"
+                f"bundle digest [bold]{bundled['digest']}[/]"
+            )
+        fleet_summary: dict[str, Any] | None = None
+        if fleet:
+            from slmops.cli.demo_fleet import run_fleet_demo
+
+            if not as_json:
+                out_console.rule("[bold]5. fleet: control plane and three agents[/]")
+            fleet_summary = run_fleet_demo(
+                workdir, bundled, keep_running=keep_running, as_json=as_json
+            )
         if as_json:
             emit_json(
                 {
@@ -64,13 +87,10 @@ def demo_command(
                     "report": str(workdir / "report"),
                     "selections": [s.model_dump(mode="json") for s in report.selections],
                     "bundle": bundled,
+                    "fleet": fleet_summary,
                 }
             )
             return
-        out_console.print(
-            f"bundle [bold]{bundled['path']}[/] ({bundled['name']}:{bundled['version']}) signed with "
-            f"{bundled['public_key']} and verified\nbundle digest [bold]{bundled['digest']}[/]"
-        )
         out_console.print(
             f"\nnext: [bold]slmops inspect {bundled['path']}[/] (variants and selection), "
             f"[bold]slmops gate {workdir / 'report'}[/] (the CI gate), "

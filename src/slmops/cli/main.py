@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from slmops import __version__
-from slmops.cli import agent, bundle, demo, evaluate, fleet, model, optimize, server
+from slmops.cli import agent, bundle, demo, evaluate, fleet, model, optimize, rollout, server
 
 app = typer.Typer(
     name="slmops",
@@ -51,6 +51,7 @@ app.add_typer(bundle.keys_app, name="keys")
 app.add_typer(server.app, name="server")
 app.command("apply")(fleet.apply_command)
 app.add_typer(fleet.get_app, name="get")
+app.add_typer(rollout.app, name="rollout")
 app.command("agent")(agent.agent_command)
 app.command("demo")(demo.demo_command)
 app.add_typer(model.app, name="model")

@@ -29,7 +29,9 @@ Id = Annotated[str, typer.Argument(help="rollout id, e.g. store-assistant-2")]
 Reason = Annotated[str | None, typer.Option("--reason", help="recorded in the audit history")]
 Wave = Annotated[
     int | None,
-    typer.Option("--wave", help="the wave you saw; refused if the rollout has moved on"),
+    typer.Option(
+        "--wave", help="the wave (0 = canary) you saw; refused if the rollout has moved on"
+    ),
 ]
 STYLE = {
     "succeeded": "green",
@@ -65,7 +67,7 @@ def list_command(
         return
     table = Table("rollout", "blueprint", "target", "status", "wave", "devices")
     for r in result["data"]:
-        wave = "-" if r["wave"] is None else f"{r['wave'] + 1}/{r['waves']}"
+        wave = "-" if r["wave"] is None else f"{r['wave']} of 0..{r['waves'] - 1}"
         counts = ", ".join(f"{n} {s}" for s, n in r["by_status"].items())
         table.add_row(
             r["id"],
@@ -79,7 +81,7 @@ def list_command(
 
 
 def print_rollout(r: dict[str, Any]) -> None:
-    wave = "not started" if r["wave"] is None else f"wave {r['wave'] + 1} of {r['waves']}"
+    wave = "not started" if r["wave"] is None else f"at wave {r['wave']} of 0..{r['waves'] - 1}"
     out_console.print(
         f"[bold]{r['id']}[/] ({r['blueprint']}): {r['model']}:{r['target_version']} "
         f"{_styled(r['status'])}, {wave}, {r['devices']} device(s) to move"
@@ -94,7 +96,7 @@ def print_rollout(r: dict[str, Any]) -> None:
             )
         outcome = w["outcome"] or ("current" if w["index"] == r["wave"] else "-")
         by = f" by {w['ended_by']}" if w["ended_by"] else ""
-        waves.add_row(str(w["index"] + 1), w["size"], str(w["target"]), outcome + by, gates)
+        waves.add_row(str(w["index"]), w["size"], str(w["target"]), outcome + by, gates)
     out_console.print(waves)
     devices = Table("device", "class", "from", "wave", "state", "detail")
     for d in r["device_list"]:
@@ -103,7 +105,7 @@ def print_rollout(r: dict[str, Any]) -> None:
             d["device_id"],
             d["hardware_class"],
             d["from_version"] or "(none)",
-            "-" if d["wave"] is None else str(d["wave"] + 1),
+            "-" if d["wave"] is None else str(d["wave"]),
             _styled(d["status"]) + stage,
             (d["detail"] or "")[:100],
         )
@@ -134,7 +136,7 @@ def _action(action: str, doc: str) -> None:
     ) -> None:
         body: dict[str, Any] = {"reason": reason}
         if wave is not None:
-            body["wave"] = wave - 1  # the CLI numbers waves from 1, the API from 0
+            body["wave"] = wave
         path = f"/api/v1/rollouts/{id}/{action}"
         result = run_command(as_json, lambda: call("POST", server, path, token, body))
         if as_json:
@@ -164,10 +166,9 @@ def wait_for(
     last = ""
     while True:
         r = call("GET", server, f"/api/v1/rollouts/{id}", token)
-        line = (
-            f"{r['status']} wave {'-' if r['wave'] is None else r['wave'] + 1}/{r['waves']} "
-            + ", ".join(f"{n} {s}" for s, n in r["by_status"].items())
-        )
+        at = "-" if r["wave"] is None else r["wave"]
+        counts = ", ".join(f"{n} {s}" for s, n in r["by_status"].items())
+        line = f"{r['status']} at wave {at} of 0..{r['waves'] - 1}: {counts}"
         if line != last and not quiet:
             err_console.print(f"[dim]{id}: {line}[/]")
             last = line

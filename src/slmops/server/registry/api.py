@@ -31,13 +31,14 @@ from starlette.concurrency import run_in_threadpool
 from slmops.bundle.media import MAX_MANIFEST_BYTES, MT_INDEX, MT_MANIFEST
 from slmops.bundle.oci_ref import _REPO_RE, _TAG_RE, DIGEST_RE, Desc, OciContentError
 from slmops.bundle.oci_ref import load_manifest as parse_manifest
-from slmops.server.api.deps import SessionDep, get_settings
+from slmops.server.api.deps import SessionDep
 from slmops.server.db import find_api_token, find_device_by_credential
 from slmops.server.db.models import ApiToken, Device, utcnow
 from slmops.server.registry import models_api
 from slmops.server.registry.store import PIECE, BlobStore, StoreError
 from slmops.server.registry.tables import RegistryTag
 from slmops.server.security import Role, TokenKind, looks_like
+from slmops.server.settings import ServerSettings
 
 CHALLENGE = {"WWW-Authenticate": 'Bearer realm="slmops"'}
 
@@ -77,7 +78,8 @@ class OciRoute(APIRoute):
 
 
 def store_of(request: Request) -> BlobStore:
-    return BlobStore(get_settings(request).data_dir)
+    settings: ServerSettings = request.app.state.settings
+    return BlobStore(settings.data_dir)
 
 
 def principal(request: Request, session: SessionDep) -> ApiToken | Device:

@@ -117,6 +117,7 @@ def _reported(run: Run, event: DeviceReport) -> None:
     if d is None or d.wave is None:
         return
     stage: DeviceActionState | None = None
+    detail = event.detail
     if event.state is DeviceActionState.FAILED:
         if event.failed_stage is not None:
             stage = event.failed_stage
@@ -124,9 +125,15 @@ def _reported(run: Run, event: DeviceReport) -> None:
             stage = d.failed_stage
         elif d.state is not None and not d.state.is_final:
             stage = d.state
-    if (d.state, d.failed_stage, d.detail) != (event.state, stage, event.detail):
+    elif event.state is DeviceActionState.ROLLED_BACK:
+        if d.state is DeviceActionState.ROLLED_BACK:
+            return  # a repeated revert report: keep what the first one recorded
+        if d.state is DeviceActionState.FAILED:  # keep why it failed beside how it came back
+            stage = d.failed_stage
+            detail = f"{event.detail or 'rolled back'} (after failing: {d.detail or '-'})"
+    if (d.state, d.failed_stage, d.detail) != (event.state, stage, detail):
         d = run.edit(event.device_id)
-        d.state, d.failed_stage, d.detail = event.state, stage, event.detail
+        d.state, d.failed_stage, d.detail = event.state, stage, detail
         d.reported_at = run.now
     run.finish_rollback_if_done()
 

@@ -122,7 +122,9 @@ class WaveStep(RolloutModel):
         return self
 
     def describe(self) -> str:
-        return f"{self.percent:g}%" if self.percent is not None else f"{self.count} devices"
+        if self.percent is not None:
+            return f"{self.percent:g}%"
+        return f"{self.count} device{'s' if self.count != 1 else ''}"
 
 
 def _default_waves() -> list[WaveStep]:
