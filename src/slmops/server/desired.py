@@ -176,11 +176,26 @@ def resolve_target(session: Session, store: BlobStore, ref: ModelRef) -> Target 
     )
     if tag is None:
         return f"model {ref.name!r} has no version {version!r} in the registry"
+    key = (str(store.blobs), ref.name, version, tag.digest)
+    cached = _TARGETS.get(key)
+    if cached is not None:
+        return cached
     described = describe(store, ref.name, version, tag.digest, 0)
     variants = tuple((v.descriptor, v.digest) for v in described.variants if v.descriptor)
     if not variants and described.problems:
         return f"{ref.name}:{version} cannot be read: " + "; ".join(described.problems[:2])
-    return Target(ref.name, version, tag.digest, variants)
+    target = Target(ref.name, version, tag.digest, variants)
+    if len(_TARGETS) >= _TARGETS_MAX:
+        _TARGETS.pop(next(iter(_TARGETS)))
+    _TARGETS[key] = target
+    return target
+
+
+# Bundle contents are immutable per digest, so a resolved version is cached by its tag's digest
+# (a re-tag gives a new key). This keeps check-ins from re-reading manifests from disk each time;
+# failures are not cached, as a blob may still be arriving.
+_TARGETS: dict[tuple[str, str, str, str], Target] = {}
+_TARGETS_MAX = 256
 
 
 def store_desired(device: Device, doc: DesiredState) -> str:
