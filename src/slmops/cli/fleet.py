@@ -95,7 +95,8 @@ def get_blueprints_command(server: ServerOpt, token: TokenOpt, as_json: JsonOpt 
         model = bp["document"]["spec"]["model"]
         ref = model.get("version") or f"channel {model.get('channel')}"
         selector = ",".join(f"{k}={v}" for k, v in bp["document"]["spec"]["selector"].items())
+        stable = bp.get("stable_version") or "none yet"
         out_console.print(
-            f"{bp['name']}\tgeneration {bp['generation']}\t{model['name']} {ref}\t"
-            f"selector {selector or '(all devices)'}"
+            f"{bp['name']}\tgeneration {bp['generation']}\t{model['name']} {ref} "
+            f"(stable {stable})\tselector {selector or '(all devices)'}"
         )

@@ -37,6 +37,9 @@ router = APIRouter(prefix="/blueprints", tags=["blueprints"])
 class BlueprintPublic(StrictModel):
     name: str
     generation: int = Field(description="incremented by every apply that changed the spec")
+    stable_version: str | None = Field(
+        description="what devices outside a rollout run: the last version a rollout completed"
+    )
     created_at: datetime
     updated_at: datetime
     document: dict[str, Any] = Field(description="the Blueprint as applied")
@@ -56,6 +59,7 @@ def _public(row: BlueprintRow) -> BlueprintPublic:
     return BlueprintPublic(
         name=row.name,
         generation=row.generation,
+        stable_version=row.stable_version,
         created_at=as_utc(row.created_at),
         updated_at=as_utc(row.updated_at),
         document=to_blueprint(row).model_dump(mode="json"),

@@ -1,0 +1,110 @@
+"""The telemetry wire schema: what leaves a device, and nothing else.
+
+A device sends *aggregates* per time window (counts, histograms, means), never prompt or response
+text, unless a blueprint opts in to samples, which are redacted on the device and capped. A
+batch is sent gzip-compressed (``Content-Encoding: gzip``) to ``POST /device/v1/telemetry`` with
+the device credential; ``batch_id`` makes a retried batch idempotent on the server.
+
+Histograms have fixed, shared bucket bounds (``BOUNDS``), so the server can add windows,
+devices and cohorts bucket by bucket, and quantiles are read from the merged buckets. Figures the
+device perturbed with differential-privacy noise are named in ``noised`` with the ``epsilon``
+used, so every consumer knows which numbers are exact.
+
+Shared by the agent (producer) and the server (consumer); imports nothing heavier than pydantic.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Self
+
+from pydantic import Field, model_validator
+
+from slmops.core.config import StrictModel
+
+TELEMETRY_SCHEMA = "slmops.telemetry/v1"
+
+# Upper bucket bounds (the last bucket is everything above the last bound).
+BOUNDS: dict[str, tuple[float, ...]] = {
+    "ttft_ms": (5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000),
+    "latency_ms": (10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000),
+    "decode_tps": (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000),
+    "output_tokens": (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
+    "logprob": (-8, -6, -4, -3, -2, -1.5, -1, -0.5, -0.25, -0.1),
+}
+HISTOGRAMS = tuple(BOUNDS)
+ERROR_KINDS = ("bad_request", "no_model", "runtime", "timeout", "overloaded", "other")
+
+
+class Histogram(StrictModel):
+    """Counts per bucket over the shared bounds of its metric; ``sum`` and ``count`` of values."""
+
+    counts: list[float] = Field(description="len(bounds) + 1 buckets; floats once DP-noised")
+    sum: float = 0.0
+    count: float = 0.0
+
+
+class Feedback(StrictModel):
+    up: float = 0
+    down: float = 0
+
+
+class WindowAggregate(StrictModel):
+    """One window of one device's serving, for the model that was active in it."""
+
+    start: float = Field(description="epoch seconds, inclusive")
+    end: float = Field(description="epoch seconds, exclusive")
+    model: str | None = None
+    version: str | None = None
+    variant: str | None = None
+    rollout_id: str | None = None
+    requests: float = 0
+    errors: dict[str, float] = Field(default_factory=dict, description="by kind (ERROR_KINDS)")
+    prompt_tokens: float = 0
+    output_tokens: float = 0
+    histograms: dict[str, Histogram] = Field(
+        default_factory=dict, description="by metric name (keys of BOUNDS)"
+    )
+    logprob_mean: float | None = Field(None, description="mean token log-probability")
+    entropy_mean: float | None = Field(None, description="mean next-token entropy (nats)")
+    quality_tokens: float = Field(0, description="tokens behind logprob/entropy means")
+    peak_rss_bytes: int = 0
+    health_ok: float = 0
+    health_failed: float = 0
+    feedback: Feedback = Field(default_factory=Feedback)
+    noised: list[str] = Field(default_factory=list, description="figures with DP noise added")
+    epsilon: float | None = Field(None, gt=0, description="DP budget spent on this window")
+
+    @model_validator(mode="after")
+    def _shape(self) -> Self:
+        if self.end <= self.start:
+            raise ValueError(f"window end {self.end} is not after its start {self.start}")
+        for name, hist in self.histograms.items():
+            if name not in BOUNDS:
+                raise ValueError(f"unknown histogram {name!r}; known: {', '.join(BOUNDS)}")
+            if len(hist.counts) != len(BOUNDS[name]) + 1:
+                raise ValueError(
+                    f"histogram {name!r} has {len(hist.counts)} buckets, "
+                    f"expected {len(BOUNDS[name]) + 1}"
+                )
+        return self
+
+
+class Sample(StrictModel):
+    """An opted-in prompt/response pair, already redacted on the device."""
+
+    at: float
+    prompt: str = Field(max_length=4000)
+    response: str = Field(max_length=4000)
+    redactions: int = Field(0, ge=0, description="how many spans were replaced")
+
+
+class TelemetryBatch(StrictModel):
+    schema_: Literal["slmops.telemetry/v1"] = Field(TELEMETRY_SCHEMA, alias="schema")
+    batch_id: str = Field(pattern=r"^[A-Za-z0-9._-]{8,64}$")
+    windows: list[WindowAggregate] = Field(default_factory=list, max_length=500)
+    samples: list[Sample] = Field(default_factory=list, max_length=50)
+    dropped_windows: int = Field(
+        0, ge=0, description="windows dropped on the device since the last delivered batch"
+    )
+    dropped_reason: str | None = Field(None, max_length=200)
+    model_config = StrictModel.model_config | {"populate_by_name": True}
