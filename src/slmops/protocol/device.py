@@ -13,6 +13,7 @@ from pydantic import Field
 
 from slmops.core.config import StrictModel
 from slmops.protocol.fleet import DeviceActionState
+from slmops.protocol.telemetry import TelemetryPolicy
 
 PROTOCOL_VERSION = "slmops.device/v1"
 
@@ -102,4 +103,5 @@ class DesiredState(StrictModel):
     generation: GenerationDefaults = Field(default_factory=GenerationDefaults)
     unplaceable: str | None = Field(None, description="why no variant fits this device, if so")
     poll_seconds: float = Field(60.0, gt=0)
+    telemetry: TelemetryPolicy = Field(default_factory=TelemetryPolicy)
     model_config = StrictModel.model_config | {"populate_by_name": True}

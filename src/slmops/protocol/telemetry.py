@@ -21,7 +21,7 @@ from pydantic import Field, model_validator
 
 from slmops.core.config import StrictModel
 
-TELEMETRY_SCHEMA = "slmops.telemetry/v1"
+TELEMETRY_SCHEMA: Literal["slmops.telemetry/v1"] = "slmops.telemetry/v1"
 
 # Upper bucket bounds (the last bucket is everything above the last bound).
 BOUNDS: dict[str, tuple[float, ...]] = {
@@ -33,6 +33,24 @@ BOUNDS: dict[str, tuple[float, ...]] = {
 }
 HISTOGRAMS = tuple(BOUNDS)
 ERROR_KINDS = ("bad_request", "no_model", "runtime", "timeout", "overloaded", "other")
+
+
+class TelemetryPolicy(StrictModel):
+    """What a blueprint lets its devices send (part of the desired state).
+
+    Defaults keep a device at one request a minute well under 100 KB a day: 15-minute windows,
+    no samples, no noise. ``samples`` is the only way text leaves a device, and only redacted.
+    """
+
+    enabled: bool = True
+    window_seconds: float = Field(900.0, ge=10, le=86400)
+    epsilon: float | None = Field(
+        None, gt=0, le=10, description="Laplace noise on counts and buckets per window; null: off"
+    )
+    samples: bool = Field(False, description="opt in to redacted prompt/response samples")
+    max_samples_per_day: int = Field(20, ge=0, le=1000)
+    daily_byte_budget: int = Field(100_000, ge=1000, description="compressed bytes per day")
+    buffer_max_windows: int = Field(2000, ge=1, description="windows kept on disk while offline")
 
 
 class Histogram(StrictModel):

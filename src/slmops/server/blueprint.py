@@ -27,6 +27,7 @@ from pydantic import Field, model_validator
 
 from slmops.core.config import StrictModel
 from slmops.protocol.device import GenerationDefaults
+from slmops.protocol.telemetry import TelemetryPolicy
 from slmops.server.rollout.policy import RolloutPolicy
 
 NAME = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?$")
@@ -65,6 +66,7 @@ class BlueprintSpec(StrictModel):
     groups: list[GroupOverride] = Field(default_factory=list)
     devices: dict[str, GenerationOverrides] = Field(default_factory=dict)
     rollout: RolloutPolicy = Field(default_factory=RolloutPolicy)
+    telemetry: TelemetryPolicy = Field(default_factory=TelemetryPolicy)
 
 
 class Metadata(StrictModel):

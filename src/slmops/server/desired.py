@@ -100,7 +100,12 @@ def desired_for(
     """The desired state under ``bp``; ``target`` is the resolved version, why there is none,
     or None (keep what runs); ``plan`` adds the rollout id and revert flag to the model."""
     generation = effective_generation(bp, device_id, labels)
-    base = DesiredState(device_id=device_id, generation=generation, poll_seconds=poll_seconds)
+    base = DesiredState(
+        device_id=device_id,
+        generation=generation,
+        poll_seconds=poll_seconds,
+        telemetry=bp.spec.telemetry,
+    )
     if target is None:
         return base
     if isinstance(target, str):
