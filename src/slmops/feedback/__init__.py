@@ -1,0 +1,1 @@
+"""The feedback loop: field signals to the next optimized version (improvement jobs)."""
