@@ -77,7 +77,10 @@ def server(
             del os.environ["SLMOPS_DB_URL"]
 
 
-def _server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def _server(
+    tmp_path_factory: pytest.TempPathFactory, env: dict[str, str] | None = None
+) -> Iterator[Server]:
+    """Start `slmops server run`; ``env`` adds variables to the server process's environment."""
     data = tmp_path_factory.mktemp("server")
     admin = cli_json("token", "create", "--data", data, "--role", "admin", "--name", "root")
     port = free_port()
@@ -86,6 +89,7 @@ def _server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         [*CLI, "run", "--data", str(data), "--port", str(port)],
         stdout=log,
         stderr=subprocess.STDOUT,
+        env={**os.environ, **env} if env else None,
     )
     url = f"http://127.0.0.1:{port}"
     try:

@@ -18,6 +18,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
 from slmops import __version__
+from slmops.server import dashboard
 from slmops.server.api import device, operator
 from slmops.server.db.session import open_database
 from slmops.server.errors import envelope, install_error_handlers
@@ -25,6 +26,7 @@ from slmops.server.registry.api import router as registry_router
 from slmops.server.registry.store import BlobStore
 from slmops.server.rollouts import Ticker
 from slmops.server.settings import ServerSettings, load_settings
+from slmops.server.telemetry.metrics import router as metrics_router
 
 
 def operation_id(route: APIRoute) -> str:
@@ -43,6 +45,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
             BlobStore(settings.data_dir),
             poll_seconds=settings.poll_seconds,
             interval=settings.rollout_tick_seconds,
+            drift_every=settings.drift_check_seconds,
         )
         ticker.start()
         try:
@@ -62,6 +65,8 @@ def create_app(settings: ServerSettings) -> FastAPI:
     app.include_router(operator.router)
     app.include_router(device.router)
     app.include_router(registry_router)
+    app.include_router(metrics_router)
+    dashboard.install(app)  # /ui/: the operator dashboard
 
     @app.get("/healthz", tags=["health"])
     def healthz() -> JSONResponse:

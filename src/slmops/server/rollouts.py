@@ -350,23 +350,41 @@ def settle(session: Session, ctx: Context) -> Counter[str]:
 
 
 def tick_all(db: Database, store: BlobStore, *, poll_seconds: float) -> int:
-    """One Tick to every unfinished rollout (soak, timeouts, scheduled starts); returns how many."""
+    """One Tick to every unfinished rollout (soak, timeouts, scheduled starts); returns how many
+    were ticked. A rollout whose tick fails is logged and skipped: it must not stop the others."""
     terminal = [s.value for s in RolloutStatus if s.is_terminal]
+    ticked = 0
     with db.sessions() as session:
         ids = list(session.scalars(select(Rollout.id).where(Rollout.status.not_in(terminal))))
         for rollout_id in ids:
-            run_event(session, rollout_id, Tick(), Context(store, poll_seconds))
-    return len(ids)
+            try:
+                run_event(session, rollout_id, Tick(), Context(store, poll_seconds))
+            except Exception:  # run_event rolled the session back
+                log.exception("rollout %s: tick failed", rollout_id)
+                continue
+            ticked += 1
+    return ticked
 
 
 class Ticker:
-    """A daemon thread that ticks rollouts every ``interval`` seconds until stopped.
+    """A daemon thread that runs the periodic work every ``interval`` seconds until stopped:
+    rollout ticks, telemetry (cohort figures for metric gates; drift checks and retention every
+    ``drift_every`` seconds) and the feedback rules over new alerts.
 
-    Every API process runs one; optimistic writes make concurrent ticks harmless.
+    Every API process runs one; optimistic writes and unique keys make concurrent runs harmless.
     """
 
-    def __init__(self, db: Database, store: BlobStore, *, poll_seconds: float, interval: float):
+    def __init__(
+        self,
+        db: Database,
+        store: BlobStore,
+        *,
+        poll_seconds: float,
+        interval: float,
+        drift_every: float = 600.0,
+    ) -> None:
         self.db, self.store, self.poll_seconds, self.interval = db, store, poll_seconds, interval
+        self.drift_every = drift_every
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="rollout-ticker", daemon=True)
 
@@ -377,9 +395,24 @@ class Ticker:
         self._stop.set()
         self._thread.join(timeout=10)
 
+    def run_once(self) -> None:
+        # imported here: telemetry and feedback import this module
+        from slmops.server.feedback.engine import process_alerts
+        from slmops.server.telemetry.ticks import telemetry_tick
+
+        try:
+            tick_all(self.db, self.store, poll_seconds=self.poll_seconds)
+        except Exception:  # e.g. the database is unreachable: try again next time
+            log.exception("rollout tick failed")
+        telemetry_tick(
+            self.db, self.store, poll_seconds=self.poll_seconds, slow_every=self.drift_every
+        )
+        try:
+            with self.db.sessions() as session:
+                process_alerts(session, Context(self.store, self.poll_seconds))
+        except Exception:
+            log.exception("feedback rules failed")
+
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
-            try:
-                tick_all(self.db, self.store, poll_seconds=self.poll_seconds)
-            except Exception:  # a bad row must not stop the ticking of the others
-                log.exception("rollout tick failed")
+            self.run_once()

@@ -138,4 +138,6 @@ class Rollout(Base):
 
 
 from slmops.server import blueprints_table as _blueprints_table  # noqa: E402, F401
+from slmops.server.feedback import tables as _feedback_tables  # noqa: E402, F401
 from slmops.server.registry import tables as _registry_tables  # noqa: E402, F401  (Base.metadata)
+from slmops.server.telemetry import tables as _telemetry_tables  # noqa: E402, F401

@@ -9,7 +9,9 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from slmops.server.api.device import checkin, enroll
+from slmops.server.telemetry import ingest
 
 router = APIRouter(prefix="/device/v1")
 router.include_router(enroll.router)
 router.include_router(checkin.router)
+router.include_router(ingest.router)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from slmops.server.api.operator import blueprints, devices, enrollment, rollouts, tokens
+from slmops.server.feedback import api as feedback
+from slmops.server.telemetry import api as telemetry
 
 router = APIRouter(prefix="/api/v1")
 router.include_router(blueprints.router)
@@ -12,3 +14,5 @@ router.include_router(devices.router)
 router.include_router(enrollment.router)
 router.include_router(rollouts.router)
 router.include_router(tokens.router)
+router.include_router(telemetry.router)
+router.include_router(feedback.router)

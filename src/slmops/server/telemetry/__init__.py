@@ -1,0 +1,12 @@
+"""Telemetry on the control plane (issue 6): ingest, roll up, query, gate, watch.
+
+Modules: ``tables`` (rows), ``store`` (writing a batch idempotently, roll-up, retention),
+``ingest`` (POST /device/v1/telemetry), ``aggregate`` (merging and derived figures, pure),
+``rows`` (reading a range: whole hours from the roll-up, edges from windows), ``query``
+(``summarize``, the dashboard's contract), ``api`` (GET /api/v1/telemetry, /api/v1/alerts),
+``cohorts`` (canary/baseline figures for rollout metric gates, ``feed_metrics``), ``drift``
+(PSI against the bundle's baseline, ``check_drift``), ``metrics`` (GET /metrics).
+
+Hooks for the rollout ticker (``server/rollouts.tick_all``): ``feed_metrics(session, ctx)``
+before the ticks, and ``check_drift(session, store)`` now and then.
+"""

@@ -1,0 +1,124 @@
+"""POST /device/v1/telemetry: a device delivers a batch of window aggregates.
+
+The body is a ``TelemetryBatch`` as JSON, gzip-compressed when ``Content-Encoding: gzip``.
+Limits: ``MAX_BODY`` bytes as sent and ``MAX_JSON`` bytes once decompressed; the body is read
+and inflated in chunks with a bounded output per step, so a zip bomb is refused with 413 after
+inflating at most ``MAX_JSON`` bytes, never held whole in memory. Bad gzip answers 400
+(``bad_encoding``), bad JSON or a batch that does not validate 422 (``invalid_request``), all in
+the API's error envelope. The answer is 200 ``{"batch_id", "accepted", "duplicate"}``; a retried
+``batch_id`` answers ``duplicate: true`` and stores nothing (``store.py``).
+
+The hardware class of every window is the device's profile at the time of delivery.
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Request
+from fastapi.concurrency import run_in_threadpool
+from pydantic import BaseModel, ValidationError
+
+from slmops.protocol.telemetry import TelemetryBatch
+from slmops.server.api.deps import DeviceDep, SessionDep
+from slmops.server.errors import api_error
+from slmops.server.telemetry.store import store_batch
+
+router = APIRouter(tags=["device"])
+
+MAX_BODY = 1 << 20  # 1 MiB as sent
+MAX_JSON = 8 << 20  # 8 MiB decompressed
+_CHUNK = 64 << 10
+
+
+class TelemetryAccepted(BaseModel):
+    batch_id: str
+    accepted: int
+    duplicate: bool
+
+
+def _too_large(what: str, limit: int) -> Exception:
+    return api_error(
+        413,
+        "payload_too_large",
+        f"telemetry batch larger than {limit} bytes {what}",
+        where="body",
+        hint="send fewer windows per batch",
+    )
+
+
+async def read_body(request: Request, gzipped: bool) -> bytes:
+    """The request body, inflated when gzipped, within the limits (413 past them)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY:
+        raise _too_large("as sent", MAX_BODY)
+    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS) if gzipped else None
+    received = 0
+    out = bytearray()
+    try:
+        async for chunk in request.stream():
+            received += len(chunk)
+            if received > MAX_BODY:
+                raise _too_large("as sent", MAX_BODY)
+            if inflater is None:
+                out += chunk
+                continue
+            data = chunk
+            while data:
+                out += inflater.decompress(data, MAX_JSON + 1 - len(out))
+                if len(out) > MAX_JSON:
+                    raise _too_large("decompressed", MAX_JSON)
+                data = inflater.unconsumed_tail
+        if inflater is not None:
+            out += inflater.flush()
+            if not inflater.eof:
+                raise zlib.error("truncated gzip stream")
+    except zlib.error as exc:
+        raise api_error(
+            400,
+            "bad_encoding",
+            f"body is not valid gzip: {exc}",
+            where="body",
+            hint="send gzip with Content-Encoding: gzip, or plain JSON without it",
+        ) from None
+    if len(out) > MAX_JSON:
+        raise _too_large("decompressed", MAX_JSON)
+    return bytes(out)
+
+
+@router.post("/telemetry", response_model=TelemetryAccepted)
+async def post_telemetry(
+    request: Request,
+    device: DeviceDep,
+    session: SessionDep,
+    content_encoding: Annotated[str | None, Header()] = None,
+) -> TelemetryAccepted:
+    """Store a batch of telemetry windows (idempotent per ``batch_id``)."""
+    encoding = (content_encoding or "identity").strip().lower()
+    if encoding not in ("gzip", "identity"):
+        raise api_error(
+            415,
+            "unsupported_encoding",
+            f"Content-Encoding {encoding!r} is not supported",
+            where="Content-Encoding",
+            hint="use gzip or no encoding",
+        )
+    body = await read_body(request, encoding == "gzip")
+    try:
+        batch = TelemetryBatch.model_validate_json(body)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ())) or "body"
+        more = f" (and {exc.error_count() - 1} more problem(s))" if exc.error_count() > 1 else ""
+        raise api_error(
+            422,
+            "invalid_request",
+            f"{first.get('msg', 'invalid telemetry batch')}{more}",
+            where=f"body.{where}" if where != "body" else where,
+            hint="send a slmops.telemetry/v1 batch; unknown keys are refused",
+        ) from None
+    stored = await run_in_threadpool(store_batch, session, device, batch)
+    return TelemetryAccepted(
+        batch_id=stored.batch_id, accepted=stored.windows, duplicate=stored.duplicate
+    )

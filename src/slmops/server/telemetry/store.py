@@ -1,0 +1,173 @@
+"""Writing telemetry: a batch, its windows, the hourly roll-up and the counters, in one
+transaction; and pruning old rows (retention).
+
+Idempotency: the batch row goes in first (``UNIQUE(device_id, batch_id)``); a retried batch
+fails that insert, the transaction is rolled back, nothing else is written, and the duplicate is
+counted. Two deliveries racing each other end the same way: on PostgreSQL the second insert
+waits for the first transaction and then fails; on SQLite writers take turns.
+
+Roll-up: each window is merged into the hourly row of (hour of its start, device, model,
+version, variant, rollout). The merge inserts in a savepoint; when the row exists it is read,
+merged and updated ``WHERE revision = <read>``, retried on a miss (another batch of the same
+device merged first), so concurrent API processes never lose a window.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from sqlalchemy import delete, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from slmops.protocol.telemetry import TelemetryBatch, WindowAggregate
+from slmops.server.db.models import Device, utcnow
+from slmops.server.telemetry import aggregate
+from slmops.server.telemetry.tables import (
+    TelemetryBatchRow,
+    TelemetryCounter,
+    TelemetryHourlyRow,
+    TelemetryWindowRow,
+)
+
+HOUR = 3600.0
+MAX_MERGE_ATTEMPTS = 20
+UNKNOWN_CLASS = "unknown"  # as server/rollouts.py names a device without a profile
+
+
+@dataclass(frozen=True)
+class Stored:
+    batch_id: str
+    windows: int
+    duplicate: bool
+
+
+def hour_of(ts: float) -> float:
+    return float(int(ts // HOUR) * HOUR)
+
+
+def bump(session: Session, name: str, by: int) -> None:
+    """Add ``by`` to a counter in SQL, so several processes never lose an increment."""
+    if by:
+        session.execute(
+            update(TelemetryCounter)
+            .where(TelemetryCounter.name == name)
+            .values(value=TelemetryCounter.value + by)
+        )
+
+
+def store_batch(session: Session, device: Device, batch: TelemetryBatch) -> Stored:
+    """Store ``batch`` for ``device`` and commit; a batch already stored changes nothing."""
+    device_id = device.device_id
+    profile = device.profile or UNKNOWN_CLASS
+    row = TelemetryBatchRow(
+        device_id=device_id,
+        batch_id=batch.batch_id,
+        received_at=utcnow(),
+        windows=len(batch.windows),
+        dropped_windows=batch.dropped_windows,
+        samples=[s.model_dump(mode="json") for s in batch.samples] or None,
+    )
+    session.add(row)
+    try:
+        session.flush()
+    except IntegrityError:
+        session.rollback()
+        bump(session, "duplicate_batches", 1)
+        session.commit()
+        return Stored(batch.batch_id, 0, duplicate=True)
+    for window in batch.windows:
+        dims = _dims(window, profile)
+        doc = window.model_dump(mode="json")
+        session.add(
+            TelemetryWindowRow(
+                batch_pk=row.id,
+                device_id=device_id,
+                start_ts=window.start,
+                end_ts=window.end,
+                aggregate=doc,
+                **dims,
+            )
+        )
+        _roll_up(session, device_id, hour_of(window.start), dims, aggregate.from_window(doc))
+    bump(session, "batches", 1)
+    bump(session, "windows", len(batch.windows))
+    bump(session, "dropped_windows", batch.dropped_windows)
+    session.commit()
+    return Stored(batch.batch_id, len(batch.windows), duplicate=False)
+
+
+def _dims(window: WindowAggregate, profile: str) -> dict[str, str]:
+    return {
+        "model": window.model or "",
+        "version": window.version or "",
+        "variant": window.variant or "",
+        "profile": profile,
+        "rollout_id": window.rollout_id or "",
+    }
+
+
+def _roll_up(
+    session: Session, device_id: str, hour: float, dims: dict[str, str], acc: aggregate.Acc
+) -> None:
+    key = (
+        TelemetryHourlyRow.hour == hour,
+        TelemetryHourlyRow.device_id == device_id,
+        TelemetryHourlyRow.model == dims["model"],
+        TelemetryHourlyRow.version == dims["version"],
+        TelemetryHourlyRow.variant == dims["variant"],
+        TelemetryHourlyRow.rollout_id == dims["rollout_id"],
+    )
+    for _ in range(MAX_MERGE_ATTEMPTS):
+        found = session.execute(
+            select(TelemetryHourlyRow.aggregate, TelemetryHourlyRow.revision).where(*key)
+        ).first()
+        if found is None:
+            try:
+                with session.begin_nested():
+                    session.add(
+                        TelemetryHourlyRow(
+                            hour=hour, device_id=device_id, aggregate=acc, revision=0, **dims
+                        )
+                    )
+                return
+            except IntegrityError:
+                continue  # inserted by another transaction meanwhile: merge into it
+        merged = aggregate.merge(found.aggregate, acc)
+        result = session.execute(
+            update(TelemetryHourlyRow)
+            .where(*key, TelemetryHourlyRow.revision == found.revision)
+            .values(aggregate=merged, revision=found.revision + 1)
+            .execution_options(synchronize_session=False)
+        )
+        if getattr(result, "rowcount", 1) == 1:
+            return
+    raise RuntimeError(f"hourly roll-up of {device_id}: {MAX_MERGE_ATTEMPTS} conflicts in a row")
+
+
+def prune(
+    session: Session, *, now: float, keep_windows_s: float = 14 * 86400, keep_hourly_s: float = 0
+) -> int:
+    """Retention: delete windows (and batch rows) older than ``keep_windows_s`` and, when
+    ``keep_hourly_s`` > 0, hourly rows older than that. Queries still answer whole hours from the
+    roll-up; only the partial hours at a range's edges need windows. Commits; returns rows gone.
+    Batch rows go with their windows, so a batch retried after that long would be stored again.
+    """
+    cutoff = now - keep_windows_s
+    gone = session.execute(delete(TelemetryWindowRow).where(TelemetryWindowRow.start_ts < cutoff))
+    count = int(getattr(gone, "rowcount", 0) or 0)
+    still = select(TelemetryWindowRow.batch_pk)
+    session.execute(
+        delete(TelemetryBatchRow).where(
+            TelemetryBatchRow.received_at < datetime.fromtimestamp(cutoff, UTC),
+            TelemetryBatchRow.id.not_in(still),
+        )
+    )
+    if keep_hourly_s > 0:
+        res = session.execute(
+            delete(TelemetryHourlyRow).where(TelemetryHourlyRow.hour < now - keep_hourly_s)
+        )
+        count += int(getattr(res, "rowcount", 0) or 0)
+    session.commit()
+    return count

@@ -1,0 +1,605 @@
+"""Telemetry end to end: a real `slmops server run` (SQLite; one test on PostgreSQL), devices
+delivering gzip batches, operator queries, rollout cohorts and a metric gate, drift, /metrics.
+
+Expected numbers are computed here from the raw per-request values the windows were built from,
+not with the server's merging code.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import statistics
+import subprocess
+import threading
+import time
+import uuid
+from bisect import bisect_left
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+from test_server_api import (
+    Server,
+    _server,
+    assert_envelope,
+    credential,
+    enrollment_token,
+    make_token,
+)
+
+from slmops.protocol.telemetry import BOUNDS
+from slmops.server.db.models import Rollout
+from slmops.server.db.session import Database, open_database
+from slmops.server.registry.store import BlobStore
+from slmops.server.rollout import (
+    DeviceReport,
+    DevicesMatched,
+    MatchedDevice,
+    OperatorAction,
+    OperatorCommand,
+    RolloutPolicy,
+    RolloutState,
+    create_rollout,
+    step,
+)
+from slmops.server.rollouts import Context
+from slmops.server.settings import load_settings
+from slmops.server.telemetry import aggregate
+from slmops.server.telemetry.cohorts import feed_metrics, figures_for
+from slmops.server.telemetry.drift import check_drift, psi
+from slmops.server.telemetry.query import summarize
+
+HOUR = 3600
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    yield from _server(tmp_path_factory)
+
+
+@pytest.fixture
+def db(server: Server) -> Iterator[Database]:
+    database = open_database(load_settings(data_dir=server.data))
+    yield database
+    database.dispose()
+
+
+# --- building batches from raw per-request values --------------------------------------------
+
+
+def hist(name: str, values: list[float]) -> dict[str, Any]:
+    counts = [0.0] * (len(BOUNDS[name]) + 1)
+    for v in values:  # bucket i holds (bounds[i-1], bounds[i]]
+        counts[bisect_left(BOUNDS[name], v)] += 1
+    return {"counts": counts, "sum": float(sum(values)), "count": float(len(values))}
+
+
+def window(
+    start: float,
+    *,
+    version: str,
+    latency: list[float],
+    tps: list[float] | None = None,
+    out_tokens: list[float] | None = None,
+    logprobs: list[float] | None = None,
+    errors: int = 0,
+    model: str = "m",
+    variant: str = "q4",
+    rollout_id: str | None = None,
+    feedback: tuple[int, int] = (0, 0),
+    noised: list[str] | None = None,
+) -> dict[str, Any]:
+    hists = {"latency_ms": hist("latency_ms", latency), "ttft_ms": hist("ttft_ms", latency)}
+    if tps:
+        hists["decode_tps"] = hist("decode_tps", tps)
+    if out_tokens:
+        hists["output_tokens"] = hist("output_tokens", out_tokens)
+    if logprobs:
+        hists["logprob"] = hist("logprob", logprobs)
+    w: dict[str, Any] = {
+        "start": start,
+        "end": start + 300,
+        "model": model,
+        "version": version,
+        "variant": variant,
+        "rollout_id": rollout_id,
+        "requests": len(latency),
+        "errors": {"runtime": errors} if errors else {},
+        "output_tokens": sum(out_tokens or []),
+        "histograms": hists,
+        "feedback": {"up": feedback[0], "down": feedback[1]},
+        "noised": noised or [],
+    }
+    if logprobs:
+        w["logprob_mean"] = statistics.fmean(logprobs)
+        w["quality_tokens"] = len(logprobs)
+    return w
+
+
+def batch(windows: list[dict[str, Any]], dropped: int = 0, batch_id: str | None = None) -> Any:
+    return {
+        "schema": "slmops.telemetry/v1",
+        "batch_id": batch_id or uuid.uuid4().hex,
+        "windows": windows,
+        "dropped_windows": dropped,
+    }
+
+
+def post(server: Server, cred: str, doc: Any, *, gz: bool = True) -> httpx.Response:
+    body = json.dumps(doc).encode()
+    headers = {"Authorization": f"Bearer {cred}", "Content-Type": "application/json"}
+    if gz:
+        body = gzip.compress(body)
+        headers["Content-Encoding"] = "gzip"
+    return httpx.post(server.url + "/device/v1/telemetry", content=body, headers=headers)
+
+
+def device(server: Server, device_id: str, profile: str, **labels: str) -> str:
+    token = enrollment_token(server, {"fleet": device_id.split("-")[0]})
+    return credential(server, token, device_id, profile=profile, labels=labels)
+
+
+def query(server: Server, **params: Any) -> list[dict[str, Any]]:
+    with server.client(make_token(server, "viewer")) as c:
+        r = c.get("/api/v1/telemetry", params=params)
+    assert r.status_code == 200, r.text
+    rows: list[dict[str, Any]] = r.json()["data"]
+    return rows
+
+
+def in_bucket(name: str, value: float | None, raw: list[float], q: float) -> None:
+    """``value`` lies in the bucket holding the raw ``q`` quantile (nearest rank)."""
+    assert value is not None
+    ordered = sorted(raw)
+    true = ordered[max(0, round(q * len(ordered)) - 1)]
+    bounds = BOUNDS[name]
+    i = bisect_left(bounds, true)
+    lo = bounds[i - 1] if i > 0 else 0
+    hi = bounds[i] if i < len(bounds) else bounds[-1]
+    assert lo <= value <= hi, (value, true, lo, hi)
+
+
+# --- pure parts ------------------------------------------------------------------------------
+
+
+def test_quantile_interpolates_inside_the_bucket_and_merge_adds() -> None:
+    counts = [0.0] * 12
+    counts[3] = 10  # (50, 100]
+    counts[4] = 10  # (100, 250]
+    assert aggregate.quantile("latency_ms", counts, 0.5) == pytest.approx(100)
+    assert aggregate.quantile("latency_ms", counts, 0.25) == pytest.approx(75)
+    assert aggregate.quantile("latency_ms", counts, 0.95) == pytest.approx(100 + 150 * 0.9)
+    counts[-1] = 100
+    assert aggregate.quantile("latency_ms", counts, 0.95) == 30000  # open last bucket
+    a = aggregate.from_window(window(0, version="1", latency=[60, 70], logprobs=[-1.0]))
+    b = aggregate.from_window(window(0, version="1", latency=[200], logprobs=[-2.0, -4.0]))
+    both = aggregate.figures(aggregate.merge(a, b))
+    assert both["requests"] == 3 and both["logprob_mean"] == pytest.approx(-7 / 3)
+    assert psi([10, 20, 30], [10, 20, 30]) == 0
+    assert psi([10, 20, 0], [0, 20, 30]) > 1
+
+
+# --- ingestion -------------------------------------------------------------------------------
+
+
+def test_gzip_ingest_is_idempotent_and_counted(server: Server) -> None:
+    cred = device(server, "ing-1", "rpi5")
+    now = time.time()
+    doc = batch(
+        [
+            window(now - 600, version="9.0", latency=[30, 40]),
+            window(now - 300, version="9.0", latency=[45]),
+        ],
+        dropped=3,
+    )
+    first = post(server, cred, doc)
+    assert first.status_code == 200, first.text
+    assert first.json() == {"batch_id": doc["batch_id"], "accepted": 2, "duplicate": False}
+    again = post(server, cred, doc)
+    assert again.status_code == 200 and again.json()["duplicate"] is True
+    assert again.json()["accepted"] == 0
+    plain = post(server, cred, batch([window(now - 100, version="9.0", latency=[20])]), gz=False)
+    assert plain.status_code == 200 and plain.json()["accepted"] == 1
+
+    rows = query(server, group_by="device_id", where="device_id=ing-1")
+    assert len(rows) == 1 and rows[0]["windows"] == 3 and rows[0]["requests"] == 4
+    text = httpx.get(server.url + "/metrics").text
+    values = {
+        line.split(" ")[0]: float(line.split(" ")[1])
+        for line in text.splitlines()
+        if line and not line.startswith("#")
+    }
+    assert values["slmops_telemetry_duplicate_batches_total"] >= 1
+    assert values["slmops_telemetry_dropped_windows_total"] >= 3
+    assert values["slmops_telemetry_windows_total"] >= 3
+
+
+def test_ingest_refuses_bad_auth_encoding_bodies_and_bombs(server: Server) -> None:
+    cred = device(server, "bad-1", "rpi5")
+    doc = batch([window(time.time(), version="1", latency=[10])])
+    assert_envelope(post(server, "slmd_" + "x" * 43, doc), 401, "unauthorized")
+    assert_envelope(post(server, make_token(server, "operator"), doc), 401, "unauthorized")
+    url, auth = server.url + "/device/v1/telemetry", {"Authorization": f"Bearer {cred}"}
+    r = httpx.post(url, content=b"not gzip", headers={**auth, "Content-Encoding": "gzip"})
+    assert_envelope(r, 400, "bad_encoding")
+    truncated = gzip.compress(json.dumps(doc).encode())[:-10]
+    r = httpx.post(url, content=truncated, headers={**auth, "Content-Encoding": "gzip"})
+    assert_envelope(r, 400, "bad_encoding")
+    assert_envelope(post(server, cred, {"batch_id": "short"}), 422, "invalid_request")
+    r = httpx.post(
+        url, content=gzip.compress(b"{not json"), headers={**auth, "Content-Encoding": "gzip"}
+    )
+    assert_envelope(r, 422, "invalid_request")
+    bad_hist = batch([{**window(0, version="1", latency=[1]), "histograms": {"x": {"counts": []}}}])
+    assert_envelope(post(server, cred, bad_hist), 422, "invalid_request")
+    bomb = gzip.compress(b" " * (64 << 20), compresslevel=9)  # 64 MiB of spaces, ~64 KiB sent
+    assert len(bomb) < 1 << 20
+    r = httpx.post(url, content=bomb, headers={**auth, "Content-Encoding": "gzip"}, timeout=30)
+    assert_envelope(r, 413, "payload_too_large")
+    big = os.urandom((1 << 20) + 10)
+    assert_envelope(httpx.post(url, content=big, headers=auth, timeout=30), 413)
+    assert httpx.get(server.url + "/healthz").status_code == 200
+
+
+# --- queries ---------------------------------------------------------------------------------
+
+
+def test_queries_merge_and_group_by_version_profile_and_label(server: Server) -> None:
+    base = (int(time.time()) // HOUR - 10) * HOUR  # whole hours in the past
+    fleet = {
+        "qry-a": ("rpi5", "x"),
+        "qry-b": ("rpi5", "y"),
+        "qry-c": ("jetson", "x"),
+    }
+    raw: dict[str, dict[str, Any]] = {}  # key -> raw values kept by the query range
+    creds = {d: device(server, d, p, site=s) for d, (p, s) in fleet.items()}
+    since, until = base + 500, base + 2 * HOUR  # partial first hour, whole second hour
+    for n, (dev, cred) in enumerate(creds.items()):
+        windows = []
+        for k, offset in enumerate([100, 1000, HOUR + 100, HOUR + 2000, 2 * HOUR]):
+            version = "1.0" if (n + k) % 2 else "1.1"
+            lat = [20.0 + 30 * n + 7 * k + j for j in range(5 + n)]
+            tps = [10.0 + n + j for j in range(len(lat))]
+            outs = [5.0 + j for j in range(len(lat))]
+            lps = [-0.5 - 0.1 * (n + k + j) for j in range(3 + k)]
+            w = window(
+                base + offset,
+                version=version,
+                latency=lat,
+                tps=tps,
+                out_tokens=outs,
+                logprobs=lps,
+                errors=k % 2,
+                feedback=(n, k),
+                noised=["requests"] if dev == "qry-c" else [],
+            )
+            windows.append(w)
+            if since <= base + offset < until:
+                profile, site = fleet[dev]
+                for key in (f"v:{version}", f"p:{profile}", f"s:{site}"):
+                    r = raw.setdefault(
+                        key,
+                        {
+                            "lat": [],
+                            "tps": [],
+                            "outs": [],
+                            "lps": [],
+                            "err": 0,
+                            "up": 0,
+                            "down": 0,
+                            "devices": set(),
+                            "windows": 0,
+                        },
+                    )
+                    r["lat"] += lat
+                    r["tps"] += tps
+                    r["outs"] += outs
+                    r["lps"] += lps
+                    r["err"] += k % 2
+                    r["up"] += n
+                    r["down"] += k
+                    r["devices"].add(dev)
+                    r["windows"] += 1
+        assert post(server, cred, batch(windows)).status_code == 200
+
+    where = "model=m"
+    for group, prefix in (("version", "v"), ("profile", "p"), ("label:site", "s")):
+        rows = query(server, group_by=group, since=since, until=until, where=where)
+        rows = [r for r in rows if f"{prefix}:{r[group]}" in raw]
+        assert {f"{prefix}:{r[group]}" for r in rows} == {k for k in raw if k[0] == prefix}
+        for row in rows:
+            r = raw[f"{prefix}:{row[group]}"]
+            assert row["windows"] == r["windows"] and row["devices"] == len(r["devices"])
+            assert row["requests"] == len(r["lat"])
+            assert row["error_rate"] == pytest.approx(r["err"] / len(r["lat"]))
+            assert row["tokens_per_s"] == pytest.approx(statistics.fmean(r["tps"]))
+            assert row["output_tokens_mean"] == pytest.approx(statistics.fmean(r["outs"]))
+            assert row["logprob_mean"] == pytest.approx(statistics.fmean(r["lps"]))
+            assert (row["feedback_up"], row["feedback_down"]) == (r["up"], r["down"])
+            for q, name in ((0.5, "latency_p50_ms"), (0.95, "latency_p95_ms")):
+                in_bucket("latency_ms", row[name], r["lat"], q)
+            in_bucket("ttft_ms", row["ttft_p95_ms"], r["lat"], 0.95)
+            assert row["noised"] == (["requests"] if "qry-c" in r["devices"] else [])
+    two = query(server, group_by=["version", "profile"], since=since, until=until, where=where)
+    assert all(set(r) >= {"version", "profile", "requests"} for r in two)
+    assert sum(r["requests"] for r in two) == sum(
+        len(raw[k]["lat"]) for k in raw if k.startswith("v:")
+    )
+    with server.client(make_token(server, "viewer")) as c:
+        assert_envelope(c.get("/api/v1/telemetry", params={"group_by": "colour"}), 400)
+        assert_envelope(c.get("/api/v1/telemetry", params={"where": "nokey"}), 422)
+    assert_envelope(httpx.get(server.url + "/api/v1/telemetry"), 401)
+
+
+# --- rollout cohorts and a metric gate -------------------------------------------------------
+
+
+def _rollout(db: Database, rollout_id: str, devices: dict[str, str]) -> RolloutState:
+    """A running rollout to 1.1.0 over ``devices`` (all on 1.0.0, class rpi5); wave 0 moves one
+    device, which reports active. Its gates wait for a latency figure."""
+    policy = RolloutPolicy.model_validate(
+        {
+            "waves": [{"count": 1}, {"percent": 100}],
+            "gates": {
+                "min_soak_seconds": 0,
+                "metrics": [
+                    {
+                        "metric": "latency_p95_ms",
+                        "better": "lower",
+                        "tolerance": 0.2,
+                        "min_samples": 50,
+                    }
+                ],
+                "on_failure": "rollback",
+            },
+        }
+    )
+    now = time.time()
+    state = create_rollout(rollout_id, "1.1.0", now=now, policy=policy)
+    matched = [
+        MatchedDevice(device_id=d, hardware_class="rpi5", current_version="1.0.0") for d in devices
+    ]
+    state, _ = step(state, DevicesMatched(devices=matched), now)
+    state, _ = step(state, OperatorCommand(action=OperatorAction.START, actor="t"), now)
+    (canary,) = state.assigned
+    state, _ = step(state, DeviceReport(device_id=canary, state="active"), now)
+    with db.sessions() as session:
+        session.add(
+            Rollout(
+                id=rollout_id,
+                blueprint="none",
+                model="m",
+                target_version="1.1.0",
+                state_json=state.to_json(),
+                status=state.status.value,
+            )
+        )
+        session.commit()
+    return state
+
+
+def test_cohort_figures_and_a_slower_canary_is_rolled_back(server: Server, db: Database) -> None:
+    names = ["gate-1", "gate-2", "gate-3"]
+    creds = {d: device(server, d, "rpi5") for d in names}
+    outside = device(server, "gate-4", "rpi5")  # not in the rollout, same model and version
+    other_model = device(server, "gate-5", "rpi5")
+    state = _rollout(db, "gate-r1", creds)
+    (canary,) = state.assigned
+    start = time.time() + 1
+    canary_lat = [300.0 + j for j in range(60)]
+    base_lat: list[float] = []
+    for dev, cred in creds.items():
+        if dev == canary:
+            w = window(
+                start,
+                version="1.1.0",
+                latency=canary_lat,
+                rollout_id="gate-r1",
+                logprobs=[-1.0] * 10,
+            )
+        else:
+            lat = [60.0 + j % 30 for j in range(40)]
+            base_lat += lat
+            w = window(start, version="1.0.0", latency=lat, logprobs=[-0.5] * 10)
+        assert post(server, cred, batch([w])).status_code == 200
+    lat4 = [70.0] * 20
+    base_lat += lat4
+    assert post(server, outside, batch([window(start, version="1.0.0", latency=lat4)])).is_success
+    noise = window(start, version="1.0.0", latency=[9000.0] * 50, model="other")
+    assert post(server, other_model, batch([noise])).is_success
+
+    with db.sessions() as session:
+        figs = {(f.cohort.value, f.metric): f for f in figures_for(session, state, start - 10)}
+        rows = summarize(session, group_by=["cohort:gate-r1"], since=start - 10)
+    assert {f.hardware_class for f in figs.values()} == {"rpi5"}
+    assert figs["canary", "latency_p95_ms"].samples == 60
+    assert figs["baseline", "latency_p95_ms"].samples == len(base_lat) == 100
+    in_bucket("latency_ms", figs["canary", "latency_p95_ms"].value, canary_lat, 0.95)
+    in_bucket("latency_ms", figs["baseline", "latency_p95_ms"].value, base_lat, 0.95)
+    assert figs["canary", "error_rate"].value == 0
+    assert figs["canary", "logprob_mean"].value == -1.0
+    assert figs["canary", "logprob_mean"].samples == 10
+    assert {r["cohort:gate-r1"]: r["requests"] for r in rows} == {"canary": 60, "baseline": 100}
+
+    with db.sessions() as session:
+        fed = feed_metrics(session, Context(BlobStore(server.data), poll_seconds=60))
+    assert fed >= 1
+    with server.client(make_token(server, "viewer")) as c:
+        doc = c.get("/api/v1/rollouts/gate-r1").json()
+    assert doc["status"] in ("rolling-back", "rolled-back"), doc["status"]
+    results = json.dumps(doc)
+    assert "metric:latency_p95_ms[rpi5]" in results
+
+
+def test_a_matching_canary_is_not_stopped(server: Server, db: Database) -> None:
+    creds = {d: device(server, d, "rpi5") for d in ["same-1", "same-2"]}
+    state = _rollout(db, "same-r1", creds)
+    start = time.time() + 1
+    for dev, cred in creds.items():
+        version = "1.1.0" if dev in state.assigned else "1.0.0"
+        w = window(start, version=version, latency=[80.0] * 60)
+        assert post(server, cred, batch([w])).is_success
+    with db.sessions() as session:
+        feed_metrics(session, Context(BlobStore(server.data), poll_seconds=60))
+        row = session.get(Rollout, "same-r1")
+        assert row is not None
+        after = RolloutState.from_json(row.state_json)
+    assert after.status.value in ("running", "succeeded")
+    assert any(f.metric == "latency_p95_ms" for f in after.figures)
+
+
+# --- drift -----------------------------------------------------------------------------------
+
+
+def test_drift_alert_for_a_shifted_distribution_only(server: Server, db: Database) -> None:
+    rng = [(-0.3, 400), (-0.8, 300), (-1.7, 200), (-5.0, 100)]
+    field_same = [v for v, n in rng for _ in range(n // 4)]
+    field_shift = [-7.0] * 150 + [-0.3] * 50
+    base_counts = hist("logprob", [v for v, n in rng for _ in range(n)])["counts"]
+    for dev, values in (("drift-a", field_same), ("drift-b", field_shift)):
+        cred = device(server, dev, "rpi5" if dev == "drift-a" else "jetson")
+        w = window(
+            time.time() - 60, version="3.0", latency=[10.0], logprobs=values, out_tokens=[8.0] * 200
+        )
+        assert post(server, cred, batch([w])).is_success
+
+    def baselines(model: str, version: str, variant: str) -> dict[str, list[float]] | None:
+        if (model, version) != ("m", "3.0"):
+            return None
+        return {"logprob": base_counts, "output_tokens": hist("output_tokens", [8.0])["counts"]}
+
+    store = BlobStore(server.data)
+    with db.sessions() as session:
+        raised = check_drift(session, store, baselines=baselines, min_samples=100)
+        found = [(a.profile, a.statistic, a.value) for a in raised]
+        again = check_drift(session, store, baselines=baselines, min_samples=100)
+        no_bundle = check_drift(session, store)  # no bundle with a baseline: nothing to compare
+    assert [(p, s) for p, s, _ in found] == [("jetson", "psi:logprob")], found
+    assert found[0][2] > 0.2
+    assert again == [] and no_bundle == []
+    with server.client(make_token(server, "viewer")) as c:
+        alerts = c.get("/api/v1/alerts", params={"acknowledged": False}).json()["data"]
+    mine = [a for a in alerts if a["version"] == "3.0"]
+    assert len(mine) == 1 and mine[0]["kind"] == "drift" and mine[0]["threshold"] == 0.2
+    with server.client(make_token(server, "operator")) as c:
+        r = c.post(f"/api/v1/alerts/{mine[0]['id']}/ack")
+    assert r.status_code == 200 and r.json()["acknowledged"] is True
+
+
+# --- /metrics --------------------------------------------------------------------------------
+
+
+def test_metrics_pass_promtool(server: Server) -> None:
+    cred = device(server, "prom-1", "rpi5")
+    w = window(time.time() - 30, version="5.0", latency=[12.0, 80.0], errors=1)
+    assert post(server, cred, batch([w])).is_success
+    r = httpx.get(server.url + "/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    check = subprocess.run(
+        ["promtool", "check", "metrics"], input=r.text, capture_output=True, text=True, timeout=30
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
+    for family in (
+        'slmops_devices{profile="rpi5"}',
+        'slmops_telemetry_requests_total{version="5.0"}',
+        'slmops_telemetry_errors_total{version="5.0"}',
+        'slmops_telemetry_latency_seconds{profile="rpi5",quantile="0.95",version="5.0"}',
+        "slmops_devices_seen_recently",
+        "slmops_telemetry_batches_total",
+    ):
+        assert family in r.text, family
+
+
+# --- PostgreSQL ------------------------------------------------------------------------------
+
+
+def test_ingest_on_postgresql_with_racing_retries(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    from pg import postgres_cluster
+
+    with postgres_cluster() as url:
+        os.environ["SLMOPS_DB_URL"] = url
+        try:
+            for srv in _server(tmp_path_factory):
+                _racing_retries(srv)
+        finally:
+            del os.environ["SLMOPS_DB_URL"]
+
+
+def _racing_retries(srv: Server) -> None:
+    """Four deliveries of one batch at once: one stored, three duplicates."""
+    cred = device(srv, "pg-1", "rpi5")
+    now = time.time()
+    doc = batch(
+        [
+            window(now - 60, version="1", latency=[10.0, 20.0]),
+            window(now - 30, version="1", latency=[30.0]),
+        ]
+    )
+    answers: list[httpx.Response] = []
+
+    def send() -> None:
+        answers.append(post(srv, cred, doc))
+
+    threads = [threading.Thread(target=send) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(a.status_code == 200 for a in answers), [a.text for a in answers]
+    assert sorted(a.json()["duplicate"] for a in answers) == [False, True, True, True]
+    rows = query(srv, group_by="profile")
+    assert rows == [rows[0]] and rows[0]["requests"] == 3 and rows[0]["windows"] == 2
+    bomb = gzip.compress(b"0" * (16 << 20))
+    r = httpx.post(
+        srv.url + "/device/v1/telemetry",
+        content=bomb,
+        headers={"Authorization": f"Bearer {cred}", "Content-Encoding": "gzip"},
+    )
+    assert_envelope(r, 413)
+
+
+def test_baseline_is_read_from_a_variant_descriptor() -> None:
+    from slmops.protocol.bundle import VariantDescriptor
+    from slmops.server.telemetry.drift import baseline_of
+
+    logprob = hist("logprob", [-0.3, -2.0])["counts"]
+    outs = hist("output_tokens", [8.0])["counts"]
+    doc = {"name": "q4", "runtime": "llama.cpp", "format": "gguf", "disk_bytes": 1}
+    assert baseline_of(VariantDescriptor.model_validate(doc)) is None
+    with_base = {
+        **doc,
+        "baseline": {"logprob": logprob, "output_tokens": outs, "prompts": 2, "max_tokens": 8},
+    }
+    found = baseline_of(VariantDescriptor.model_validate(with_base))
+    assert found == {"logprob": logprob, "output_tokens": outs}
+    assert baseline_of(with_base) == found  # a plain dict (e.g. an older reader) works too
+
+
+def test_retention_keeps_whole_hours_in_the_roll_up(tmp_path: Any) -> None:
+    from slmops.protocol.telemetry import TelemetryBatch
+    from slmops.server.db.models import Device
+    from slmops.server.telemetry.store import prune, store_batch
+    from slmops.server.telemetry.tables import TelemetryWindowRow
+
+    database = open_database(load_settings(data_dir=tmp_path))
+    old = (int(time.time()) // HOUR - 48) * HOUR
+    with database.sessions() as session:
+        dev = Device(device_id="ret-1", credential_hash="x" * 64, profile="rpi5")
+        session.add(dev)
+        session.commit()
+        doc = batch([window(old + 60 * k, version="1", latency=[10.0] * (k + 1)) for k in range(4)])
+        parsed = TelemetryBatch.model_validate(doc)
+        assert store_batch(session, dev, parsed).windows == 4
+        assert store_batch(session, dev, parsed).duplicate
+        assert prune(session, now=time.time(), keep_windows_s=86400) == 4
+        assert session.query(TelemetryWindowRow).count() == 0
+        rows = summarize(session, group_by=["version"], since=old, until=old + HOUR)
+        assert [(r["version"], r["requests"], r["windows"]) for r in rows] == [("1", 10, 4)]
+        edge = summarize(session, group_by=["version"], since=old + 1, until=old + HOUR)
+        assert edge == []  # a partial hour needs the windows, which retention removed
+    database.dispose()
