@@ -42,6 +42,8 @@ from slmops.evaluate.schema import (
     Verdict,
 )
 from slmops.model.card import LineageCard
+from slmops.protocol.bundle import QualityBaseline, VariantDescriptor
+from slmops.protocol.telemetry import BOUNDS
 
 MB = 2**20
 TOKENIZER = b'{"model": {"type": "BPE", "vocab": {"a": 0}}}'  # shared by both ONNX variants
@@ -107,8 +109,20 @@ def _profile(name: str, ram_mb: int, context: int) -> DeviceProfile:
     )
 
 
+def make_baseline(i: int) -> QualityBaseline:
+    """A field baseline: 8 prompts, all of them running to 64 tokens."""
+    logprob = [0.0] * (len(BOUNDS["logprob"]) + 1)
+    logprob[3], logprob[7] = 200.0 + i, 312.0 - i
+    output_tokens = [0.0] * (len(BOUNDS["output_tokens"]) + 1)
+    output_tokens[6] = 8.0
+    return QualityBaseline(
+        logprob=logprob, output_tokens=output_tokens, prompts=8, max_tokens=64, tokens=512
+    )
+
+
 def make_report(variants_dir: Path, names: list[str]) -> EvalReport:
-    """Two profiles: `pi` (everything fits, q8 selected) and `gw` (only q4 fits and is selected)."""
+    """Two profiles: `pi` (everything fits, q8 selected) and `gw` (only q4 fits and is selected).
+    Every variant but int8 has a field baseline (int8 stands for a report from before them)."""
     profiles = [_profile("pi", 4096, 2048), _profile("gw", 700, 1024)]
     infos, quality, perf, verdicts = [], {}, [], []
     for i, n in enumerate(names):
@@ -133,6 +147,7 @@ def make_report(variants_dir: Path, names: list[str]) -> EvalReport:
             top1_agreement=0.99,
             perplexity=220.0,
             reference_perplexity=219.0,
+            baseline=None if n == "int8" else make_baseline(i),
         )
         for p in profiles:
             rss = (100 + 10 * i) * MB + (0 if p.name == "pi" else 1)
@@ -255,6 +270,45 @@ def test_descriptor_carries_the_evaluated_numbers(tmp_path: Path) -> None:
         "report.md",
         "charts/pi-kld-vs-size.png",
     ]
+
+
+def test_descriptor_carries_the_field_baseline_and_still_verifies(tmp_path: Path) -> None:
+    from slmops.bundle.inspect import inspect_bundle
+
+    bundle = build(tmp_path)
+    assert verify_bundle(bundle, [], require_signature=False).variants == list(VARIANTS)
+    descriptors = {v["name"]: v["descriptor"] for v in inspect_bundle(bundle)["variants"]}
+    report = json.loads((tmp_path / "in" / "report" / "report.json").read_text())
+    for name, desc in descriptors.items():
+        assert desc["baseline"] == report["quality"][name]["baseline"]
+    q4 = VariantDescriptor.model_validate(descriptors["q4"])
+    assert q4.baseline is not None and q4.baseline.prompts == 8
+    assert len(q4.baseline.logprob) == len(BOUNDS["logprob"]) + 1
+    assert sum(q4.baseline.output_tokens) == 8 and sum(q4.baseline.logprob) == 512
+    assert descriptors["int8"]["baseline"] is None  # evaluated before baselines existed
+
+
+def test_old_descriptors_and_reports_without_baselines_still_load(tmp_path: Path) -> None:
+    from slmops.bundle.inspect import inspect_bundle
+    from slmops.evaluate.gate import load_report
+
+    desc = inspect_bundle(build(tmp_path))["variants"][0]["descriptor"]
+    desc.pop("baseline")
+    assert VariantDescriptor.model_validate(desc).baseline is None
+    report_json = tmp_path / "in" / "report" / "report.json"
+    data = json.loads(report_json.read_text())
+    for q in data["quality"].values():
+        q.pop("baseline")
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "report.json").write_text(json.dumps(data))
+    assert all(q.baseline is None for q in load_report(old).quality.values())
+
+
+def test_baseline_histograms_must_have_the_shared_bucket_count() -> None:
+    good = make_baseline(0).model_dump()
+    with pytest.raises(ValueError, match="'logprob' has 3 buckets, expected 11"):
+        QualityBaseline.model_validate(good | {"logprob": [1.0, 2.0, 3.0]})
 
 
 def test_rebuild_gives_the_same_digest_and_is_idempotent(tmp_path: Path) -> None:

@@ -80,6 +80,12 @@ def test_report_files_and_selection(evaluated: dict[str, Path]) -> None:
     assert {v["name"] for v in data["variants"]} == {"f16", "q8", "pruned90", "onnx-int4"}
     q = data["quality"]
     assert q["q8"]["kld_mean"] < q["pruned90"]["kld_mean"]
+    for name in ("q8", "onnx-int4"):  # the field baseline, for GGUF and ONNX alike
+        base = q[name]["baseline"]
+        assert base["prompts"] == 8 and base["max_tokens"] == 64 and base["temperature"] == 0
+        assert len(base["logprob"]) == 11 and len(base["output_tokens"]) == 12
+        assert sum(base["output_tokens"]) == 8
+        assert sum(base["logprob"]) == base["tokens"] <= 8 * 64
     sel = {s["profile"]: s["variant"] for s in data["selections"]}
     assert sel["rpi5-8gb"] in {"f16", "q8", "onnx-int4"}
     assert sel["tiny-mcu"] is None, "nothing fits 20 MB"

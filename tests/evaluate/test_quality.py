@@ -106,3 +106,32 @@ def test_bad_inputs(tmp_path: Path) -> None:
         q.read_eval_text(short)
     with pytest.raises(ConfigError, match="not found"):
         q.read_eval_text(tmp_path / "missing.txt")
+
+
+@pytest.mark.parametrize("variant", ["q8", "onnx"])
+def test_field_baseline_histograms(setup, variant: str) -> None:
+    from slmops.protocol.telemetry import BOUNDS
+
+    _, _, prompts, variants, _ = setup
+    rt = open_runtime(variants[variant], threads=2, n_ctx=128)
+    try:
+        base = q.quality_baseline(rt, prompts, max_tokens=20)
+        lengths = [len(rt.generate(p, 20)[0]) for p in prompts]  # greedy: the same outputs
+    finally:
+        rt.close()
+    assert len(base.logprob) == len(BOUNDS["logprob"]) + 1
+    assert len(base.output_tokens) == len(BOUNDS["output_tokens"]) + 1
+    assert base.prompts == len(prompts) == 4 and base.max_tokens == 20
+    assert base.temperature == 0.0
+    assert sum(base.output_tokens) == base.prompts
+    assert sum(base.logprob) == base.tokens == sum(lengths)
+    assert base.logprob_mean is not None and base.logprob_mean <= 0
+    assert base.entropy_mean is not None and base.entropy_mean >= 0
+
+
+def test_score_variant_carries_the_baseline_when_asked(setup) -> None:
+    ref, scores, prompts, _, _ = setup
+    assert q.score_variant(ref, scores, prompts=prompts).baseline is None
+    res = q.score_variant(ref, scores, prompts=prompts, baseline_tokens=8)
+    assert res.baseline is not None and res.baseline.prompts == len(prompts)
+    assert res.baseline.max_tokens == 8 and sum(res.baseline.logprob) <= 8 * len(prompts)

@@ -351,6 +351,7 @@ def _descriptor(
         if report
         else [],
         card_digest=card_digest,
+        baseline=quality.baseline if quality else None,
     )
 
 

@@ -120,6 +120,14 @@ def evaluate_command(
         int, typer.Option(min=8, max=2048, help="tokens decoded per performance run")
     ] = 64,
     windows: Annotated[int, typer.Option(min=1, max=1000, help="quality windows scored")] = 24,
+    baseline_tokens: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            max=1024,
+            help="greedy tokens per prompt for the field baseline (logprob, length); 0: none",
+        ),
+    ] = 64,
     window_tokens: Annotated[
         int, typer.Option(min=16, max=8192, help="tokens per quality window")
     ] = 128,
@@ -152,6 +160,7 @@ def evaluate_command(
             max_tokens=max_tokens,
             windows=windows,
             window_tokens=window_tokens,
+            baseline_tokens=baseline_tokens,
             cloud_usd_per_million=cloud_price,
             tie_kld=tie_kld,
             only=variant or [],

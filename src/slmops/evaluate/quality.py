@@ -28,7 +28,9 @@ from slmops.core.config import StrictModel
 from slmops.core.digest import sha256_bytes
 from slmops.core.errors import ConfigError
 from slmops.evaluate.schema import QualityProtocol, QualityResult
-from slmops.runtimes.base import Runtime
+from slmops.protocol.bundle import QualityBaseline
+from slmops.protocol.telemetry import bucket_counts
+from slmops.runtimes.base import Runtime, TokenStats
 
 if TYPE_CHECKING:
     import numpy as np
@@ -163,7 +165,10 @@ def score_variant(
     greedy_tokens: int = 32,
     tasks: Sequence[Task] = (),
     seed: int = 0,
+    baseline_tokens: int = 0,
 ) -> QualityResult:
+    """Quality of `variant` against the reference; with `baseline_tokens` > 0 and prompts, also
+    its field baseline (`quality_baseline`) on the same prompts."""
     import numpy as np
 
     t0 = time.perf_counter()
@@ -191,6 +196,7 @@ def score_variant(
     if prompts and reference is not None:
         greedy = greedy_agreement(reference, variant, prompts, greedy_tokens)
     acc = task_accuracy(variant, tasks) if tasks else None
+    base = quality_baseline(variant, prompts, baseline_tokens) if baseline_tokens > 0 else None
     return QualityResult(
         kld_mean=float(flat.mean()),
         kld_p99=float(np.percentile(flat, 99)),
@@ -203,6 +209,36 @@ def score_variant(
         task_accuracy=acc,
         tasks=len(tasks),
         eval_seconds=round(time.perf_counter() - t0, 3),
+        baseline=base if base is not None and base.prompts else None,
+    )
+
+
+def quality_baseline(
+    runtime: Runtime, prompts: Sequence[Sequence[int]], max_tokens: int = 64
+) -> QualityBaseline:
+    """The histograms device telemetry reports (token logprob, output tokens per response),
+    measured on fixed prompts, for drift detection in the field.
+
+    Greedy (temperature 0), stopping at EOS or `max_tokens`: deterministic, so the baseline is
+    reproducible run to run and differences between variants are the models', not sampling
+    noise over a few hundred tokens. Log-probabilities are under the raw model distribution, as
+    devices report them whatever temperature they serve at (sampled field traffic therefore sits
+    somewhat lower than this greedy baseline; compare shapes and shifts, not equality).
+    """
+    stats = TokenStats()
+    lengths = []
+    for p in prompts:
+        out, _ = runtime.generate(p, max_tokens, stats=stats)
+        lengths.append(len(out))
+    return QualityBaseline(
+        logprob=bucket_counts("logprob", stats.logprobs),
+        output_tokens=bucket_counts("output_tokens", lengths),
+        prompts=len(prompts),
+        max_tokens=max_tokens,
+        temperature=0.0,
+        tokens=stats.count,
+        logprob_mean=stats.logprob_mean,
+        entropy_mean=stats.entropy_mean,
     )
 
 

@@ -50,6 +50,7 @@ class EvalOptions:
     window_tokens: int = 128
     threads: int = 2
     greedy_prompts: int = 8
+    baseline_tokens: int = 64  # per prompt, for the field baseline (0: none)
     cloud_usd_per_million: float | None = None
     tie_kld: float = 0.002
     only: list[str] = field(default_factory=list)
@@ -211,7 +212,12 @@ def evaluate(
             rt = open_runtime(v.path, threads=opts.threads, n_ctx=max(opts.window_tokens + 1, 256))
             try:
                 quality[v.name] = q.score_variant(
-                    rt, ref_scores, reference=reference, prompts=prompts, tasks=tasks
+                    rt,
+                    ref_scores,
+                    reference=reference,
+                    prompts=prompts,
+                    tasks=tasks,
+                    baseline_tokens=opts.baseline_tokens,
                 )
             finally:
                 rt.close()

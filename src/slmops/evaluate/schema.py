@@ -13,6 +13,7 @@ from pydantic import Field
 
 from slmops.core.config import StrictModel
 from slmops.evaluate.profiles import DeviceProfile
+from slmops.protocol.bundle import QualityBaseline
 
 REPORT_SCHEMA = "slmops.eval-report/v1"
 
@@ -59,6 +60,11 @@ class QualityResult(StrictModel):
     task_accuracy: float | None = None
     tasks: int = 0
     eval_seconds: float = 0.0
+    baseline: QualityBaseline | None = Field(
+        None,
+        description="the field's quality-proxy histograms (token logprob, output length) "
+        "measured on fixed prompts: what device telemetry is compared against for drift",
+    )
 
 
 class PerfResult(StrictModel):

@@ -7,12 +7,43 @@ plane resolves variants per device from it.
 
 from __future__ import annotations
 
-from pydantic import Field
+from typing import Self
+
+from pydantic import Field, model_validator
 
 from slmops.core.config import StrictModel
+from slmops.protocol.telemetry import BOUNDS
 
 DESCRIPTOR_SCHEMA = "slmops.variant-descriptor/v1"
 BUNDLE_SCHEMA = "slmops.bundle/v1"
+
+
+class QualityBaseline(StrictModel):
+    """What the field's quality proxies looked like in evaluation, to detect drift against.
+
+    The same two histograms a device reports in its telemetry windows (``BOUNDS["logprob"]``
+    per generated token, ``BOUNDS["output_tokens"]`` per response), from generating on
+    ``prompts`` fixed prompts of the evaluation text, up to ``max_tokens`` each, at
+    ``temperature`` (0: greedy). Log-probabilities and entropies are under the raw model
+    distribution (softmax of the logits), as devices report them.
+    """
+
+    logprob: list[float] = Field(description="per-token log-probability counts over BOUNDS")
+    output_tokens: list[float] = Field(description="per-response token count over BOUNDS")
+    prompts: int = Field(ge=0)
+    max_tokens: int = Field(ge=1)
+    temperature: float = Field(0.0, ge=0)
+    tokens: int = Field(0, ge=0, description="generated tokens behind the histograms")
+    logprob_mean: float | None = None
+    entropy_mean: float | None = Field(None, description="mean next-token entropy (nats)")
+
+    @model_validator(mode="after")
+    def _buckets(self) -> Self:
+        for name in ("logprob", "output_tokens"):
+            got, want = len(getattr(self, name)), len(BOUNDS[name]) + 1
+            if got != want:
+                raise ValueError(f"baseline histogram {name!r} has {got} buckets, expected {want}")
+        return self
 
 
 class VariantDescriptor(StrictModel):
@@ -35,6 +66,9 @@ class VariantDescriptor(StrictModel):
     )
     fits: list[str] = Field(default_factory=list, description="device profiles it fits")
     card_digest: str | None = None
+    baseline: QualityBaseline | None = Field(
+        None, description="evaluation baseline of the field's quality proxies (drift detection)"
+    )
     model_config = StrictModel.model_config | {"populate_by_name": True}
 
 

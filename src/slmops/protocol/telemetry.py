@@ -15,6 +15,8 @@ Shared by the agent (producer) and the server (consumer); imports nothing heavie
 
 from __future__ import annotations
 
+from bisect import bisect_left
+from collections.abc import Iterable
 from typing import Literal, Self
 
 from pydantic import Field, model_validator
@@ -32,7 +34,18 @@ BOUNDS: dict[str, tuple[float, ...]] = {
     "logprob": (-8, -6, -4, -3, -2, -1.5, -1, -0.5, -0.25, -0.1),
 }
 HISTOGRAMS = tuple(BOUNDS)
+
 ERROR_KINDS = ("bad_request", "no_model", "runtime", "timeout", "overloaded", "other")
+
+
+def bucket_counts(metric: str, values: Iterable[float]) -> list[float]:
+    """Counts of `values` over ``BOUNDS[metric]``: bucket i holds values <= bounds[i] (and above
+    bounds[i - 1]), the last bucket everything above the last bound."""
+    bounds = BOUNDS[metric]
+    counts = [0.0] * (len(bounds) + 1)
+    for v in values:
+        counts[bisect_left(bounds, v)] += 1
+    return counts
 
 
 class TelemetryPolicy(StrictModel):

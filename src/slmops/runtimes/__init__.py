@@ -4,6 +4,6 @@ The edge agent uses this package too, so nothing heavy is imported at module lev
 backend imports its runtime library when a model is loaded.
 """
 
-from slmops.runtimes.base import GenerationStats, Runtime, open_runtime
+from slmops.runtimes.base import GenerationStats, Runtime, TokenStats, open_runtime
 
-__all__ = ["GenerationStats", "Runtime", "open_runtime"]
+__all__ = ["GenerationStats", "Runtime", "TokenStats", "open_runtime"]

@@ -6,10 +6,11 @@ differences (BOS handling in ONNX GenAI, for one) cannot masquerade as model dif
 
 from __future__ import annotations
 
+import math
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
@@ -31,6 +32,64 @@ class GenerationStats:
         # the first token's time is TTFT; decode speed counts the tokens after it
         n = self.generated_tokens - 1
         return n / self.decode_s if n > 0 and self.decode_s > 0 else 0.0
+
+
+@dataclass
+class TokenStats:
+    """Per-token quality proxies collected while streaming (opt in: ``stream(..., stats=s)``).
+
+    For every token a runtime yields, it first appends to ``logprobs`` the token's natural-log
+    probability and to ``entropies`` the entropy (nats) of the next-token distribution it was
+    drawn from. Both are taken from the *raw* model distribution, softmax(logits) over the whole
+    model vocabulary, before temperature, top-k or any other sampling transform, so figures from
+    devices serving at different temperatures stay comparable. ``logprobs[-1]`` inside the loop
+    body belongs to the token just yielded; an EOS token gets an entry too (callers that do not
+    count EOS as output drop it, as `Runtime.generate` does).
+    """
+
+    logprobs: list[float] = field(default_factory=list)
+    entropies: list[float] = field(default_factory=list)
+
+    @property
+    def count(self) -> int:
+        """Tokens recorded (an empty TokenStats is not falsy: test `is None`)."""
+        return len(self.logprobs)
+
+    def add(self, logits: np.ndarray, token: int) -> None:
+        """Record `token` drawn from next-token `logits` (one row, any float dtype)."""
+        logprob, entropy = token_stats(logits, token)
+        self.logprobs.append(logprob)
+        self.entropies.append(entropy)
+
+    def truncate(self, n: int) -> None:
+        """Keep the first `n` tokens' figures (drop a trailing EOS, say)."""
+        del self.logprobs[n:], self.entropies[n:]
+
+    @property
+    def logprob_mean(self) -> float | None:
+        return sum(self.logprobs) / len(self.logprobs) if self.logprobs else None
+
+    @property
+    def entropy_mean(self) -> float | None:
+        return sum(self.entropies) / len(self.entropies) if self.entropies else None
+
+
+def token_stats(logits: np.ndarray, token: int) -> tuple[float, float]:
+    """(log p(token), entropy in nats) of softmax(`logits`), in one pass over the vocabulary.
+
+    With z = logits - max and Z = sum(exp z): log p(t) = z[t] - log Z and
+    H = log Z - sum(exp(z) z) / Z. Clipped to log p <= 0 and H >= 0 (float rounding).
+    """
+    import numpy as np
+
+    z = np.asarray(logits, dtype=np.float32).reshape(-1)
+    z = z - z.max()
+    e = np.exp(z)
+    total = float(e.sum())
+    log_total = math.log(total)
+    logprob = float(z[token]) - log_total
+    entropy = log_total - float(np.dot(e, z)) / total
+    return min(logprob, 0.0), max(entropy, 0.0)
 
 
 class Runtime(ABC):
@@ -75,9 +134,19 @@ class Runtime(ABC):
 
     @abstractmethod
     def stream(
-        self, ids: Sequence[int], max_tokens: int, temperature: float = 0.0
+        self,
+        ids: Sequence[int],
+        max_tokens: int,
+        temperature: float = 0.0,
+        *,
+        stats: TokenStats | None = None,
     ) -> Iterator[int]:
-        """Yield generated token ids one by one (greedy when temperature is 0); stops at EOS."""
+        """Yield generated token ids one by one (greedy when temperature is 0); stops at EOS.
+
+        With `stats`, each token's log-probability and the entropy of its next-token
+        distribution (raw model distribution, see `TokenStats`) are appended to it before the
+        token is yielded. Without it, nothing extra is computed.
+        """
 
     def generate(
         self,
@@ -85,18 +154,31 @@ class Runtime(ABC):
         max_tokens: int,
         temperature: float = 0.0,
         stop_at_eos: bool = True,
+        *,
+        stats: TokenStats | None = None,
     ) -> tuple[list[int], GenerationStats]:
-        """Generate and time it: TTFT includes prompt processing, decode covers the rest."""
+        """Generate and time it: TTFT includes prompt processing, decode covers the rest.
+
+        `stats`, if given, ends with one entry per returned token (a stopping EOS dropped).
+        """
         out: list[int] = []
+        n_before = stats.count if stats is not None else 0
         t0 = time.perf_counter()
         t_first = t0
-        for tok in self.stream(ids, max_tokens, temperature):
+        tokens = (
+            self.stream(ids, max_tokens, temperature)
+            if stats is None  # the default call exactly as before (subclasses without `stats`)
+            else self.stream(ids, max_tokens, temperature, stats=stats)
+        )
+        for tok in tokens:
             if not out:
                 t_first = time.perf_counter()
             if stop_at_eos and tok in self.eos_ids:
                 break
             out.append(tok)
         t_end = time.perf_counter()
+        if stats is not None:
+            stats.truncate(n_before + len(out))
         return out, GenerationStats(len(ids), len(out), t_first - t0, t_end - t_first)
 
     @property

@@ -6,7 +6,7 @@ from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from slmops.core.errors import ModelFormatError
-from slmops.runtimes.base import Runtime
+from slmops.runtimes.base import Runtime, TokenStats
 
 if TYPE_CHECKING:
     import numpy as np
@@ -74,12 +74,23 @@ class LlamaCppRuntime(Runtime):
         return np.array(self._llm.scores[: len(ids)], dtype=np.float32, copy=True)
 
     def stream(
-        self, ids: Sequence[int], max_tokens: int, temperature: float = 0.0
+        self,
+        ids: Sequence[int],
+        max_tokens: int,
+        temperature: float = 0.0,
+        *,
+        stats: TokenStats | None = None,
     ) -> Iterator[int]:
-        self._llm.reset()
+        llm = self._llm
+        llm.reset()
         top_k = 1 if temperature == 0 else 40
-        gen = self._llm.generate(list(ids), temp=temperature, top_k=top_k, reset=True)
+        gen = llm.generate(list(ids), temp=temperature, top_k=top_k, reset=True)
         for n, tok in enumerate(gen, 1):
+            if stats is not None:
+                # logits_all=True (set for scoring) already copies every decoded position's
+                # logits into `scores`; when a token is yielded it is not evaluated yet, so the
+                # row it was sampled from is the last evaluated one: no extra native call.
+                stats.add(llm.scores[llm.n_tokens - 1], int(tok))
             yield int(tok)
             if n >= max_tokens or len(ids) + n >= self.n_ctx:
                 return

@@ -7,7 +7,7 @@ from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from slmops.core.errors import ModelFormatError
-from slmops.runtimes.base import Runtime
+from slmops.runtimes.base import Runtime, TokenStats
 
 if TYPE_CHECKING:
     import numpy as np
@@ -95,12 +95,27 @@ class OnnxGenAIRuntime(Runtime):
         return np.array(out.reshape(-1, out.shape[-1])[-len(ids) :], copy=True)
 
     def stream(
-        self, ids: Sequence[int], max_tokens: int, temperature: float = 0.0
+        self,
+        ids: Sequence[int],
+        max_tokens: int,
+        temperature: float = 0.0,
+        *,
+        stats: TokenStats | None = None,
     ) -> Iterator[int]:
         gen = self._generator(min(self._ctx_max, len(ids) + max_tokens), temperature)
         gen.append_tokens(list(ids))
         n = 0
         while not gen.is_done() and n < max_tokens:
-            gen.generate_next_token()
-            yield int(gen.get_next_tokens()[0])
+            # generate_next_token samples from the current logits and then already runs the
+            # model on the new token, so the logits a token is drawn from are read *before* it
+            # (after append_tokens for the first token, after the previous step for the rest).
+            if stats is None:
+                gen.generate_next_token()
+                tok = int(gen.get_next_tokens()[0])
+            else:
+                logits = gen.get_logits()
+                gen.generate_next_token()
+                tok = int(gen.get_next_tokens()[0])
+                stats.add(logits, tok)
+            yield tok
             n += 1

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-from slmops.runtimes.base import Runtime
+from slmops.runtimes.base import Runtime, TokenStats
 
 if TYPE_CHECKING:
     import numpy as np
@@ -56,7 +56,12 @@ class TransformersRuntime(Runtime):
         return out.logits[0].float().numpy().copy()  # type: ignore[no-any-return]
 
     def stream(
-        self, ids: Sequence[int], max_tokens: int, temperature: float = 0.0
+        self,
+        ids: Sequence[int],
+        max_tokens: int,
+        temperature: float = 0.0,
+        *,
+        stats: TokenStats | None = None,
     ) -> Iterator[int]:
         torch = self._torch
         past = None
@@ -71,5 +76,7 @@ class TransformersRuntime(Runtime):
                     tok = int(torch.multinomial(probs, 1))
                 else:
                     tok = int(torch.argmax(logits))
+                if stats is not None:
+                    stats.add(logits.float().numpy(), tok)
                 yield tok
                 inp = torch.tensor([[tok]])
