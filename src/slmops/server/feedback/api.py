@@ -210,7 +210,12 @@ def claim_job(body: ClaimBody, session: SessionDep, _caller: OperatorDep) -> Res
             continue
         job = session.get(ImprovementJob, job_id, populate_existing=True)
         assert job is not None
-        job.new_version = next_version(session, job.model, job.version)
+        try:
+            job.new_version = next_version(session, job.model, job.version)
+        except ValueError as exc:  # failed, not left queued: it would block every later job
+            job.status, job.result = "failed", {"error": str(exc)}
+            session.commit()
+            continue
         session.commit()
         return Response(_job_public(job).model_dump_json(), media_type="application/json")
     return Response(status_code=204)

@@ -113,6 +113,10 @@ def _act(
         if action.pause is not None:
             row.detail = _pause(session, alert, rule, action.pause.reason or why, ctx)
         elif action.notify is not None:
+            # the claim is committed before the call: a flushed insert holds SQLite's write
+            # lock, which must not wait on a webhook (up to 60 s); a crash leaves "sending"
+            row.detail = f"webhook {action.notify.url}: sending"
+            session.commit()
             row.ok, row.detail = _notify(
                 action.notify.url, action.notify.timeout_seconds, alert, rule
             )
@@ -125,15 +129,22 @@ def _act(
     except Exception as exc:  # one failing action must not stop the loop
         session.rollback()
         log.exception("feedback action %s for alert %s failed", action.kind, alert.id)
-        row = AlertAction(
-            alert_id=alert.id,
-            rule=rule,
-            action_index=index,
-            action=action.kind,
-            ok=False,
-            detail=f"{type(exc).__name__}: {exc}"[:2000],
+        # the claim may be committed already (pause's run_event and notify commit): update it
+        # then, as adding it again would break its unique key and the whole batch with it
+        found = session.scalar(
+            select(AlertAction).where(
+                AlertAction.alert_id == alert.id,
+                AlertAction.rule == rule,
+                AlertAction.action_index == index,
+            )
         )
-        session.add(row)
+        if found is None:
+            found = AlertAction(
+                alert_id=alert.id, rule=rule, action_index=index, action=action.kind
+            )
+            session.add(found)
+        found.ok, found.detail = False, f"{type(exc).__name__}: {exc}"[:2000]
+        row = found
     session.commit()
     log.info("alert %s: %s %s: %s", alert.id, rule, action.kind, row.detail)
     return 1
@@ -204,12 +215,21 @@ def _improve(
 
 
 def next_version(session: Session, model: str, version: str) -> str:
-    """The next free patch version after ``version`` in the registry (1.2.3 -> 1.2.4, ...)."""
+    """The next patch version after ``version`` (1.2.3 -> 1.2.4, ...) that is neither in the
+    registry nor promised to a running job."""
     m = re.match(r"^(\d+)\.(\d+)\.(\d+)", version)
     if m is None:
         raise ValueError(f"version {version!r} is not semantic versioning")
     major, minor, patch = (int(x) for x in m.groups())
     taken = set(session.scalars(select(RegistryTag.tag).where(RegistryTag.repository == model)))
+    # versions promised to jobs still running: two workers must not push the same version
+    taken |= set(
+        session.scalars(
+            select(ImprovementJob.new_version).where(
+                ImprovementJob.model == model, ImprovementJob.status == "running"
+            )
+        )
+    )
     while True:
         patch += 1
         candidate = f"{major}.{minor}.{patch}"
