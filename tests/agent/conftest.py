@@ -9,6 +9,8 @@ device profile, 2 windows, 1 repeat) so the bundles are what `slmops bundle` shi
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -37,6 +39,7 @@ class Bundles:
     v2: Path
     pub: Path  # the signer's public key (trusted)
     other_pub: Path  # a key that signed nothing
+    priv: Path  # the signer's private key
 
 
 def desired_for(bundle: Path, version: str, rollout_id: str | None = "r1") -> DesiredModel:
@@ -118,9 +121,80 @@ def bundles(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Bundl
         build_bundle(variants, report, name=NAME, version=version, out=bundle)
         sign_bundle(bundle, priv)
         out[version] = bundle
-    return Bundles(out["1.0.0"], out["1.1.0"], pub, other_pub)
+    return Bundles(out["1.0.0"], out["1.1.0"], pub, other_pub, priv)
 
 
 @pytest.fixture(scope="session")
 def desired() -> Callable[[Path, str], DesiredModel]:
     return desired_for
+
+
+@dataclass(frozen=True)
+class FleetBundles:
+    """Bundles holding two variants each (Q8_0 and Q4_0, evaluated), so devices with different
+    RAM budgets and profiles resolve different variants; plus a signed version whose weights
+    cannot load."""
+
+    v1: Path  # 1.0.0
+    v2: Path  # 1.0.1: the same weights as 1.0.0 in other variant manifests
+    broken: Path  # 1.1.0: weights truncated (demo_fleet.make_broken_bundle)
+    pub: Path
+
+
+def _merged_report(root: Path, out: Path) -> None:
+    """One evaluation report over both variants, from the two the `bundles` fixture made.
+
+    The tiny model's variants measure within noise of each other (peak RSS ~61 MiB each, under
+    1 MiB apart, and a device reports its RAM budget in MiB), so two figures are set to make the
+    placement deterministic: Q8_0 needs 64 MiB more than Q4_0, and the evaluation picks Q4_0 for
+    the `test-box` profile.
+    """
+    first = json.loads((root / "report-1.0.0" / "report.json").read_text())
+    second = json.loads((root / "report-1.1.0" / "report.json").read_text())
+    for key in ("variants", "perf", "verdicts"):
+        first[key] += second[key]
+    first["quality"] |= second["quality"]
+    for perf in first["perf"]:
+        rss = perf.get("peak_rss_bytes")
+        if perf["variant"] == "gguf-q8_0" and rss:
+            perf["peak_rss_bytes"] = {
+                k: v + 64 * 2**20 if isinstance(v, int | float) and k != "n" else v
+                for k, v in rss.items()
+            }
+    first["selections"] = [{"profile": "test-box", "variant": "gguf-q4_0", "reason": "test"}]
+    first["costs"] = []
+    out.mkdir(parents=True)
+    (out / "report.json").write_text(json.dumps(first, indent=2))
+
+
+@pytest.fixture(scope="session")
+def fleet_bundles(bundles: Bundles, tmp_path_factory: pytest.TempPathFactory) -> FleetBundles:
+    from slmops.bundle.build import build_bundle
+    from slmops.bundle.signing import sign_bundle
+    from slmops.cli.demo_fleet import BROKEN_VERSION, make_broken_bundle
+    from slmops.model.card import CARD_FILE, read_card
+
+    built_in = bundles.v1.parent
+    root = tmp_path_factory.mktemp("fleet-bundles")
+    variants = root / "variants"  # where make_broken_bundle looks
+    for version, variant in (("1.0.0", "gguf-q8_0"), ("1.1.0", "gguf-q4_0")):
+        src = built_in / f"variants-{version}" / variant
+        shutil.copytree(src, variants / variant, copy_function=os.link)
+    report = root / "report"
+    _merged_report(built_in, report)
+    # 1.0.1 ships the same weights with re-dated lineage cards: other variant manifests, so
+    # devices really install it (an unchanged variant keeps its digest across versions)
+    later = root / "variants-1.0.1"
+    shutil.copytree(variants, later, copy_function=shutil.copy2)
+    for card_path in later.rglob(CARD_FILE):
+        card = read_card(card_path.parent)
+        assert card is not None
+        card.model_copy(update={"created_at": "2030-01-01T00:00:00+00:00"}).write(card_path.parent)
+    out: dict[str, Path] = {}
+    for version, tree in (("1.0.0", variants), ("1.0.1", later)):
+        built = build_bundle(tree, report, name=NAME, version=version, out=root / version)
+        sign_bundle(built.path, bundles.priv)
+        out[version] = built.path
+    assert BROKEN_VERSION == "1.1.0"
+    broken = make_broken_bundle(root, root / "broken", bundles.priv, NAME)
+    return FleetBundles(out["1.0.0"], out["1.0.1"], broken, bundles.pub)

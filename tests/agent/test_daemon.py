@@ -8,15 +8,13 @@ the import boundary and the backoff/jitter schedule as unit tests.
 
 from __future__ import annotations
 
-import json
 import os
 import random
-import signal
 import stat
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,78 +22,28 @@ import httpx
 import psutil
 import pytest
 
+from control_plane import (
+    AGENT_CLI,
+    ControlPlane,
+    cli_json,
+    immediate_rollout,
+    start_agent,
+    status,
+    stop_agent,
+    wait_for,
+)
 from helpers import free_port
 from slmops.agent.config import hostname_device_id, load_config
 from slmops.agent.daemon import Backoff, jittered
 from slmops.agent.inventory import collect
 from slmops.core.errors import ConfigError
-from slmops.protocol.device import DesiredState
 
-SERVER_CLI = [sys.executable, "-m", "slmops.cli.server"]
-AGENT_CLI = [sys.executable, "-m", "slmops.cli.agent"]
-
-
-def cli_json(*args: str | Path) -> dict[str, Any]:
-    res = subprocess.run(
-        [*SERVER_CLI, *map(str, args), "--json"], capture_output=True, text=True, timeout=60
-    )
-    assert res.returncode == 0, res.stderr + res.stdout
-    doc: dict[str, Any] = json.loads(res.stdout)
-    return doc
-
-
-def wait_for(what: str, check: Callable[[], Any], timeout: float = 20.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
-
-
-class ControlPlane:
-    """`slmops server run` that can be stopped and started again on the same port and data."""
-
-    def __init__(self, data: Path) -> None:
-        self.data, self.port = data, free_port()
-        data.mkdir(parents=True, exist_ok=True)
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.admin = cli_json("token", "create", "--data", data, "--role", "admin")["token"]
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with (self.data / "server.log").open("a") as log:
-            cmd = [*SERVER_CLI, "run", "--data", str(self.data), "--port", str(self.port)]
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-
-        def up() -> bool:
-            assert self.proc is not None and self.proc.poll() is None, "server died"
-            try:
-                return httpx.get(self.url + "/healthz", timeout=1).status_code == 200
-            except httpx.TransportError:
-                return False
-
-        wait_for("the server", up, 30)
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait(timeout=15)
-            self.proc = None
-
-    def devices(self) -> list[dict[str, Any]]:
-        headers = {"Authorization": f"Bearer {self.admin}"}
-        r = httpx.get(self.url + "/api/v1/devices", headers=headers, timeout=10)
-        assert r.status_code == 200, r.text
-        data: list[dict[str, Any]] = r.json()["data"]
-        return data
+NAME = "acme/bot"
 
 
 @pytest.fixture
 def control_plane(tmp_path: Path) -> Iterator[ControlPlane]:
-    cp = ControlPlane(tmp_path / "server")
+    cp = ControlPlane(tmp_path / "server", {"SLMOPS_ROLLOUT_TICK_SECONDS": "0.2"})
     cp.start()
     try:
         yield cp
@@ -103,93 +51,35 @@ def control_plane(tmp_path: Path) -> Iterator[ControlPlane]:
         cp.stop()
 
 
-def start_agent(data: Path, server: str, api_port: int, *extra: str) -> subprocess.Popen[bytes]:
-    cmd = [
-        *AGENT_CLI,
-        "--server",
-        server,
-        "--data",
-        str(data),
-        "--device-id",
-        "edge-1",
-        "--labels",
-        "room=lab",
-        "--poll-seconds",
-        "0.2",
-        "--backoff-cap",
-        "0.5",
-        "--api-port",
-        str(api_port),
-        *extra,
-    ]
-    data.mkdir(parents=True, exist_ok=True)
-    with (data / "agent.log").open("a") as log:
-        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-
-
-def status(data: Path) -> dict[str, Any]:
-    try:
-        doc: dict[str, Any] = json.loads((data / "agent-status.json").read_text())
-        return doc
-    except (OSError, ValueError):
-        return {}
-
-
-def stop_agent(proc: subprocess.Popen[bytes]) -> int:
-    proc.send_signal(signal.SIGTERM)
-    return proc.wait(timeout=15)
-
-
-def set_desired(
-    cp: ControlPlane, device_id: str, *, with_model: bool = True, **generation: Any
-) -> None:
-    """Write a desired state as a rollout would (the rollout engine is not the point here)."""
-    from slmops.server.db import find_device
-    from slmops.server.db.session import open_database
-    from slmops.server.settings import load_settings
-
-    digest = "sha256:" + "ab" * 32
-    model = {
-        "name": "acme/bot",
-        "version": "1.0.0",
-        "variant": "q4",
-        "bundle_digest": digest,
-        "manifest_digest": digest,
-        "repository": "acme/bot",
-        "rollout_id": "r1",
+def blueprint(version: str, **generation: Any) -> dict[str, Any]:
+    """Every device labelled room=lab on acme/bot `version`, moved in one wave without soak."""
+    return {
+        "selector": {"room": "lab"},
+        "model": {"name": NAME, "version": version},
+        "generation": generation,
+        "rollout": immediate_rollout(),
     }
-    db = open_database(load_settings(data_dir=cp.data))
-    try:
-        with db.sessions() as session:
-            row = find_device(session, device_id=device_id)
-            assert row is not None
-            row.desired = DesiredState.model_validate(
-                {
-                    "device_id": device_id,
-                    "model": model if with_model else None,
-                    "generation": generation,
-                    "poll_seconds": 60,
-                }
-            ).model_dump(mode="json", by_alias=True)
-            session.commit()
-    finally:
-        db.dispose()
 
 
 def failed_actions(cp: ControlPlane, device_id: str) -> list[dict[str, Any]]:
-    headers = {"Authorization": f"Bearer {cp.admin}"}
-    r = httpx.get(f"{cp.url}/api/v1/devices/{device_id}", headers=headers, timeout=10)
-    return [a for a in r.json()["actions"] if a["state"] == "failed"]
+    return [a for a in cp.device(device_id)["actions"] if a["state"] == "failed"]
+
+
+def weights_digest(bundle: Path) -> str:
+    """The digest of the largest blob of a bundle (its weights)."""
+    blobs = (bundle / "blobs" / "sha256").iterdir()
+    return "sha256:" + max(blobs, key=lambda p: p.stat().st_size).name
 
 
 def test_agent_enrolls_polls_serves_503_survives_outage(
-    control_plane: ControlPlane, tmp_path: Path
+    control_plane: ControlPlane, tmp_path: Path, bundles: Any
 ) -> None:
     cp = control_plane
     token = cli_json("enrollment-token", "create", "--data", cp.data, "--labels", "site=hq")
     data, port = tmp_path / "agent", free_port()
     api = f"http://127.0.0.1:{port}/v1"
-    agent = start_agent(data, cp.url, port, "--enroll-token", token["token"])
+    trust = ("--trusted-key", str(bundles.pub))
+    agent = start_agent(data, cp.url, port, "--enroll-token", token["token"], *trust)
     try:
         devices = wait_for("enrollment", lambda: cp.devices())
         assert [d["device_id"] for d in devices] == ["edge-1"]
@@ -215,11 +105,15 @@ def test_agent_enrolls_polls_serves_503_survives_outage(
         assert "no model is active" in r.json()["error"]["message"]
         assert httpx.get(api + "/models", timeout=5).json()["data"] == []
 
-        # a desired model the server cannot serve (no registry yet): reported as failed,
-        # and the agent carries on
-        set_desired(cp, "edge-1")
+        # a desired model the server cannot serve (its weights blob is gone from the registry
+        # store): reported as failed, and the agent carries on
+        cp.push(bundles.v1, NAME, "1.0.0")
+        cp.blob(weights_digest(bundles.v1)).unlink()
+        rollout = cp.apply("lab", blueprint("1.0.0"))
+        assert rollout is not None
         failed = wait_for("the failed action", lambda: failed_actions(cp, "edge-1"))
         assert failed[0]["stage"] == "downloading" and failed[0]["version"] == "1.0.0"
+        assert failed[0]["rollout_id"] == rollout, failed
         assert httpx.get(api + "/models", timeout=5).status_code == 200
         assert agent.poll() is None
 
@@ -232,7 +126,7 @@ def test_agent_enrolls_polls_serves_503_survives_outage(
         assert stop_agent(agent) == 0
         assert status(data)["state"] == "stopped"
         before = status(data)["time"]
-        agent = start_agent(data, cp.url, port)
+        agent = start_agent(data, cp.url, port, *trust)
         wait_for("check-ins after restart", lambda: status(data).get("time", 0) > before)
         wait_for("a 304 after restart", lambda: status(data).get("not_modified", 0) >= 1)
         assert [d["device_id"] for d in cp.devices()] == ["edge-1"]
@@ -268,17 +162,25 @@ def test_agent_serves_the_active_model_with_the_blueprint_defaults(
     from slmops.agent.fetch import LayoutSource
     from slmops.agent.install import Installer
 
+    cp = control_plane
     data, port = tmp_path / "agent", free_port()
     final = Installer(data, [bundles.pub], threads=1).apply(
         desired(bundles.v1, "1.0.0"), LayoutSource(bundles.v1), lambda s: None
     )
     assert final.state.value == "active", final.detail
-    token = cli_json("enrollment-token", "create", "--data", control_plane.data)["token"]
-    agent = start_agent(data, control_plane.url, port, "--enroll-token", token, "--threads", "1")
+    cp.push(bundles.v1, NAME, "1.0.0")
+    token = cli_json("enrollment-token", "create", "--data", cp.data)["token"]
+    trust = ("--trusted-key", str(bundles.pub))
+    agent = start_agent(data, cp.url, port, "--enroll-token", token, "--threads", "1", *trust)
     api = f"http://127.0.0.1:{port}/v1"
     try:
-        wait_for("enrollment", lambda: control_plane.devices())
-        set_desired(control_plane, "edge-1", with_model=False, max_tokens=3, temperature=0)
+        wait_for("the installed model reported", lambda: cp.devices() and cp.devices()[0]["active"])
+        # the blueprint names the version the device already runs: the rollout skips it (nothing
+        # to install) and its desired state carries the generation defaults
+        rollout = cp.apply("lab", blueprint("1.0.0", max_tokens=3, temperature=0))
+        assert rollout is not None
+        skipped = cp.rollout(rollout)["device_list"]
+        assert [(d["device_id"], d["status"]) for d in skipped] == [("edge-1", "skipped")]
         wait_for(
             "the new defaults",
             lambda: (
@@ -298,8 +200,9 @@ def test_agent_serves_the_active_model_with_the_blueprint_defaults(
         assert r.json()["usage"]["completion_tokens"] <= 3
         rss_mb = psutil.Process(agent.pid).memory_info().rss / 2**20
         print(f"agent RSS with the tiny model loaded: {rss_mb:.1f} MB")
-        dev = wait_for("active reported", lambda: control_plane.devices()[0]["active"])
+        dev = wait_for("active reported", lambda: cp.devices()[0]["active"])
         assert dev["version"] == "1.0.0"
+        assert "downloading" not in (data / "agent.log").read_text()  # nothing was fetched
     finally:
         stop_agent(agent)
 
