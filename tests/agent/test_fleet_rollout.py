@@ -12,9 +12,8 @@
 
 - a download interrupted half-way resumes with a Range request to the control plane's registry.
 
-Two known gaps are kept as strict xfails (they pass once fixed, and then fail as a reminder):
-the download-mid crash cannot fire through the registry for blobs under 1 MiB, and a version
-that re-ships a variant unchanged is reported under the old version.
+- a version that re-ships a variant unchanged is installed by relabelling (no download) and is
+  reported, served and checked in under the new version.
 """
 
 from __future__ import annotations
@@ -305,17 +304,10 @@ def _agent_on_v1(
     return agent
 
 
-DOWNLOAD_MID_GAP = (
-    "the download-mid seam fires only after a first piece shorter than the blob, and "
-    "RegistrySource reads the control plane's registry in 1 MiB pieces (fetch.PIECE): the tiny "
-    "model's weights (~160 KiB) arrive in one piece, so the agent never dies there"
-)
-
-
 @pytest.mark.parametrize(
     "phase",
     [
-        pytest.param("download-mid", marks=pytest.mark.xfail(strict=True, reason=DOWNLOAD_MID_GAP)),
+        "download-mid",
         "verify",
         "install",
         "health",
@@ -438,15 +430,6 @@ def test_an_interrupted_download_resumes_from_the_control_plane_registry(
         source.close()
 
 
-SAME_VARIANT_GAP = (
-    "a version that re-ships a variant unchanged has the same variant manifest digest; "
-    "Agent._apply_if_needed (agent/daemon.py) then reports `active` for the new version without "
-    "touching the slot state, so the agent's status, its check-ins and its OpenAI model id keep "
-    "the old version"
-)
-
-
-@pytest.mark.xfail(strict=True, reason=SAME_VARIANT_GAP)
 def test_a_version_reshipping_an_unchanged_variant_is_reported_as_the_new_version(
     crash_plane: CrashPlane, tmp_path: Path
 ) -> None:

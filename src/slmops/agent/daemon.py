@@ -264,6 +264,16 @@ class Agent:
         if want is None:
             return
         if active is not None and active[1].digest == want.manifest_digest:
+            # the same content under another version (an unchanged variant re-shipped): take
+            # the new name so check-ins, the API and the next rollout see the right version
+            self.store.relabel(
+                ActiveModel(
+                    name=want.name,
+                    version=want.version,
+                    variant=want.variant,
+                    digest=want.manifest_digest,
+                )
+            )
             if want.rollout_id:  # e.g. told to revert to what it kept serving after a failure
                 done = S.ROLLED_BACK if want.revert else S.ACTIVE
                 self._report(
@@ -316,6 +326,7 @@ class Agent:
             model: ActiveModel = active[1]
             if cur is not None and self._served_digest == model.digest:
                 cur.defaults = defaults
+                cur.model_id = f"{model.name}:{model.version}"  # relabelled re-ships
                 return cur
             from slmops.runtimes import open_runtime
 

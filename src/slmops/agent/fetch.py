@@ -112,6 +112,9 @@ def _resume_part(part: Path, size: int, resume: bool) -> tuple[int, hashlib._Has
     return have, h
 
 
+CRASH_SPLIT_BYTES = 64 * 1024
+
+
 def _write_stream(
     pieces: Iterator[bytes], desc: Descriptor, dest: Path, have: int, h: hashlib._Hash
 ) -> int:
@@ -122,10 +125,21 @@ def _write_stream(
         for piece in pieces:
             if have + written + len(piece) > desc.size:
                 raise VariantCheckError(f"blob longer than {desc.size} bytes", where=desc.digest)
-            fh.write(piece)
+            first = written == 0 and have == 0
+            if first and len(piece) == desc.size >= CRASH_SPLIT_BYTES:
+                # a weights blob in one piece: write half durably first, so the crash seam
+                # still lands mid-blob (metadata blobs are smaller and pass straight through)
+                half = len(piece) // 2
+                fh.write(piece[:half])
+                fh.flush()
+                os.fsync(fh.fileno())
+                crash_point("download-mid")
+                fh.write(piece[half:])
+            else:
+                fh.write(piece)
             h.update(piece)
             written += len(piece)
-            if written == len(piece) and have + written < desc.size:
+            if first and have + written < desc.size:
                 fh.flush()
                 os.fsync(fh.fileno())
                 crash_point("download-mid")

@@ -88,6 +88,7 @@ class Installer:
         try:
             current, kept = self.store.active(), self.store.previous()
             if current is not None and current[1].digest == desired.manifest_digest:
+                self.store.relabel(self._desired_model(desired))
                 return status(done, detail="already active")
             if desired.revert and kept is not None and kept[1].digest == desired.manifest_digest:
                 return self.revert(report, rollout_id=desired.rollout_id)
@@ -215,6 +216,15 @@ class Installer:
                 raise ResourceError("no space left on device", where=root) from None
             raise
         return slot
+
+    @staticmethod
+    def _desired_model(desired: DesiredModel) -> ActiveModel:
+        return ActiveModel(
+            name=desired.name,
+            version=desired.version,
+            variant=desired.variant,
+            digest=desired.manifest_digest,
+        )
 
     @staticmethod
     def _model(variant: VerifiedVariant) -> ActiveModel:

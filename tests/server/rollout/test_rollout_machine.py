@@ -216,13 +216,20 @@ def test_late_devices_join_the_current_wave_or_wait_their_turn() -> None:
     assert len(sim.in_wave(0)) == 3
 
 
-def test_rollout_started_before_any_device_matches_waits_in_wave_0() -> None:
+def test_rollout_with_nothing_to_move_succeeds_at_once() -> None:
+    """Waiting would only end in a timeout; devices that enroll later get the blueprint's stable
+    version, which this success sets to the target."""
     sim = fleet(0)
     sim.op("start")
-    sim.send(Tick(), at=1000)
-    assert (sim.state.status, sim.state.wave, sim.state.devices) == (S.RUNNING, 0, {})
-    sim.send(matched(["first", "second"]))
-    assert sim.in_wave(0) == [sim.of(AssignTarget)[0].device_id]  # 1% of 2 devices is 1
+    assert (sim.state.status, sim.state.wave, sim.state.devices) == (S.SUCCEEDED, None, {})
+    assert "no device matched" in sim.state.history[-1].reason
+    sim.send(matched(["late"]))
+    assert sim.of(AssignTarget) == []  # terminal: the blueprint's stable version governs it
+    on_target = Sim()
+    on_target.send(matched(["a", "b"], version="v2"))
+    on_target.op("start")
+    assert on_target.state.status is S.SUCCEEDED
+    assert "all 2 matched devices already run v2" in on_target.state.history[-1].reason
 
 
 def test_devices_already_on_target_are_skipped_not_counted() -> None:
@@ -331,14 +338,14 @@ def test_scheduled_start() -> None:
         (["start", "pause"], "pause", "paused"),
         (["start", "abort"], "resume", "aborted"),
         (["start", "abort"], "abort", "aborted"),
-        (["start", "rollback"], "rollback", "rolled-back"),
-        (["start", "rollback"], "promote", "rolled-back"),
+        (["start", "rollback"], "rollback", "rolling-back"),
+        (["start", "rollback"], "promote", "rolling-back"),
     ],
 )
 def test_invalid_commands_name_state_and_command(
     setup: list[str], action: str, status: str
 ) -> None:
-    sim = fleet(0)
+    sim = fleet(1)  # one device: with nothing to move, a start would succeed at once
     for a in setup:
         sim.op(a)
     before = sim.state.to_json()

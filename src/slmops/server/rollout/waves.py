@@ -132,12 +132,21 @@ class Run:
     def enter_wave(self, index: int, reason: str) -> None:
         """Start wave ``index``; waves that would add no device are skipped (recorded as such)."""
         s = self.state
+        if s.total == 0:  # nothing to move: waiting would only end in a timeout
+            skipped = len(s.devices)
+            why = (
+                f"all {skipped} matched devices already run {s.target_version}"
+                if skipped
+                else "no device matched"
+            )
+            self.transition(RolloutStatus.SUCCEEDED, f"nothing to move: {why}; {reason}")
+            return
         while index < len(s.policy.waves):
             s.wave = index
             s.waves.append(WaveRecord(index=index, started_at=self.now, timer_from=self.now))
             mark = len(self.commands)
             added = self.fill()
-            if added or s.total == 0:
+            if added:
                 target = s.targets()[index]
                 started = WaveStarted(wave=index, target=target, devices=added, reason=reason)
                 self.commands.insert(mark, started)  # the log reads: wave started, then assigns
