@@ -4,6 +4,10 @@ Options override the optional config file (--config, YAML or JSON with the same 
 AgentConfig). Bad input (malformed URL, plain http to a remote host, no enrollment token on a
 first start, an enrollment token the server refuses) exits with code 2 before the loop starts;
 after that the daemon never exits on its own: network trouble means backing off, not dying.
+
+An idle agent's memory is its footprint on the device, so this module stays light: `slmops
+agent` is dispatched here without loading the other commands (see ``cli/main.py``), and rich
+(through ``cli._output``) is imported only when there is an error to render.
 """
 
 from __future__ import annotations
@@ -11,12 +15,31 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from slmops.cli._output import emit_json, handled
+
+@contextmanager
+def handled(as_json: bool) -> Iterator[None]:
+    """``cli._output.handled`` (same messages, same exit codes), imported on the error path."""
+    try:
+        yield
+    except (typer.Exit, typer.Abort):
+        raise
+    except (Exception, KeyboardInterrupt) as exc:
+        from slmops.cli._output import handled as render
+
+        with render(as_json):
+            raise exc
+
+
+def emit_json(obj: object) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+    sys.stdout.flush()
 
 
 def agent_command(
@@ -122,8 +145,10 @@ def _setup_logging(level: str, as_json: bool) -> None:
     root.propagate = False
 
 
-def main() -> None:
-    typer.run(agent_command)
+def main(prog_name: str | None = None) -> None:
+    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+    app.command()(agent_command)
+    app(prog_name=prog_name)
 
 
 if __name__ == "__main__":

@@ -8,14 +8,21 @@ works on the caller's own record and nothing else.
 
 Each request looks its caller up in the database (an indexed hash lookup): no process keeps
 tokens in memory, so a token revoked through one API process is refused by all of them.
+
+``get_session`` and ``get_settings`` are ``async`` on purpose: FastAPI runs every sync
+dependency on the thread pool, and each hop (out to a worker thread and back to the event loop)
+costs more than these do. Creating a Session does no I/O (it connects on first use, inside the
+sync route or dependency that queries); closing one that has no transaction open does none
+either, so only a session left mid-transaction (an error) is closed on a worker thread.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from typing import Annotated
 
 from fastapi import Depends, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import Field, StringConstraints
 from sqlalchemy.orm import Session
@@ -35,13 +42,19 @@ _device_bearer = HTTPBearer(
 )
 
 
-def get_session(request: Request) -> Iterator[Session]:
+async def get_session(request: Request) -> AsyncIterator[Session]:
     db: Database = request.app.state.db
-    with db.sessions() as session:
+    session = db.sessions()
+    try:
         yield session
+    finally:
+        if session.in_transaction():
+            await run_in_threadpool(session.close)
+        else:
+            session.close()
 
 
-def get_settings(request: Request) -> ServerSettings:
+async def get_settings(request: Request) -> ServerSettings:
     settings: ServerSettings = request.app.state.settings
     return settings
 

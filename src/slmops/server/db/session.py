@@ -2,15 +2,22 @@
 
 SQLite gets WAL (readers never block the writer, several API processes can share the file)
 and a busy timeout (a writer waits for the lock instead of failing) on every connection.
+Within one process, write transactions also take turns on a lock before SQLite sees them:
+SQLite's busy handler waits by sleeping (1, 2, 5, 10 ... 100 ms), so a dozen request threads
+writing at once (every device check-in writes its row) would spend most of their time asleep
+with the database idle; a lock hands over the moment the previous writer commits. Other
+processes on the same file still meet the busy timeout.
 Migrations are Alembic's, run in code at startup: the Config is built here, so no
 ``alembic.ini`` has to be found next to the working directory of an installed package.
 """
 
 from __future__ import annotations
 
+import sqlite3
+import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from alembic import command
 from alembic.config import Config
@@ -23,6 +30,11 @@ from slmops.core.errors import ConfigError
 from slmops.server.settings import ServerSettings
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+# Kept open per process: anyio runs sync routes on up to 40 threads, and a connection opened
+# past the pool (overflow) is closed again when returned, so a busy server would reconnect
+# (and rerun the pragmas, reread the schema) on most requests.
+POOL_SIZE = 20
+POOL_OVERFLOW = 20
 
 
 @dataclass(frozen=True)
@@ -43,10 +55,18 @@ def make_engine(url: str, *, busy_timeout_ms: int = 5000) -> Engine:
     except ArgumentError as exc:
         raise ConfigError(f"not a database URL: {exc}", where="--db") from None
     if parsed.get_backend_name() != "sqlite":
-        return create_engine(url, pool_pre_ping=True)
+        return create_engine(
+            url, pool_pre_ping=True, pool_size=POOL_SIZE, max_overflow=POOL_OVERFLOW
+        )
     if parsed.database:
         Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(url, connect_args={"check_same_thread": False})
+    factory = serialized_writes(busy_timeout_ms / 1000)
+    engine = create_engine(
+        url,
+        connect_args={"check_same_thread": False, "factory": factory},
+        pool_size=POOL_SIZE,
+        max_overflow=POOL_OVERFLOW,
+    )
 
     @event.listens_for(engine, "connect")
     def _pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -58,6 +78,64 @@ def make_engine(url: str, *, busy_timeout_ms: int = 5000) -> Engine:
         cur.close()
 
     return engine
+
+
+_WRITES = ("INSERT", "UPDATE", "DELETE", "REPLACE", "CREATE", "DROP", "ALTER")
+
+
+def serialized_writes(timeout_s: float) -> type[sqlite3.Connection]:
+    """A sqlite3 connection class whose write transactions hold one lock (per engine) from
+    their first write statement to commit, rollback or close. After ``timeout_s`` a writer
+    goes ahead without it (SQLite's own locking still applies), so it can never deadlock."""
+    lock = threading.Lock()
+
+    class _Cursor(sqlite3.Cursor):
+        def execute(self, sql: str, parameters: Any = (), /) -> Self:
+            _begins(self.connection, sql)
+            return super().execute(sql, parameters)
+
+        def executemany(self, sql: str, seq: Any, /) -> Self:
+            _begins(self.connection, sql)
+            return super().executemany(sql, seq)
+
+    def _begins(conn: sqlite3.Connection, sql: str) -> None:
+        if isinstance(conn, _Connection):
+            conn.writes(sql)
+
+    class _Connection(sqlite3.Connection):
+        holds = False
+
+        def writes(self, sql: str) -> None:
+            if not self.holds and sql.lstrip()[:7].upper().startswith(_WRITES):
+                self.holds = lock.acquire(timeout=timeout_s)
+
+        def release(self) -> None:
+            if self.holds:
+                self.holds = False
+                lock.release()
+
+        def cursor(self, factory: Any = _Cursor) -> Any:
+            return super().cursor(factory)
+
+        def commit(self) -> None:
+            try:
+                super().commit()
+            finally:
+                self.release()
+
+        def rollback(self) -> None:
+            try:
+                super().rollback()
+            finally:
+                self.release()
+
+        def close(self) -> None:
+            try:
+                super().close()
+            finally:
+                self.release()
+
+    return _Connection
 
 
 def alembic_config() -> Config:
