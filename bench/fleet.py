@@ -3,13 +3,17 @@
 1. Device check-ins/s and p99 latency. ``slmops server run`` (one uvicorn process, the same
    settings the CLI uses) on SQLite and on a throwaway PostgreSQL cluster, each with N enrolled
    devices polling ``POST /device/v1/checkin`` with their credential and ``If-None-Match`` (an
-   idle fleet: every answer is 304, every check-in still writes the device row). Beside them, a
-   bare FastAPI endpoint served by the same uvicorn settings: a sync POST that parses the same
-   ``CheckIn`` body and answers 304. The load generator is a separate asyncio process on raw
-   keep-alive sockets with pre-built requests; its own ceiling is measured against a canned
-   asyncio responder, so you can see it is not the bottleneck. A last row per database runs the
-   real app plus one route that only authenticates the device and compares its stored ETag
-   (no write): the ceiling an idle check-in could reach with the same framework and database.
+   idle fleet: every answer is 304). The main row is the server as shipped: idle polls are
+   answered from its per-process check-in cache (5 s entries, no database access) once a full
+   check-in has filled it. The "full path" rows restart the same server with the cache off
+   (``SLMOPS_CHECKIN_CACHE_SECONDS=0``): authentication, the device row, blueprints and
+   rollouts read on every poll (an idle check-in writes nothing but, every half poll at most,
+   ``last_seen``). Beside them, a bare FastAPI endpoint served by the same uvicorn settings: a
+   sync POST that parses the same ``CheckIn`` body and answers 304. The load generator is a
+   separate asyncio process on raw keep-alive sockets with pre-built requests; its own ceiling
+   is measured against a canned asyncio responder, so you can see it is not the bottleneck. A
+   last row per database runs the real app plus one route that only authenticates the device
+   and compares its stored ETag (no write): what a database-backed idle check-in could reach.
    Target: check-ins >= 0.5x the bare endpoint (the aim is ~1,700/s on a 2-core node).
 2. Agent idle RSS without a model: a real ``slmops agent`` process (the console entry, and
    ``python -m slmops.cli.agent``) enrolled to the SQLite server, polling a few times; VmRSS
@@ -25,7 +29,7 @@
 Run (about 3 minutes with --quick; sections can be skipped):
 
     .venv/bin/python bench/fleet.py [--quick] [--json] [--devices 200] [--concurrency 16]
-        [--seconds 6] [--workers 1] [--skip checkins,pg,readonly,rss,decode]
+        [--seconds 6] [--workers 1] [--skip checkins,pg,nocache,readonly,rss,decode]
         [--variant DIR] [--threads 2] [--tokens 128] [--rounds 3]
 
 All servers listen on 127.0.0.1 only. PostgreSQL needs Debian's postgresql package (initdb).
@@ -348,6 +352,12 @@ def control_plane_checkins(
         result: dict[str, Any] = run_loadgen(port, devices, args)
         if name == "sqlite" and "rss" not in args.skip:
             result["agent_rss"] = agent_rss(url, token, work, args)
+    if "nocache" not in args.skip:  # every check-in through the full path (cache off)
+        port = free_port()
+        cmd = server_cli("run", "--data", data, "--port", port, "--workers", args.workers, *dbargs)
+        env = {**os.environ, "SLMOPS_CHECKIN_CACHE_SECONDS": "0"}
+        with running(cmd, f"http://127.0.0.1:{port}/healthz", work / f"{name}-full.log", env):
+            result["full_path"] = run_loadgen(port, devices, args)
     if "readonly" not in args.skip:
         port = free_port()
         cmd = [sys.executable, "-c", READONLY_APP, str(port), str(data), db or ""]
@@ -393,6 +403,11 @@ def checkins(args: argparse.Namespace) -> dict[str, Any]:
     bare = out["bare"]["per_s"] or 1.0
     out["ratios"] = {
         k: round(out[k]["per_s"] / bare, 3) for k in ("sqlite", "postgresql") if k in out
+    }
+    out["ratios"] |= {
+        f"{k}_full_path": round(out[k]["full_path"]["per_s"] / bare, 3)
+        for k in ("sqlite", "postgresql")
+        if "full_path" in out.get(k, {})
     }
     out["ratios"] |= {
         f"{k}_readonly_ceiling": round(out[k]["readonly"]["per_s"] / bare, 3)
@@ -667,7 +682,7 @@ def targets(result: dict[str, Any]) -> dict[str, bool]:
     c = result.get("checkins")
     if c:
         for k, v in c["ratios"].items():
-            if "readonly" not in k:
+            if "readonly" not in k and "full_path" not in k:
                 t[f"checkins_{k}>=0.5x_bare"] = v >= 0.5
         t["checkins_sqlite>=1700/s"] = c["sqlite"]["per_s"] >= 1700
     rss = result.get("agent_rss") or (c or {}).get("sqlite", {}).get("agent_rss") or {}
@@ -695,6 +710,8 @@ def show(result: dict[str, Any]) -> None:
             ("control plane, PostgreSQL", "postgresql"),
         ]
         rows += [
+            ("  full path (cache off), SQLite", "sqlite", "full_path"),
+            ("  full path (cache off), PostgreSQL", "postgresql", "full_path"),
             ("  auth + ETag only, SQLite (ceiling)", "sqlite", "readonly"),
             ("  auth + ETag only, PostgreSQL", "postgresql", "readonly"),
         ]
@@ -744,7 +761,9 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--quick", action="store_true", help="shorter runs (3 s, 2 decode rounds)")
-    ap.add_argument("--skip", default="", help="comma list of: checkins, pg, readonly, rss, decode")
+    ap.add_argument(
+        "--skip", default="", help="comma list of: checkins, pg, nocache, readonly, rss, decode"
+    )
     ap.add_argument("--devices", type=int, default=200)
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--seconds", type=float, default=6.0)

@@ -14,8 +14,10 @@ import httpx
 import typer
 
 from slmops.cli._output import emit_json, out_console, run_command
-from slmops.core.errors import SlmopsError, UserInputError
+from slmops.core.config import read_structured_file
+from slmops.core.errors import ConfigError, SlmopsError, UserInputError
 from slmops.server.blueprint import Blueprint
+from slmops.server.feedback.rules import FeedbackRules
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON document on stdout")]
 ServerOpt = Annotated[
@@ -54,24 +56,52 @@ def call(method: str, server: str, path: str, token: str, body: Any = None) -> d
     return doc
 
 
+def _kind_of(file: Path) -> str:
+    """The document's ``kind`` (Blueprint or FeedbackRules), so one command applies both."""
+    data = read_structured_file(file)
+    kind = data.get("kind") if isinstance(data, dict) else None
+    if kind not in ("Blueprint", "FeedbackRules"):
+        raise ConfigError(
+            f"kind {kind!r} is not something slmops applies",
+            where=f"{file}: kind",
+            hint="use kind: Blueprint or kind: FeedbackRules",
+        )
+    return str(kind)
+
+
 def apply_command(
     file: Annotated[Path, typer.Option("-f", "--file", help="Blueprint YAML or JSON file")],
     server: ServerOpt,
     token: TokenOpt,
     as_json: JsonOpt = False,
 ) -> None:
-    """Apply a blueprint: create or update it; unchanged files change nothing."""
+    """Apply a Blueprint or FeedbackRules file: create or update it; unchanged files change
+    nothing."""
 
     def go() -> dict[str, Any]:
+        kind = _kind_of(file)
+        if kind == "FeedbackRules":
+            rules = FeedbackRules.from_file(file)
+            doc = rules.model_dump(mode="json", exclude_none=True)
+            path = f"/api/v1/feedback-rules/{rules.metadata.name}"
+            return {"kind": kind} | call("PUT", server, path, token, doc)
         bp = Blueprint.from_file(file)
         doc = bp.model_dump(mode="json", exclude_none=True)
-        return call("PUT", server, f"/api/v1/blueprints/{bp.metadata.name}", token, doc)
+        path = f"/api/v1/blueprints/{bp.metadata.name}"
+        return {"kind": "Blueprint"} | call("PUT", server, path, token, doc)
 
     result = run_command(as_json, go)
     if as_json:
         emit_json(result)
         return
     state = "configured" if result["changed"] else "unchanged"
+    if result["kind"] == "FeedbackRules":
+        rules = result["document"]["spec"]["rules"]
+        out_console.print(
+            f"feedbackrules/{result['name']} {state} (generation {result['generation']}, "
+            f"{len(rules)} rule(s))"
+        )
+        return
     out_console.print(
         f"blueprint/{result['name']} {state} (generation {result['generation']}, "
         f"{result['devices']} device(s))"
@@ -100,3 +130,43 @@ def get_blueprints_command(server: ServerOpt, token: TokenOpt, as_json: JsonOpt 
             f"{bp['name']}\tgeneration {bp['generation']}\t{model['name']} {ref} "
             f"(stable {stable})\tselector {selector or '(all devices)'}"
         )
+
+
+def _listing(path: str, server: str, token: str, as_json: bool) -> list[dict[str, Any]]:
+    result = run_command(as_json, lambda: call("GET", server, path, token))
+    if as_json:
+        emit_json(result)
+        return []
+    data: list[dict[str, Any]] = result["data"] if isinstance(result, dict) else result
+    return data
+
+
+@get_app.command("alerts")
+def get_alerts_command(server: ServerOpt, token: TokenOpt, as_json: JsonOpt = False) -> None:
+    """List drift and regression alerts, newest first."""
+    for a in _listing("/api/v1/alerts", server, token, as_json):
+        ack = "acknowledged" if a["acknowledged"] else "open"
+        out_console.print(
+            f"#{a['id']}\t{a['kind']}\t{a['model']}:{a['version']} {a['profile']}\t"
+            f"{a['statistic']}={a['value']:.3g} (threshold {a['threshold']:g})\t{ack}"
+        )
+
+
+@get_app.command("jobs")
+def get_jobs_command(server: ServerOpt, token: TokenOpt, as_json: JsonOpt = False) -> None:
+    """List improvement jobs (queued by feedback rules, run by `slmops improve-worker`)."""
+    for j in _listing("/api/v1/jobs", server, token, as_json):
+        extra = f" -> {j['new_version']}" if j["new_version"] else ""
+        rollout = f", rollout {j['rollout_id']}" if j["rollout_id"] else ""
+        out_console.print(
+            f"job {j['id']}\t{j['status']}\t{j['direction']} for {j['profile']}\t"
+            f"{j['model']}:{j['version']}{extra} (alert {j['alert_id']}{rollout})"
+        )
+
+
+@get_app.command("rules")
+def get_rules_command(server: ServerOpt, token: TokenOpt, as_json: JsonOpt = False) -> None:
+    """List applied feedback rule sets."""
+    for r in _listing("/api/v1/feedback-rules", server, token, as_json):
+        names = ", ".join(x["name"] for x in r["document"]["spec"]["rules"])
+        out_console.print(f"{r['name']}\tgeneration {r['generation']}\trules: {names}")

@@ -36,7 +36,18 @@ def _root(
 
 @cache
 def build_app() -> typer.Typer:
-    from slmops.cli import agent, bundle, demo, evaluate, fleet, model, optimize, rollout, server
+    from slmops.cli import (
+        agent,
+        bundle,
+        demo,
+        evaluate,
+        fleet,
+        improve,
+        model,
+        optimize,
+        rollout,
+        server,
+    )
 
     app = typer.Typer(
         name="slmops",
@@ -62,6 +73,8 @@ def build_app() -> typer.Typer:
     app.command("apply")(fleet.apply_command)
     app.add_typer(fleet.get_app, name="get")
     app.add_typer(rollout.app, name="rollout")
+    app.command("improve")(improve.improve_command)
+    app.command("improve-worker")(improve.improve_worker_command)
     app.command("agent")(agent.agent_command)
     app.command("demo")(demo.demo_command)
     app.add_typer(model.app, name="model")

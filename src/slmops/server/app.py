@@ -20,6 +20,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from slmops import __version__
 from slmops.server import dashboard
 from slmops.server.api import device, operator
+from slmops.server.api.device.checkin_cache import CheckinCache
 from slmops.server.db.session import open_database
 from slmops.server.errors import envelope, install_error_handlers
 from slmops.server.registry.api import router as registry_router
@@ -61,6 +62,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
         generate_unique_id_function=operation_id,
     )
     app.state.settings = settings
+    app.state.checkin_cache = CheckinCache(settings.checkin_cache_seconds)
     install_error_handlers(app)
     app.include_router(operator.router)
     app.include_router(device.router)

@@ -203,12 +203,18 @@ _TARGETS: dict[tuple[str, str, str, str], Target] = {}
 _TARGETS_MAX = 256
 
 
+CHANGES = [0]
+"""Bumped whenever this process writes a changed desired state: the check-in cache
+(``api/device/checkin_cache.py``) drops every entry older than the last change it saw."""
+
+
 def store_desired(device: Device, doc: DesiredState) -> str:
     """Write the desired state and its ETag on the device row (the caller commits)."""
     etag = etag_of(canonical(doc))
     if device.desired_etag != etag:
         device.desired = doc.model_dump(mode="json", by_alias=True)
         device.desired_etag = etag
+        CHANGES[0] += 1
     return etag
 
 

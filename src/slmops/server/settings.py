@@ -39,6 +39,9 @@ class ServerSettings(BaseSettings):
     rollout_tick_seconds: float = Field(
         5.0, gt=0, description="how often rollouts re-check soak times and timeouts"
     )
+    checkin_cache_seconds: float = Field(
+        5.0, ge=0, description="idle check-ins answered from memory this long; 0: off"
+    )
     drift_check_seconds: float = Field(
         600.0, gt=0, description="how often field telemetry is checked for drift"
     )

@@ -1,13 +1,14 @@
 """POST /device/v1/checkin and /device/v1/actions: the agent reports, the server answers.
 
-Every check-in records inventory, labels, last_seen, the active and previous models and the
-action statuses, even when the answer is 304. Action statuses that name a rollout are fed to it
-(each may advance, pause or roll back the rollout), and a device its blueprint's active rollout
-does not know yet joins it (late enrollment). The desired state is then recomputed from the
-governing blueprint and its rollout (``server/desired.py``) on every check-in rather than only
-when something changed: it is a few small reads, and it cannot miss a change. It carries an ETag
-computed from its canonical JSON on each request (nothing cached per process);
-``If-None-Match`` with the current ETag gets 304 and no body, so an idle fleet polls cheaply.
+A check-in records what changed since the last one (inventory, labels, active and previous
+models; ``last_seen`` at most every half poll, up to 30 s), feeds action statuses that name a
+rollout to it (each may advance, pause or roll back the rollout), lets a device its blueprint's
+active rollout does not know yet join it (late enrollment), and recomputes the desired state
+from the governing blueprint and its rollout (``server/desired.py``). The answer carries an ETag
+of the desired state's canonical JSON; ``If-None-Match`` with the current ETag gets 304 and no
+body. An idle poll (same body, same ETag) is answered from the per-process check-in cache
+without touching the database (``checkin_cache.py``), which is what lets one node serve a large
+fleet polling every minute; an idle full check-in writes nothing.
 
 ``/actions`` takes only action statuses, answering 204: an agent posts its progress
 (downloading, verifying, ...) while an install runs, so operators see it per rollout without
@@ -16,22 +17,32 @@ waiting for the next check-in, and the agent's ETag bookkeeping is not disturbed
 
 from __future__ import annotations
 
-from typing import Annotated
+import hashlib
+import time
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Response
+from fastapi import APIRouter, Header, HTTPException, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from slmops.protocol.device import ActionReport, ActionStatus, CheckIn, DesiredState
-from slmops.server.api.deps import DeviceDep, SessionDep, SettingsDep
+from slmops.server.api.deps import DeviceDep, SessionDep
+from slmops.server.api.device.checkin_cache import CheckinCache, Entry
 from slmops.server.api.device.enroll import check_schema
-from slmops.server.db.models import Device, DeviceAction, utcnow
-from slmops.server.desired import Refresher, canonical, etag_of
+from slmops.server.db.models import Device, DeviceAction, as_utc, utcnow
+from slmops.server.db.session import Database
+from slmops.server.desired import CHANGES, Refresher, canonical, etag_of
+from slmops.server.errors import api_error
 from slmops.server.registry.store import BlobStore
 from slmops.server.rollouts import Context, join_if_matching, record_reports
+from slmops.server.security import TokenKind, hash_secret, looks_like
 from slmops.server.settings import ServerSettings
 
 router = APIRouter(tags=["device"])
+MAX_BODY_BYTES = 256 * 1024
 
 
 def desired_document(device: Device, *, poll_seconds: float) -> DesiredState:
@@ -72,8 +83,13 @@ def record_actions(session: Session, device_id: str, actions: list[ActionStatus]
         row.updated_at = now
 
 
-def _context(settings: ServerSettings) -> Context:
-    return Context(BlobStore(settings.data_dir), settings.poll_seconds)
+def _context(app: Any) -> Context:
+    """The rollout context, with one BlobStore per app (creating one stats its folders)."""
+    settings: ServerSettings = app.state.settings
+    store = getattr(app.state, "blob_store", None)
+    if store is None:
+        store = app.state.blob_store = BlobStore(settings.data_dir)
+    return Context(store, settings.poll_seconds)
 
 
 def _reports(session: Session, device: Device, actions: list[ActionStatus], ctx: Context) -> None:
@@ -85,50 +101,145 @@ def _reports(session: Session, device: Device, actions: list[ActionStatus], ctx:
         record_reports(session, device_id, actions, ctx)
 
 
-@router.post(
-    "/checkin",
-    response_model=DesiredState,
-    responses={304: {"description": "desired state unchanged since the If-None-Match ETag"}},
-)
-def check_in(
-    body: CheckIn,
-    device: DeviceDep,
-    session: SessionDep,
-    settings: SettingsDep,
-    if_none_match: Annotated[str | None, Header()] = None,
-) -> Response:
-    check_schema(body.schema_)
-    inventory = body.inventory
-    device.inventory = inventory.model_dump(mode="json")
-    device.labels = dict(inventory.labels)
-    device.profile = inventory.profile
-    device.last_seen = utcnow()
-    device.active = body.active.model_dump(mode="json") if body.active else None
-    device.previous = body.previous.model_dump(mode="json") if body.previous else None
-    ctx = _context(settings)
-    if body.actions:
-        _reports(session, device, body.actions, ctx)
-    refresher = Refresher(session, ctx.store, poll_seconds=settings.poll_seconds)
-    join_if_matching(refresher, device, ctx)  # reads no rollout through the refresher's cache
-    refresher.refresh(device)
-    doc = desired_document(device, poll_seconds=settings.poll_seconds)
-    payload = canonical(doc)
-    etag = etag_of(payload)
-    if device.desired_etag != etag:
-        device.desired_etag = etag
-    session.commit()
+def _same(stored: object, new: object) -> bool:
+    return stored == new
 
+
+def _seen_every(settings: ServerSettings) -> float:
+    """How stale ``last_seen`` may get before an idle check-in writes it: half a poll, at most
+    30 s (the dashboard calls a device stale after three missed polls)."""
+    return min(30.0, settings.poll_seconds / 2)
+
+
+def _unauthorized(message: str, hint: str) -> HTTPException:
+    return api_error(401, "unauthorized", message, where="Authorization", hint=hint)
+
+
+def _device_secret(authorization: str | None) -> str:
+    scheme, _, secret = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not secret:
+        raise _unauthorized("missing device credential", "send 'Authorization: Bearer <token>'")
+    if not looks_like(secret.strip(), TokenKind.DEVICE):
+        raise _unauthorized(
+            "not a valid device credential", "this API takes a device credential (slmd_...)"
+        )
+    return secret.strip()
+
+
+def _parse(raw: bytes) -> CheckIn:
+    try:
+        return CheckIn.model_validate_json(raw)
+    except ValidationError as exc:
+        errors = [{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]
+        raise RequestValidationError(errors) from None
+
+
+def _full_checkin(
+    app: Any, key: str, secret: str, raw: bytes, if_none_match: str | None, now: float
+) -> Response:
+    """The full path: authenticate, record what changed, feed reports, recompute, answer."""
+    settings: ServerSettings = app.state.settings
+    body = _parse(raw)
+    check_schema(body.schema_)
+    db: Database = app.state.db
+    with db.sessions() as session:
+        device = session.scalar(select(Device).where(Device.credential_hash == key))
+        if device is None:
+            raise _unauthorized(
+                "unknown device credential",
+                "the credential was rotated or the device removed; enroll again",
+            )
+        inventory = body.inventory.model_dump(mode="json")
+        active = body.active.model_dump(mode="json") if body.active else None
+        previous = body.previous.model_dump(mode="json") if body.previous else None
+        # assign only what changed, so an idle check-in writes nothing but (rarely) last_seen
+        if not _same(device.inventory, inventory):
+            device.inventory = inventory
+        if not _same(device.labels, dict(body.inventory.labels)):
+            device.labels = dict(body.inventory.labels)
+        if device.profile != body.inventory.profile:
+            device.profile = body.inventory.profile
+        if not _same(device.active, active):
+            device.active = active
+        if not _same(device.previous, previous):
+            device.previous = previous
+        seen = as_utc(device.last_seen).timestamp() if device.last_seen else 0.0
+        if now - seen >= _seen_every(settings):
+            device.last_seen = utcnow()
+            seen = now
+        ctx = _context(app)
+        if body.actions:
+            _reports(session, device, body.actions, ctx)
+        refresher = Refresher(session, ctx.store, poll_seconds=settings.poll_seconds)
+        join_if_matching(refresher, device, ctx)  # reads no rollout through the refresher's cache
+        refresher.refresh(device)
+        doc = desired_document(device, poll_seconds=settings.poll_seconds)
+        payload = canonical(doc)
+        etag = etag_of(payload)
+        if device.desired_etag != etag:
+            device.desired_etag = etag
+        session.commit()  # cheap when nothing was written (queries autoflush, so always)
+        device_id = device.device_id
+    cache: CheckinCache = app.state.checkin_cache
+    if not body.actions:
+        cache.put(
+            key,
+            Entry(
+                device_id=device_id,
+                etag=etag,
+                body_digest=hashlib.sha256(raw).digest(),
+                seen_at=seen,
+                changes=CHANGES[0],
+                expires=now + cache.ttl,
+            ),
+        )
     headers = {"ETag": etag, "Cache-Control": "no-cache"}
     if etag_matches(if_none_match, etag):
         return Response(status_code=304, headers=headers)
     return Response(payload, media_type="application/json", headers=headers)
 
 
+@router.post(
+    "/checkin",
+    response_model=DesiredState,
+    responses={304: {"description": "desired state unchanged since the If-None-Match ETag"}},
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": CheckIn.model_json_schema()}},
+        }
+    },
+)
+async def check_in(
+    request: Request,
+    authorization: Annotated[str | None, Header()] = None,
+    if_none_match: Annotated[str | None, Header()] = None,
+) -> Response:
+    """Idle polls are answered from the check-in cache in the event loop; the rest run the
+    full path on a worker thread."""
+    secret = _device_secret(authorization)
+    raw = await request.body()
+    if len(raw) > MAX_BODY_BYTES:
+        raise api_error(
+            413, "too_large", f"check-in body over {MAX_BODY_BYTES} bytes", where="body"
+        )
+    key = hash_secret(secret, TokenKind.DEVICE)
+    now = time.time()
+    app = request.app
+    settings: ServerSettings = app.state.settings
+    cache: CheckinCache = app.state.checkin_cache
+    digest = hashlib.sha256(raw).digest()
+    etag = (if_none_match or "").strip().removeprefix("W/") or None
+    if cache.hit(key, digest, etag, now, _seen_every(settings)):
+        return Response(status_code=304, headers={"ETag": etag or "", "Cache-Control": "no-cache"})
+    return await run_in_threadpool(_full_checkin, app, key, secret, raw, if_none_match, now)
+
+
 @router.post("/actions", status_code=204)
 def report_actions(
-    body: ActionReport, device: DeviceDep, session: SessionDep, settings: SettingsDep
+    body: ActionReport, device: DeviceDep, session: SessionDep, request: Request
 ) -> Response:
     """Progress of an install, between check-ins."""
     device.last_seen = utcnow()
-    _reports(session, device, body.actions, _context(settings))
+    _reports(session, device, body.actions, _context(request.app))
     return Response(status_code=204)

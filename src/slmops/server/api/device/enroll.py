@@ -21,6 +21,7 @@ from slmops.server.db import (
     is_expired,
 )
 from slmops.server.db.models import Device, as_utc, utcnow
+from slmops.server.desired import CHANGES
 from slmops.server.errors import api_error
 from slmops.server.security import TokenKind, hash_secret, looks_like, new_secret
 
@@ -86,6 +87,7 @@ def enroll_device(body: EnrollRequest, session: SessionDep) -> EnrollResponse:
                 hint="re-enroll with a token whose labels the device has, or pick another id",
             )
         device.operator_labels = {**scope, **token.labels}
+        CHANGES[0] += 1  # the old credential's cached check-ins end here (see checkin_cache)
     device.credential_hash = hash_secret(credential, TokenKind.DEVICE)
     device.labels = dict(inventory.labels)
     device.inventory = inventory.model_dump(mode="json")
