@@ -43,7 +43,10 @@ NAME = "acme/bot"
 
 @pytest.fixture
 def control_plane(tmp_path: Path) -> Iterator[ControlPlane]:
-    cp = ControlPlane(tmp_path / "server", {"SLMOPS_ROLLOUT_TICK_SECONDS": "0.2"})
+    # agents poll every 0.2 s (--poll-seconds); the server's interval decides how often an idle
+    # check-in writes last_seen (half of it), so keep it short here too
+    env = {"SLMOPS_ROLLOUT_TICK_SECONDS": "0.2", "SLMOPS_POLL_SECONDS": "1"}
+    cp = ControlPlane(tmp_path / "server", env)
     cp.start()
     try:
         yield cp
@@ -81,7 +84,8 @@ def test_agent_enrolls_polls_serves_503_survives_outage(
     trust = ("--trusted-key", str(bundles.pub))
     agent = start_agent(data, cp.url, port, "--enroll-token", token["token"], *trust)
     try:
-        devices = wait_for("enrollment", lambda: cp.devices())
+        devices = wait_for("enrollment", lambda: cp.devices() and (data / "credential").exists())
+        devices = cp.devices()
         assert [d["device_id"] for d in devices] == ["edge-1"]
         dev = devices[0]
         assert dev["labels"] == {"room": "lab", "site": "hq"}

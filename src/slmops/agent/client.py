@@ -237,3 +237,11 @@ class DeviceClient:
             raise Rejected(401, "no device credential", hint="enroll first")
         body = ActionReport(actions=actions).model_dump_json().encode()
         self._post("/device/v1/actions", body, {"Authorization": f"Bearer {cred}"})
+
+    def post_telemetry(self, payload: bytes) -> None:
+        """Deliver one gzip-compressed TelemetryBatch (the outbox's bytes, sent as they are)."""
+        cred = self.credential()
+        if cred is None:
+            raise Rejected(401, "no device credential", hint="enroll first")
+        headers = {"Authorization": f"Bearer {cred}", "Content-Encoding": "gzip"}
+        self._post("/device/v1/telemetry", payload, headers)

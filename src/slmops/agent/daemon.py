@@ -15,6 +15,12 @@ active, the installer (cryptography, registry client) only when there is somethi
 An install runs in the loop thread, so no check-in happens during a download: one apply at a
 time per data dir is what the Installer requires, and its statuses are reported right after.
 ``DATA/agent-status.json`` is rewritten atomically after each step, for operators and tests.
+
+Telemetry: the API counts every request in the ``Aggregator`` (windows of aggregates, never
+text unless the blueprint opts in to redacted samples); each step moves closed windows to the
+on-disk ``Outbox`` and posts what today's byte budget allows, gzip-compressed and idempotent by
+batch id. While the server is unreachable, windows wait on disk (capped; drops are counted and
+reported in the next batch). The policy comes with the desired state.
 """
 
 from __future__ import annotations
@@ -32,9 +38,12 @@ from slmops.agent.client import DeviceClient, Rejected, Unreachable
 from slmops.agent.config import AgentConfig
 from slmops.agent.inventory import collect
 from slmops.agent.openai_api import ApiError, OpenAIServer, Served, serve_in_thread
+from slmops.agent.outbox import Outbox
 from slmops.agent.slots import SlotStore
+from slmops.agent.telemetry import Aggregator
 from slmops.core.atomic import write_json_atomic
 from slmops.core.errors import ConfigError
+from slmops.core.resources import own_peak_rss_bytes
 from slmops.protocol.device import (
     ActionStatus,
     ActiveModel,
@@ -44,10 +53,12 @@ from slmops.protocol.device import (
     GenerationDefaults,
 )
 from slmops.protocol.fleet import DeviceActionState as S
+from slmops.protocol.telemetry import TelemetryPolicy
 from slmops.runtimes.base import Runtime
 
 log = logging.getLogger("slmops.agent")
 STATUS_FILE = "agent-status.json"
+TELEMETRY_DIR = "telemetry"
 DESIRED_FILE = "desired.json"
 
 
@@ -98,6 +109,10 @@ class Agent:
         self._serve_lock = threading.Lock()
         self._served: Served | None = None
         self._served_digest: str | None = None
+        policy = TelemetryPolicy()
+        self.telemetry = Aggregator(policy)
+        self.outbox: Outbox | None = None  # opened in start(), once the data dir exists
+        self._policy = policy
 
     # start / stop ----------------------------------------------------------------------------
     def start(self) -> None:
@@ -122,7 +137,12 @@ class Agent:
             )
         except (OSError, ValueError):
             self.desired = None
-        self.api, _ = serve_in_thread(self.serving, cfg.api_host, cfg.api_port)
+        self.outbox = Outbox(cfg.data_dir / TELEMETRY_DIR, self._policy)
+        if self.desired is not None:
+            self._set_policy(self.desired.telemetry)
+        self.api, _ = serve_in_thread(
+            self.serving, cfg.api_host, cfg.api_port, recorder=self.telemetry
+        )
         log.info("OpenAI API on http://%s:%d/v1", cfg.api_host, self.api.server_address[1])
 
     def stop(self) -> None:
@@ -184,7 +204,9 @@ class Agent:
             log.warning("server reachable again after %d failure(s)", self.backoff.failures)
         self.backoff.reset()
         if result is not None:
+            self._set_policy(result.telemetry)
             self._apply_if_needed(result)
+        self._send_telemetry()
         self._write_status("ok")
         poll = self.cfg.poll_seconds or (self.desired.poll_seconds if self.desired else 60.0)
         return jittered(poll, self.rng)
@@ -311,6 +333,8 @@ class Agent:
             return
         try:
             installer.apply(want, source, self._report)
+            if installer.last_health is not None:
+                self.telemetry.record_health(installer.last_health.ok)
         finally:
             source.close()
 
@@ -343,6 +367,45 @@ class Agent:
             self._served = Served(runtime, f"{model.name}:{model.version}", defaults)
             self._served_digest = model.digest
             return self._served
+
+    # telemetry -------------------------------------------------------------------------------
+    def _set_policy(self, policy: TelemetryPolicy) -> None:
+        if policy == self._policy:
+            return
+        self._policy = policy
+        self.telemetry.set_policy(policy)
+        if self.outbox is not None:
+            self.outbox.set_policy(policy)
+
+    def _send_telemetry(self) -> None:
+        """Move closed windows to the outbox, then deliver what the budget allows; a batch the
+        server cannot take is kept (network) or dropped with a warning (refused as invalid)."""
+        if self.outbox is None or not self._policy.enabled:
+            return
+        active = self.store.active()
+        if active is not None:  # requests count for the model that served them
+            model = active[1]
+            want = self.desired.model if self.desired else None
+            rollout = want.rollout_id if want and want.manifest_digest == model.digest else None
+            self.telemetry.set_model(model.name, model.version, model.variant, rollout)
+        self.telemetry.record_rss(own_peak_rss_bytes())
+        self.outbox.put(windows=self.telemetry.close_due(), samples=self.telemetry.take_samples())
+        for _ in range(8):  # a few batches per step: a long outage drains over several polls
+            ready = self.outbox.next_batch()
+            if ready is None:
+                return
+            batch_id, payload = ready
+            try:
+                self.client.post_telemetry(payload)
+            except Unreachable as exc:
+                log.debug("telemetry batch %s kept for later: %s", batch_id, exc)
+                return
+            except Rejected as exc:
+                if exc.status in (401, 403):
+                    return  # the credential is being replaced; try again after re-enrolling
+                log.warning("telemetry batch %s refused, dropped: %s", batch_id, exc.message)
+            self.outbox.ack(batch_id)
+            self.stats["telemetry_batches"] = self.stats.get("telemetry_batches", 0) + 1
 
     # status ----------------------------------------------------------------------------------
     def _write_status(self, state: str, **extra: Any) -> None:

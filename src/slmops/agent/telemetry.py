@@ -263,6 +263,10 @@ class Aggregator:
             if not policy.samples:
                 self._samples.clear()
 
+    def wants_quality(self) -> bool:
+        """Whether per-token log-probs are worth computing (they cost a softmax per token)."""
+        return self._policy.enabled
+
     def close_due(self, now: float | None = None) -> list[WindowAggregate]:
         """Windows whose end has passed (and those closed early), oldest first, then forgotten."""
         with self._lock:
