@@ -77,7 +77,7 @@ def demo_command(
             if not as_json:
                 out_console.rule("[bold]5. fleet: control plane and three agents[/]")
             fleet_summary = run_fleet_demo(
-                workdir, bundled, keep_running=keep_running, as_json=as_json
+                workdir, bundled, model=res.path, keep_running=keep_running, as_json=as_json
             )
         if as_json:
             emit_json(

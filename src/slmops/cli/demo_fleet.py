@@ -39,6 +39,7 @@ from slmops.core.process import die_with_parent
 CLI = [sys.executable, "-m", "slmops.cli.main"]
 BLUEPRINT = "demo-assistant"
 BROKEN_VERSION = "1.1.0"
+WINDOW_SECONDS = 10  # telemetry windows: short, so the demo shows field data within seconds
 WEIGHT_SUFFIXES = (".gguf", ".onnx", ".onnx.data")
 
 
@@ -196,9 +197,12 @@ def start_server(fleet: Fleet) -> None:
     )
 
 
-def start_agents(fleet: Fleet, public_key: Path) -> None:
-    made = fleet.api("POST", "/api/v1/enrollment-tokens", {"labels": {"fleet": "demo"}})
-    for spec in fleet.agents:
+def start_agents(
+    fleet: Fleet, public_key: Path, specs: tuple[AgentSpec, ...], labels: dict[str, str]
+) -> None:
+    """Enroll and start ``specs`` with an enrollment token scoped to ``labels``."""
+    made = fleet.api("POST", "/api/v1/enrollment-tokens", {"labels": labels})
+    for spec in specs:
         port = free_port()
         fleet.agent_ports[spec.device_id] = port
         args = [
@@ -233,22 +237,31 @@ def start_agents(fleet: Fleet, public_key: Path) -> None:
 
     def enrolled() -> bool:
         listed = fleet.api("GET", "/api/v1/devices")["data"]
-        want = {a.device_id for a in fleet.agents}
+        want = {a.device_id for a in specs}
         return len({d["device_id"] for d in listed} & want) == len(want)
 
-    _wait_until("three agents to enroll", enrolled, 60, fleet)
+    _wait_until(f"{len(specs)} agents to enroll", enrolled, 60, fleet)
 
 
-def blueprint(model: str, version: str) -> dict[str, Any]:
+def blueprint(
+    model: str,
+    version: str,
+    *,
+    name: str = BLUEPRINT,
+    selector: dict[str, str] | None = None,
+    rollout: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     return {
         "apiVersion": "slmops/v1",
         "kind": "Blueprint",
-        "metadata": {"name": BLUEPRINT},
+        "metadata": {"name": name},
         "spec": {
-            "selector": {"fleet": "demo"},
+            "selector": selector or {"fleet": "demo"},
             "model": {"name": model, "version": version},
             "generation": {"temperature": 0.0, "max_tokens": 32},
-            "rollout": {
+            "telemetry": {"window_seconds": WINDOW_SECONDS},
+            "rollout": rollout
+            or {
                 "waves": [{"count": 1}, {"percent": 100}],
                 "gates": {
                     "min_soak_seconds": 3,
@@ -261,16 +274,20 @@ def blueprint(model: str, version: str) -> dict[str, Any]:
     }
 
 
-def apply_and_wait(fleet: Fleet, model: str, version: str, as_json: bool) -> dict[str, Any]:
-    """Apply the blueprint and follow its rollout until it ends; returns the rollout."""
+def apply_and_wait(
+    fleet: Fleet, model: str, version: str, as_json: bool, doc: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Apply the blueprint (``doc``, or the demo's) and follow its rollout until it ends."""
     from slmops.cli.rollout import print_rollout, wait_for
 
-    applied = fleet.api("PUT", f"/api/v1/blueprints/{BLUEPRINT}", blueprint(model, version))
+    doc = doc or blueprint(model, version)
+    name = doc["metadata"]["name"]
+    applied = fleet.api("PUT", f"/api/v1/blueprints/{name}", doc)
     rid = applied["rollout"]
     if rid is None:
         raise ToolError(f"applying {model}:{version} created no rollout", where=fleet.url)
     if not as_json:
-        out_console.print(f"blueprint/{BLUEPRINT} -> {model}:{version}: rollout [bold]{rid}[/]")
+        out_console.print(f"blueprint/{name} -> {model}:{version}: rollout [bold]{rid}[/]")
     try:
         result = wait_for(fleet.url, fleet.admin, rid, timeout=300, quiet=as_json, interval=0.5)
     except CheckFailedError:
@@ -371,7 +388,7 @@ def chat(fleet: Fleet, device_id: str) -> dict[str, Any]:
 
 
 def run_fleet_demo(
-    workdir: Path, bundled: dict[str, str], *, keep_running: bool, as_json: bool
+    workdir: Path, bundled: dict[str, str], *, model: Path, keep_running: bool, as_json: bool
 ) -> dict[str, Any]:
     """Server, agents, rollout of the good version, rollout of a broken one, one chat."""
     from slmops.bundle.registry import push
@@ -389,7 +406,7 @@ def run_fleet_demo(
         address = fleet.url.removeprefix("http://")
         push(Path(bundled["path"]), f"oci://{address}/{name}:{version}", token=fleet.admin)
         fleet.agents = plan_agents(Path(bundled["path"]))
-        start_agents(fleet, keys / "slmops.pub")
+        start_agents(fleet, keys / "slmops.pub", fleet.agents, {"fleet": "demo"})
         if not as_json:
             out_console.print(
                 f"pushed {name}:{version}; enrolled "
@@ -433,11 +450,25 @@ def run_fleet_demo(
                 f"POST http://127.0.0.1:{port}/v1/chat/completions ({first}, "
                 f"{answer['model']}):\n  [italic]{text.strip()!r}[/]"
             )
+        from slmops.cli.demo_telemetry import metric_gate_demo, show_telemetry
+
+        if not as_json:
+            out_console.rule("[bold]9. telemetry from the field[/]")
+        telemetry = show_telemetry(fleet, as_json)
+        if not as_json:
+            out_console.rule("[bold]10. a healthy but slower canary, stopped by a metric gate[/]")
+        gated = metric_gate_demo(
+            fleet, model=model, name=name, version=version, keys=keys, as_json=as_json
+        )
         token_file = root / "admin-token"
         with atomic_open(token_file, mode=0o600) as fh:
             fh.write(fleet.admin.encode() + b"\n")
         if not as_json:
-            out_console.print(f"\nfleet logs in {root}; admin token in {token_file}")
+            out_console.rule("[bold]11. dashboard[/]")
+            out_console.print(
+                f"dashboard [bold]{fleet.url}/ui/[/] (log in with the token in {token_file}); "
+                f"Prometheus metrics at {fleet.url}/metrics; logs in {root}"
+            )
             if keep_running:
                 out_console.print(
                     f"try: [bold]slmops rollout list --server {fleet.url} "
@@ -447,10 +478,13 @@ def run_fleet_demo(
                 out_console.print("run with --keep-running to keep the server and agents up")
         summary = {
             "server": fleet.url,
+            "dashboard": f"{fleet.url}/ui/",
             "rollout": good,
             "devices": placed,
             "broken_rollout": bad,
             "devices_after_broken": after,
             "chat": answer,
+            "telemetry": telemetry,
+            "metric_gate": gated,
         }
     return summary
