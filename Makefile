@@ -56,6 +56,8 @@ bench: install system-deps
 	$(VENV)/bin/python bench/optimize.py
 	$(VENV)/bin/python bench/evaluate.py
 	$(VENV)/bin/python bench/bundle.py
+	$(VENV)/bin/python bench/fleet.py --quick
+	$(VENV)/bin/python bench/telemetry.py
 
 clean:
 	rm -rf $(VENV) slmops-demo .pytest_cache .mypy_cache .ruff_cache

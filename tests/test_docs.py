@@ -25,3 +25,16 @@ def test_every_command_is_documented() -> None:
     names = [c.name for c in app.registered_commands] + [g.name for g in app.registered_groups]
     for name in names:
         assert f"slmops {name}" in README, f"command `slmops {name}` is not in the README"
+
+
+@pytest.mark.parametrize(
+    "path", sorted((Path(__file__).parents[1] / "examples" / "fleet").glob("*.yaml")), ids=str
+)
+def test_fleet_examples_are_valid(path: Path) -> None:
+    from slmops.core.config import read_structured_file
+    from slmops.server.blueprint import Blueprint
+    from slmops.server.feedback.rules import FeedbackRules
+
+    kind = read_structured_file(path)["kind"]
+    model = {"Blueprint": Blueprint, "FeedbackRules": FeedbackRules}[kind]
+    model.from_file(path)  # unknown keys or bad values fail here, naming file and key
