@@ -246,7 +246,8 @@ def enroll_fleet(url: str, token: str, n: int) -> list[dict[str, str]]:
 
 def loadgen_spec(
     port: int, devices: list[dict[str, str]], args: argparse.Namespace, path: str
-) -> Path:
+) -> list[bytes]:
+    """One keep-alive HTTP request per device: its check-in with its credential and ETag."""
     reqs = []
     for d in devices:
         body = d["body"].encode()
@@ -255,10 +256,19 @@ def loadgen_spec(
             f"Authorization: {d['auth']}\r\nIf-None-Match: {d['etag']}\r\n"
             f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
         )
-        reqs.append((head.encode() + body).decode())
+        reqs.append(head.encode() + body)
+    return reqs
+
+
+def run_raw_loadgen(
+    port: int, reqs: list[bytes], args: argparse.Namespace, *, cycle: bool = True
+) -> Any:
+    """Send pre-built requests from a separate asyncio process (see ``_loadgen``); with
+    ``cycle`` false each request is sent at most once (e.g. batches that must all be new)."""
     spec = {
         "port": port,
-        "requests": reqs,
+        "requests": [r.hex() for r in reqs],
+        "cycle": cycle,
         "concurrency": args.concurrency,
         "seconds": args.seconds,
         "warmup": args.warmup,
@@ -266,13 +276,25 @@ def loadgen_spec(
     fd, name = tempfile.mkstemp(prefix="slmops-loadgen-", suffix=".json")
     with os.fdopen(fd, "w") as f:
         json.dump(spec, f)
-    return Path(name)
+    try:
+        res = subprocess.run(
+            [sys.executable, __file__, "--loadgen", name],
+            capture_output=True,
+            text=True,
+            timeout=args.seconds + args.warmup + 120,
+        )
+        if res.returncode != 0:
+            raise RuntimeError(res.stderr)
+        return json.loads(res.stdout)
+    finally:
+        Path(name).unlink()
 
 
 async def _loadgen(spec: dict[str, Any]) -> dict[str, Any]:
     """Closed loop: ``concurrency`` keep-alive connections, each sends the next device's
     request as soon as the previous answer is read. Latencies only after the warm-up."""
-    reqs = [r.encode() for r in spec["requests"]]
+    reqs = [bytes.fromhex(r) for r in spec["requests"]]
+    cycle = bool(spec.get("cycle", True))
     conc = int(spec["concurrency"])
     t_start = time.perf_counter()
     t_measure = t_start + float(spec["warmup"])
@@ -286,7 +308,7 @@ async def _loadgen(spec: dict[str, Any]) -> dict[str, Any]:
         perf = time.perf_counter
         while True:
             t0 = perf()
-            if t0 >= t_end:
+            if t0 >= t_end or (not cycle and i >= len(reqs)):
                 break
             w.write(reqs[i % len(reqs)])
             i += conc
@@ -322,19 +344,7 @@ def run_loadgen(
     args: argparse.Namespace,
     path: str = "/device/v1/checkin",
 ) -> Any:
-    spec = loadgen_spec(port, devices, args, path)
-    try:
-        res = subprocess.run(
-            [sys.executable, __file__, "--loadgen", str(spec)],
-            capture_output=True,
-            text=True,
-            timeout=args.seconds + args.warmup + 60,
-        )
-        if res.returncode != 0:
-            raise RuntimeError(res.stderr)
-        return json.loads(res.stdout)
-    finally:
-        spec.unlink()
+    return run_raw_loadgen(port, loadgen_spec(port, devices, args, path), args)
 
 
 def control_plane_checkins(

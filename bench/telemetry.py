@@ -9,11 +9,12 @@
 2. Ingestion batches/s: ``slmops server run`` on SQLite (and on a throwaway PostgreSQL unless
    skipped), N enrolled devices posting real gzip-compressed batches of one window each, every
    batch with a fresh batch id (nothing deduplicated), on keep-alive connections from a separate
-   asyncio process. Target: >= 330 batches/s (100,000 devices sending one batch every 5 minutes)
-   on one 2-core node.
+   asyncio process; with 1 and with 2 API processes (``--workers``; a 2-core node runs 2).
+   Target: >= 330 batches/s (100,000 devices sending one batch every 5 minutes) on one 2-core
+   node.
 
     .venv/bin/python bench/telemetry.py [--json] [--devices 100] [--concurrency 16]
-        [--seconds 8] [--skip pg]
+        [--seconds 8] [--workers 1,2] [--skip bytes,sqlite,pg]
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ import argparse
 import gzip
 import json
 import random
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,7 +32,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from fleet import cli_json, enroll_fleet, free_port, running, server_cli
+from fleet import cli_json, enroll_fleet, free_port, run_raw_loadgen, running, server_cli
 from slmops.agent.outbox import Outbox
 from slmops.agent.telemetry import Aggregator
 from slmops.protocol.telemetry import TelemetryBatch, TelemetryPolicy
@@ -110,53 +110,17 @@ def batch_bytes(rng: random.Random) -> bytes:
     return gzip.compress(batch.model_dump_json(by_alias=True).encode(), mtime=0)
 
 
-LOADGEN = r"""
-import asyncio, json, sys, time
-spec = json.load(open(sys.argv[1]))
-reqs = [bytes.fromhex(r) for r in spec["requests"]]
-
-async def main():
-    conc, seconds, warm = spec["concurrency"], spec["seconds"], spec["warmup"]
-    t0 = time.perf_counter(); t_measure = t0 + warm; t_end = t_measure + seconds
-    lat, codes = [], {}
-    async def conn(k):
-        r, w = await asyncio.open_connection("127.0.0.1", spec["port"])
-        i = k
-        while True:
-            a = time.perf_counter()
-            if a >= t_end or i >= len(reqs):
-                break
-            w.write(reqs[i]); i += conc
-            head = await r.readuntil(b"\r\n\r\n")
-            n = 0
-            for line in head.split(b"\r\n"):
-                if line[:15].lower() == b"content-length:":
-                    n = int(line[15:])
-            if n:
-                await r.readexactly(n)
-            b = time.perf_counter()
-            if a >= t_measure:
-                lat.append(b - a); c = int(head[9:12]); codes[c] = codes.get(c, 0) + 1
-        w.close()
-    await asyncio.gather(*(conn(k) for k in range(conc)))
-    lat.sort(); n = len(lat)
-    print(json.dumps({"requests": n, "per_s": round(n / seconds, 1),
-        "p50_ms": round(lat[n // 2] * 1000, 2) if n else None,
-        "p99_ms": round(lat[min(n - 1, int(n * 0.99))] * 1000, 2) if n else None,
-        "status": {str(k): v for k, v in sorted(codes.items())}}))
-asyncio.run(main())
-"""
-
-
-def ingest(name: str, work: Path, db: str | None, args: argparse.Namespace) -> dict[str, Any]:
-    data = work / name
+def ingest(
+    name: str, work: Path, db: str | None, args: argparse.Namespace, workers: int
+) -> dict[str, Any]:
+    data = work / f"{name}-{workers}"
     data.mkdir(parents=True)
     dbargs = ["--db", db] if db else []
     token = cli_json(server_cli("enrollment-token", "create", "--data", data, *dbargs))["token"]
     port = free_port()
-    cmd = server_cli("run", "--data", data, "--port", port, *dbargs)
+    cmd = server_cli("run", "--data", data, "--port", port, "--workers", workers, *dbargs)
     url = f"http://127.0.0.1:{port}"
-    with running(cmd, url + "/healthz", work / f"{name}.log"):
+    with running(cmd, url + "/healthz", work / f"{name}-{workers}.log"):
         devices = enroll_fleet(url, token, args.devices)
         rng = random.Random(7)
         # enough distinct batches that none repeats during the run (all are stored, none deduped)
@@ -174,26 +138,9 @@ def ingest(name: str, work: Path, db: str | None, args: argparse.Namespace) -> d
                 f"Authorization: {dev['auth']}\r\nContent-Type: application/json\r\n"
                 f"Content-Encoding: gzip\r\nContent-Length: {len(body)}\r\n\r\n"
             )
-            reqs.append((head.encode() + body).hex())
-        spec = {
-            "port": port,
-            "requests": reqs,
-            "concurrency": args.concurrency,
-            "seconds": args.seconds,
-            "warmup": args.warmup,
-        }
-        spec_path = work / f"{name}-loadgen.json"
-        spec_path.write_text(json.dumps(spec))
-        res = subprocess.run(
-            [sys.executable, "-c", LOADGEN, str(spec_path)],
-            capture_output=True,
-            text=True,
-            timeout=args.seconds + args.warmup + 120,
-        )
-        if res.returncode != 0:
-            raise RuntimeError(res.stderr)
-        result: dict[str, Any] = json.loads(res.stdout)
-        result["batch_bytes"] = round(sum(len(bytes.fromhex(r)) for r in reqs[:50]) / 50)
+            reqs.append(head.encode() + body)
+        result: dict[str, Any] = run_raw_loadgen(port, reqs, args, cycle=False)
+        result["batch_bytes"] = round(sum(len(r) for r in reqs[:50]) / 50)
         result["ratio_to_target"] = round(result["per_s"] / TARGET_BATCHES_PER_S, 2)
     return result
 
@@ -206,6 +153,7 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=8.0)
     ap.add_argument("--warmup", type=float, default=2.0)
     ap.add_argument("--skip", default="", help="comma list: bytes, sqlite, pg")
+    ap.add_argument("--workers", default="1,2", help="API processes to measure, comma list")
     args = ap.parse_args()
     args.skip = set(filter(None, args.skip.split(",")))
     result: dict[str, Any] = {}
@@ -214,14 +162,17 @@ def main() -> int:
         result["bytes_per_day"] = [bytes_per_day(None), bytes_per_day(1.0)]
         result["bytes_seconds"] = round(time.perf_counter() - t, 1)
     work = Path(tempfile.mkdtemp(prefix="slmops-bench-telemetry-"))
+    counts = [int(w) for w in args.workers.split(",") if w]
     if "sqlite" not in args.skip:
-        result["ingest_sqlite"] = ingest("sqlite", work, None, args)
+        for w in counts:
+            result[f"ingest_sqlite_{w}"] = ingest("sqlite", work, None, args, w)
     if "pg" not in args.skip:
         sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
         from pg import postgres_cluster
 
         with postgres_cluster() as pg_url:
-            result["ingest_postgresql"] = ingest("postgresql", work, pg_url, args)
+            for w in counts:
+                result[f"ingest_postgresql_{w}"] = ingest("postgresql", work, pg_url, args, w)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
@@ -231,11 +182,13 @@ def main() -> int:
             f"bytes/device/day at 1 req/min ({eps}): {row['bytes_per_day']:,} B in "
             f"{row['batches']} batches = {row['ratio_to_target']:.2f}x the 100 KB target"
         )
-    for key in ("ingest_sqlite", "ingest_postgresql"):
+    for key in [k for k in result if k.startswith("ingest_")]:
         if key in result:
             r = result[key]
+            _, db, workers = key.split("_")
             print(
-                f"ingestion {key.split('_')[1]}: {r['per_s']:.0f} batches/s (p50 {r['p50_ms']} ms, "
+                f"ingestion {db}, {workers} worker(s): {r['per_s']:.0f} batches/s "
+                f"(p50 {r['p50_ms']} ms, "
                 f"p99 {r['p99_ms']} ms, {r['batch_bytes']} B/batch, status {r['status']}) = "
                 f"{r['ratio_to_target']:.2f}x the 330/s target"
             )

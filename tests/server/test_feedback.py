@@ -21,22 +21,22 @@ from typing import Any
 
 import pytest
 from sqlalchemy import select
-from test_blueprints import MODEL, make_inputs, push_version
+from test_blueprints import MODEL, push_version
 from test_rollouts import (
     CANARY_THEN_ALL,
     TICK,
     act,
     apply,
+    build_versions,
     devices,
     establish,
     get,
     policy,
+    push_all,
 )
 from test_server_api import Server, _server, assert_envelope, make_token
 
 from helpers import free_port
-from slmops.bundle.build import build_bundle
-from slmops.bundle.registry import push
 from slmops.server.db.session import open_database
 from slmops.server.settings import load_settings
 from slmops.server.telemetry.tables import AlertRow
@@ -50,21 +50,7 @@ DB_URLS: dict[str, str | None] = {}  # server url -> its database (None: SQLite 
 
 @pytest.fixture(scope="module")
 def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("fb-bundles")
-    out: dict[str, Path] = {}
-    for version in VERSIONS:
-        variants, report = make_inputs(root / version / "in", None)
-        built = build_bundle(
-            variants, report, name=MODEL, version=version, out=root / version / "bundle"
-        )
-        out[version] = built.path
-    return out
-
-
-def push_all(server: Server, bundles: dict[str, Path]) -> None:
-    address = server.url.removeprefix("http://")
-    for version, path in bundles.items():
-        push(path, f"oci://{address}/{MODEL}:{version}", token=server.admin)
+    return build_versions(tmp_path_factory.mktemp("fb-bundles"), VERSIONS)
 
 
 @pytest.fixture(scope="module")

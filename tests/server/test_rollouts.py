@@ -61,18 +61,22 @@ FINAL = {"succeeded", "rolled-back", "aborted"}
 # --- servers and bundles ----------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """One built bundle per version, pushed to every server the module starts."""
-    root = tmp_path_factory.mktemp("bundles")
+def build_versions(root: Path, versions: tuple[str, ...]) -> dict[str, Path]:
+    """One built bundle per version (fabricated variants, real bundle builder)."""
     out: dict[str, Path] = {}
-    for version in VERSIONS:
+    for version in versions:
         variants, report = make_inputs(root / version / "in", None)
         built = build_bundle(
             variants, report, name=MODEL, version=version, out=root / version / "bundle"
         )
         out[version] = built.path
     return out
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One built bundle per version, pushed to every server the module starts."""
+    return build_versions(tmp_path_factory.mktemp("bundles"), VERSIONS)
 
 
 def push_all(server: Server, bundles: dict[str, Path]) -> None:

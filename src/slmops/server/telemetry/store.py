@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import case, delete, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -49,12 +49,21 @@ def hour_of(ts: float) -> float:
 
 def bump(session: Session, name: str, by: int) -> None:
     """Add ``by`` to a counter in SQL, so several processes never lose an increment."""
-    if by:
-        session.execute(
-            update(TelemetryCounter)
-            .where(TelemetryCounter.name == name)
-            .values(value=TelemetryCounter.value + by)
-        )
+    bump_many(session, {name: by})
+
+
+def bump_many(session: Session, amounts: dict[str, int]) -> None:
+    """Add to several counters in one UPDATE (one statement per batch stored, not three)."""
+    amounts = {k: v for k, v in amounts.items() if v}
+    if not amounts:
+        return
+    delta = case(*((TelemetryCounter.name == k, v) for k, v in amounts.items()), else_=0)
+    session.execute(
+        update(TelemetryCounter)
+        .where(TelemetryCounter.name.in_(list(amounts)))
+        .values(value=TelemetryCounter.value + delta)
+        .execution_options(synchronize_session=False)
+    )
 
 
 def store_batch(session: Session, device: Device, batch: TelemetryBatch) -> Stored:
@@ -91,9 +100,14 @@ def store_batch(session: Session, device: Device, batch: TelemetryBatch) -> Stor
             )
         )
         _roll_up(session, device_id, hour_of(window.start), dims, aggregate.from_window(doc))
-    bump(session, "batches", 1)
-    bump(session, "windows", len(batch.windows))
-    bump(session, "dropped_windows", batch.dropped_windows)
+    bump_many(
+        session,
+        {
+            "batches": 1,
+            "windows": len(batch.windows),
+            "dropped_windows": batch.dropped_windows,
+        },
+    )
     session.commit()
     return Stored(batch.batch_id, len(batch.windows), duplicate=False)
 
