@@ -208,3 +208,32 @@ def test_bad_blueprints_and_roles_are_refused(server: Server, tmp_path: Path) ->
     with server.client(make_token(server, "operator")) as c:
         r = c.put("/api/v1/blueprints/bad", json=doc)
         assert r.status_code == 422 and r.json()["error"]["where"] == "body.spec.modle"
+
+
+def test_a_blueprint_applied_before_its_version_is_pushed_rolls_out_once_signed(
+    server: Server, tmp_path: Path
+) -> None:
+    """CI often applies first and pushes second: the rollout starts when the signature lands
+    (pushed last), and pushing the same version again starts nothing new."""
+    from slmops.bundle.signing import init_keys, sign_bundle
+
+    enroll = enrollment_token(server, {"fleet": "late"})
+    credential(server, enroll, "late-1", **FITS)
+    operator = make_token(server, "operator")
+    doc = blueprint("late-bp", {"fleet": "late"}, {"name": MODEL, "version": "3.0.0"})
+    res = apply(server, write(tmp_path / "bp.yaml", doc), operator)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert json.loads(res.stdout)["rollout"] is None  # nothing to roll out yet
+
+    variants, report = make_inputs(tmp_path / "in", None)
+    built = build_bundle(variants, report, name=MODEL, version="3.0.0", out=tmp_path / "b")
+    private, _ = init_keys(tmp_path / "keys")
+    sign_bundle(built.path, private)
+    ref = f"oci://{server.url.removeprefix('http://')}/{MODEL}:3.0.0"
+    push(built.path, ref, token=server.admin)
+    with server.client(operator) as c:
+        listed = c.get("/api/v1/rollouts", params={"blueprint": "late-bp"}).json()["data"]
+        assert [(r["target_version"], r["devices"]) for r in listed] == [("3.0.0", 1)]
+        push(built.path, ref, token=server.admin)  # the same version again: no second rollout
+        again = c.get("/api/v1/rollouts", params={"blueprint": "late-bp"}).json()["data"]
+        assert len(again) == 1

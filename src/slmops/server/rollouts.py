@@ -275,6 +275,35 @@ def reconcile_following(
             reconcile(session, row, actor=actor, ctx=ctx)
 
 
+def reconcile_pushed(session: Session, model: str, version: str, *, ctx: Context) -> list[str]:
+    """A signed version just arrived: blueprints already asking for it (applied before the
+    push, so no rollout could be created then) start their rollout now. A version some rollout
+    of the blueprint already targeted is left alone: re-pushing must not retry a rolled-back
+    rollout. Returns the rollouts created."""
+    created = []
+    for row in list(session.scalars(select(BlueprintRow).order_by(BlueprintRow.name))):
+        ref = ModelRef.model_validate(row.spec.get("model", {}))
+        if ref.name != model:
+            continue
+        try:
+            wanted = resolve_version(session, ref)
+        except LookupError:
+            continue
+        tried = session.scalar(
+            select(Rollout.id).where(
+                Rollout.blueprint == row.name, Rollout.target_version == wanted
+            )
+        )
+        if wanted != version or tried is not None:
+            continue
+        rid = reconcile(session, row, actor=f"push of {model}:{version}", ctx=ctx)
+        if rid:
+            created.append(rid)
+    if created:
+        settle(session, ctx)
+    return created
+
+
 def stop_for_blueprint(session: Session, name: str, *, actor: str, ctx: Context) -> None:
     """The blueprint was deleted: abort its active rollout (moved devices keep what they run)."""
     active = active_rollout(session, name)

@@ -311,6 +311,23 @@ def tag_manifest(session: Session, name: str, tag: str, digest: str, media: str)
     session.commit()
 
 
+SIGNATURE_TAG = re.compile(r"^sha256-[0-9a-f]{64}$")
+
+
+def version_signed(request: Request, session: Session, name: str, reference: str) -> None:
+    """The signature of a bundle arrived (its ``sha256-<hex>`` tag, pushed last): the version
+    it signs is complete, and blueprints waiting for it can start rolling it out."""
+    from slmops.server.rollouts import Context, reconcile_pushed  # rollouts imports the store
+
+    subject = "sha256:" + reference.removeprefix("sha256-")
+    versions = session.scalars(
+        select(RegistryTag.tag).where(RegistryTag.repository == name, RegistryTag.digest == subject)
+    ).all()
+    ctx = Context(store_of(request), request.app.state.settings.poll_seconds)
+    for version in versions:
+        reconcile_pushed(session, name, version, ctx=ctx)
+
+
 @v2.put("/{name:path}/manifests/{reference}")
 async def put_manifest(
     name: str, reference: str, request: Request, caller: Pusher, session: SessionDep, store: Store
@@ -330,6 +347,8 @@ async def put_manifest(
     media, digest = await run_in_threadpool(check_manifest, store, bytes(data), content_type)
     if not by_digest:
         await run_in_threadpool(tag_manifest, session, name, reference, digest, media)
+        if SIGNATURE_TAG.match(reference):
+            await run_in_threadpool(version_signed, request, session, name, reference)
     headers = {"Location": f"/v2/{name}/manifests/{digest}", "Docker-Content-Digest": digest}
     return Response(status_code=201, headers=headers)
 
