@@ -28,7 +28,7 @@ from slmops.bundle.layout import Index, Manifest, OciLayout, parse_model
 from slmops.bundle.media import ANN_TITLE, ANN_VARIANT, MT_INDEX
 from slmops.core.atomic import write_text_atomic
 from slmops.core.digest import tree_digest
-from slmops.core.errors import UserInputError
+from slmops.core.errors import SlmopsError, ToolError, UserInputError
 from slmops.model.card import CARD_FILE, LineageCard
 from slmops.optimize.adjust import Direction, adjusted_recipe
 from slmops.protocol.bundle import VariantDescriptor
@@ -127,14 +127,28 @@ def improve(
 
     write_text_atomic(recipe_path, yaml.safe_dump(recipe_file.model_dump(mode="json")))
     recipe = compile_recipe(recipe_file, source=str(recipe_path))
-    run_recipe(model, recipe, workdir / "variants")
+    # each candidate on its own: one that cannot be built (a pruning ratio the model's shape
+    # refuses, say) is reported, and the others still get their chance
+    failed: dict[str, str] = {}
+    for candidate_name in recipe.variants:
+        try:
+            run_recipe(model, recipe, workdir / "variants", only=[candidate_name])
+        except SlmopsError as exc:
+            failed[candidate_name] = exc.render()
+    if len(failed) == len(recipe.variants):
+        raise ToolError(
+            "no candidate could be built: "
+            + "; ".join(f"{k}: {v.splitlines()[0]}" for k, v in failed.items()),
+            where=workdir,
+        )
     profiles = resolve_profiles([profile])
+    target = profiles[0].name  # a YAML path resolves to the profile it defines
     report = run_evaluation(
         workdir / "variants", profiles, workdir / "report", EvalOptions(), quiet
     )
-    result = gate(report, required=[profile])
+    result = gate(report, required=[target])
     checks = list(result.checks)
-    sel = report.selection_for(profile)
+    sel = report.selection_for(target)
     chosen = sel.variant if sel else None
     selected: dict[str, Any] | None = None
     running = {
@@ -169,6 +183,10 @@ def improve(
                 f"{current.name} {old_ram / 2**20:.1f} MiB (must be less)"
             )
         checks.append({"name": f"direction:{direction}", "ok": ok, "detail": detail})
+    checks += [
+        {"name": f"build:{k}", "ok": True, "detail": f"not built (skipped): {v.splitlines()[0]}"}
+        for k, v in failed.items()
+    ]
     reasons = [c["detail"] for c in checks if not c["ok"]]
     candidate = Candidate(
         ok=not reasons,
@@ -178,7 +196,7 @@ def improve(
         selected=selected,
         recipe=str(recipe_path),
         report=str(workdir / "report"),
-        variants=list(recipe.variants),
+        variants=[v for v in recipe.variants if v not in failed],
     )
     if candidate.ok and built is not None:  # only a candidate that passed is signed
         sign_bundle(out, private_key)

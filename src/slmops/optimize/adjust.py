@@ -29,7 +29,15 @@ DIRECTIONS: tuple[Direction, ...] = ("higher-precision", "smaller")
 GGUF_LADDER = ("Q3_K_M", "Q4_0", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0", "F16")
 ONNX_LADDER = ("int4", "int8", "fp16", "fp32")
 PRUNE_PASSES = ("prune-magnitude", "prune-nm", "prune-wanda", "prune-structured")
-SMALLER_PRUNE: dict[str, Any] = {"target": "ffn", "ratio": 0.25, "round_to": 256}
+SMALLER_PRUNE: dict[str, Any] = {"target": "ffn", "ratio": 0.25}
+
+
+def _prune_round_to(rung: str) -> int:
+    """FFN width multiple for the pruned candidate: k-quants pack 256-weight super-blocks, the
+    legacy types (Q4_0, Q8_0) and F16 32; a small model (FFN under ~340 channels) cannot keep a
+    multiple of 256, so only the k-quant rungs ask for it."""
+    return 256 if "_K" in rung else 32
+
 
 Chain = list[tuple[str, dict[str, Any]]]
 
@@ -115,7 +123,7 @@ def adjusted_recipe(
         variants[_slug(f"{prefix}-unpruned-{kind}-{rung}")] = unpruned
     if direction == "smaller" and not pruned and kind == "gguf":
         variants[_slug(f"{prefix}-ffn25-{kind}-{rung}")] = [
-            ("prune-structured", dict(SMALLER_PRUNE)),
+            ("prune-structured", dict(SMALLER_PRUNE, round_to=_prune_round_to(rung))),
             *chain,
         ]
     if not variants:
