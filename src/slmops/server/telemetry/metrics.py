@@ -36,7 +36,7 @@ from slmops.server.db.models import Device, Rollout, utcnow
 from slmops.server.db.session import Database
 from slmops.server.telemetry import aggregate
 from slmops.server.telemetry.rows import load
-from slmops.server.telemetry.store import UNKNOWN_CLASS
+from slmops.server.telemetry.store import UNKNOWN_CLASS, flush_counters
 from slmops.server.telemetry.tables import TelemetryCounter, TelemetryHourlyRow
 
 router = APIRouter(tags=["health"])
@@ -149,6 +149,7 @@ class DatabaseCollector(Collector):
 def exposition(db: Database) -> bytes:
     registry = CollectorRegistry(auto_describe=False)
     with db.sessions() as session:
+        flush_counters(session)  # this process's counts are exact at scrape time
         registry.register(DatabaseCollector(session))
         return generate_latest(registry)
 

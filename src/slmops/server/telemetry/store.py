@@ -1,5 +1,6 @@
-"""Writing telemetry: a batch, its windows, the hourly roll-up and the counters, in one
-transaction; and pruning old rows (retention).
+"""Writing telemetry: a batch, its windows and the hourly roll-up, in one transaction (the
+ingestion counters are added in memory and flushed each tick, see ``bump``); and pruning old
+rows (retention).
 
 Idempotency: the batch row goes in first (``UNIQUE(device_id, batch_id)``); a retried batch
 fails that insert, the transaction is rolled back, nothing else is written, and the duplicate is
@@ -14,10 +15,11 @@ device merged first), so concurrent API processes never lose a window.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from sqlalchemy import case, delete, select, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -47,23 +49,44 @@ def hour_of(ts: float) -> float:
     return float(int(ts // HOUR) * HOUR)
 
 
-def bump(session: Session, name: str, by: int) -> None:
-    """Add ``by`` to a counter in SQL, so several processes never lose an increment."""
-    bump_many(session, {name: by})
+_PENDING: dict[str, int] = {}
+_PENDING_LOCK = threading.Lock()
 
 
-def bump_many(session: Session, amounts: dict[str, int]) -> None:
-    """Add to several counters in one UPDATE (one statement per batch stored, not three)."""
-    amounts = {k: v for k, v in amounts.items() if v}
-    if not amounts:
+def bump(name: str, by: int) -> None:
+    """Count in memory; ``flush_counters`` adds it to the table later.
+
+    Counters are hot rows: updating them inside every batch's transaction made concurrent
+    deliveries wait on each other (and, updating several rows in one statement, deadlock on
+    PostgreSQL). Each process adds its own deltas, so several processes still sum correctly;
+    a crash loses at most what was counted since the last flush (one tick).
+    """
+    if by:
+        with _PENDING_LOCK:
+            _PENDING[name] = _PENDING.get(name, 0) + by
+
+
+def flush_counters(session: Session) -> None:
+    """Add this process's pending counts to ``telemetry_counters``, rows in a fixed order."""
+    with _PENDING_LOCK:
+        pending = dict(_PENDING)
+        _PENDING.clear()
+    if not pending:
         return
-    delta = case(*((TelemetryCounter.name == k, v) for k, v in amounts.items()), else_=0)
-    session.execute(
-        update(TelemetryCounter)
-        .where(TelemetryCounter.name.in_(list(amounts)))
-        .values(value=TelemetryCounter.value + delta)
-        .execution_options(synchronize_session=False)
-    )
+    try:
+        for name in sorted(pending):
+            session.execute(
+                update(TelemetryCounter)
+                .where(TelemetryCounter.name == name)
+                .values(value=TelemetryCounter.value + pending[name])
+                .execution_options(synchronize_session=False)
+            )
+        session.commit()
+    except Exception:
+        session.rollback()
+        for name, by in pending.items():  # counted again at the next flush
+            bump(name, by)
+        raise
 
 
 def store_batch(session: Session, device: Device, batch: TelemetryBatch) -> Stored:
@@ -83,8 +106,7 @@ def store_batch(session: Session, device: Device, batch: TelemetryBatch) -> Stor
         session.flush()
     except IntegrityError:
         session.rollback()
-        bump(session, "duplicate_batches", 1)
-        session.commit()
+        bump("duplicate_batches", 1)
         return Stored(batch.batch_id, 0, duplicate=True)
     for window in batch.windows:
         dims = _dims(window, profile)
@@ -100,15 +122,10 @@ def store_batch(session: Session, device: Device, batch: TelemetryBatch) -> Stor
             )
         )
         _roll_up(session, device_id, hour_of(window.start), dims, aggregate.from_window(doc))
-    bump_many(
-        session,
-        {
-            "batches": 1,
-            "windows": len(batch.windows),
-            "dropped_windows": batch.dropped_windows,
-        },
-    )
     session.commit()
+    bump("batches", 1)
+    bump("windows", len(batch.windows))
+    bump("dropped_windows", batch.dropped_windows)
     return Stored(batch.batch_id, len(batch.windows), duplicate=False)
 
 

@@ -18,7 +18,7 @@ from slmops.server.registry.store import BlobStore
 from slmops.server.rollouts import Context
 from slmops.server.telemetry.cohorts import feed_metrics
 from slmops.server.telemetry.drift import check_drift
-from slmops.server.telemetry.store import prune
+from slmops.server.telemetry.store import flush_counters, prune
 
 log = logging.getLogger("slmops.server.telemetry")
 SLOW_EVERY_S = 600.0
@@ -31,6 +31,10 @@ def telemetry_tick(
 ) -> None:
     now = time.time()
     with db.sessions() as session:
+        try:
+            flush_counters(session)
+        except Exception:
+            log.exception("flushing telemetry counters failed")
         try:
             feed_metrics(session, Context(store, poll_seconds, now=now))
         except Exception:
