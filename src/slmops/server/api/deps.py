@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import Field, StringConstraints
@@ -138,3 +138,20 @@ LabelKey = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-
 LabelValue = Annotated[str, StringConstraints(max_length=128)]
 Labels = Annotated[dict[LabelKey, LabelValue], Field(max_length=64)]
 """Label maps as operators send them: keys like ``site``, ``hw.class``, ``team/a``."""
+
+
+def unauthorized(message: str, hint: str) -> HTTPException:
+    return api_error(401, "unauthorized", message, where="Authorization", hint=hint)
+
+
+def device_secret(authorization: str | None) -> str:
+    """The device credential from an Authorization header, shape-checked (401 otherwise);
+    for hot device routes that look the device up themselves, on their worker thread."""
+    scheme, _, secret = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not secret:
+        raise unauthorized("missing device credential", "send 'Authorization: Bearer <token>'")
+    if not looks_like(secret.strip(), TokenKind.DEVICE):
+        raise unauthorized(
+            "not a valid device credential", "this API takes a device credential (slmd_...)"
+        )
+    return secret.strip()

@@ -19,11 +19,15 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Request
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ValidationError
+from sqlalchemy import select
 
 from slmops.protocol.telemetry import TelemetryBatch
-from slmops.server.api.deps import DeviceDep, SessionDep
+from slmops.server.api.deps import device_secret
+from slmops.server.db.models import Device
+from slmops.server.db.session import Database
 from slmops.server.errors import api_error
-from slmops.server.telemetry.store import store_batch
+from slmops.server.security import TokenKind, hash_secret
+from slmops.server.telemetry.store import Stored, store_batch
 
 router = APIRouter(tags=["device"])
 
@@ -87,14 +91,30 @@ async def read_body(request: Request, gzipped: bool) -> bytes:
     return bytes(out)
 
 
+def _store(db: Database, key: str, batch: TelemetryBatch) -> Stored:
+    """Authenticate and store on one worker thread, in one session (this is the hot path)."""
+    with db.sessions() as session:
+        device = session.scalar(select(Device).where(Device.credential_hash == key))
+        if device is None:
+            raise api_error(
+                401,
+                "unauthorized",
+                "unknown device credential",
+                where="Authorization",
+                hint="the credential was rotated or the device removed; enroll again",
+            )
+        return store_batch(session, device, batch)
+
+
 @router.post("/telemetry", response_model=TelemetryAccepted)
 async def post_telemetry(
     request: Request,
-    device: DeviceDep,
-    session: SessionDep,
+    authorization: Annotated[str | None, Header()] = None,
     content_encoding: Annotated[str | None, Header()] = None,
 ) -> TelemetryAccepted:
-    """Store a batch of telemetry windows (idempotent per ``batch_id``)."""
+    """Store a batch of telemetry windows (idempotent per ``batch_id``). The credential's
+    shape is checked before the body is read; its database lookup happens with the store."""
+    key = hash_secret(device_secret(authorization), TokenKind.DEVICE)
     encoding = (content_encoding or "identity").strip().lower()
     if encoding not in ("gzip", "identity"):
         raise api_error(
@@ -118,7 +138,7 @@ async def post_telemetry(
             where=f"body.{where}" if where != "body" else where,
             hint="send a slmops.telemetry/v1 batch; unknown keys are refused",
         ) from None
-    stored = await run_in_threadpool(store_batch, session, device, batch)
+    stored = await run_in_threadpool(_store, request.app.state.db, key, batch)
     return TelemetryAccepted(
         batch_id=stored.batch_id, accepted=stored.windows, duplicate=stored.duplicate
     )

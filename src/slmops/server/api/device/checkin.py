@@ -21,7 +21,7 @@ import hashlib
 import time
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, HTTPException, Request, Response
+from fastapi import APIRouter, Header, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
@@ -29,7 +29,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from slmops.protocol.device import ActionReport, ActionStatus, CheckIn, DesiredState
-from slmops.server.api.deps import DeviceDep, SessionDep
+from slmops.server.api.deps import DeviceDep, SessionDep, device_secret, unauthorized
 from slmops.server.api.device.checkin_cache import CheckinCache, Entry
 from slmops.server.api.device.enroll import check_schema
 from slmops.server.db.models import Device, DeviceAction, as_utc, utcnow
@@ -38,7 +38,7 @@ from slmops.server.desired import CHANGES, Refresher, canonical, etag_of
 from slmops.server.errors import api_error
 from slmops.server.registry.store import BlobStore
 from slmops.server.rollouts import Context, join_if_matching, record_reports
-from slmops.server.security import TokenKind, hash_secret, looks_like
+from slmops.server.security import TokenKind, hash_secret
 from slmops.server.settings import ServerSettings
 
 router = APIRouter(tags=["device"])
@@ -111,21 +111,6 @@ def _seen_every(settings: ServerSettings) -> float:
     return min(30.0, settings.poll_seconds / 2)
 
 
-def _unauthorized(message: str, hint: str) -> HTTPException:
-    return api_error(401, "unauthorized", message, where="Authorization", hint=hint)
-
-
-def _device_secret(authorization: str | None) -> str:
-    scheme, _, secret = (authorization or "").partition(" ")
-    if scheme.lower() != "bearer" or not secret:
-        raise _unauthorized("missing device credential", "send 'Authorization: Bearer <token>'")
-    if not looks_like(secret.strip(), TokenKind.DEVICE):
-        raise _unauthorized(
-            "not a valid device credential", "this API takes a device credential (slmd_...)"
-        )
-    return secret.strip()
-
-
 def _parse(raw: bytes) -> CheckIn:
     try:
         return CheckIn.model_validate_json(raw)
@@ -145,7 +130,7 @@ def _full_checkin(
     with db.sessions() as session:
         device = session.scalar(select(Device).where(Device.credential_hash == key))
         if device is None:
-            raise _unauthorized(
+            raise unauthorized(
                 "unknown device credential",
                 "the credential was rotated or the device removed; enroll again",
             )
@@ -217,7 +202,7 @@ async def check_in(
 ) -> Response:
     """Idle polls are answered from the check-in cache in the event loop; the rest run the
     full path on a worker thread."""
-    secret = _device_secret(authorization)
+    secret = device_secret(authorization)
     raw = await request.body()
     if len(raw) > MAX_BODY_BYTES:
         raise api_error(
