@@ -603,3 +603,47 @@ def test_retention_keeps_whole_hours_in_the_roll_up(tmp_path: Any) -> None:
         edge = summarize(session, group_by=["version"], since=old + 1, until=old + HOUR)
         assert edge == []  # a partial hour needs the windows, which retention removed
     database.dispose()
+
+
+def test_drift_against_the_baseline_of_a_pushed_bundle(
+    server: Server, db: Database, tmp_path: Any
+) -> None:
+    """End to end: the baseline comes from the variant descriptor of a bundle pushed to the
+    registry (no injected baselines); a field distribution like it raises nothing, a shifted
+    one raises one PSI alert."""
+    from test_blueprints import MODEL, make_inputs
+
+    from slmops.bundle.build import build_bundle
+    from slmops.bundle.inspect import inspect_bundle
+    from slmops.bundle.registry import push
+
+    variants, report = make_inputs(tmp_path / "in", None)
+    built = build_bundle(variants, report, name=MODEL, version="7.0.0", out=tmp_path / "b")
+    push(
+        built.path, f"oci://{server.url.removeprefix('http://')}/{MODEL}:7.0.0", token=server.admin
+    )
+    with_baseline = [
+        v for v in inspect_bundle(built.path)["variants"] if v["descriptor"].get("baseline")
+    ]
+    variant = with_baseline[0]["name"]
+    counts = with_baseline[0]["descriptor"]["baseline"]["logprob"]
+    bounds = BOUNDS["logprob"]
+    inside = [bounds[0] - 1, *bounds[1:], bounds[-1] / 2]  # a value in each bucket
+    like = [inside[i] for i, n in enumerate(counts) for _ in range(int(n))]
+    shifted = [-7.0] * len(like)
+    for dev, values, profile in (("base-a", like, "rpi5"), ("base-b", shifted, "jetson")):
+        cred = device(server, dev, profile)
+        w = window(
+            time.time() - 60,
+            version="7.0.0",
+            latency=[10.0],
+            logprobs=values,
+            model=MODEL,
+            variant=variant,
+        )
+        assert post(server, cred, batch([w])).is_success
+
+    with db.sessions() as session:
+        raised = check_drift(session, BlobStore(server.data), min_samples=100)
+    mine = [(a.profile, a.statistic) for a in raised if a.version == "7.0.0"]
+    assert mine == [("jetson", "psi:logprob")], mine
