@@ -11,7 +11,6 @@ blueprint and device fleet; the pause test its own version (1.1.0), so rules nev
 from __future__ import annotations
 
 import json
-import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -32,6 +31,7 @@ from test_rollouts import (
     establish,
     get,
     policy,
+    postgres_server,
     push_all,
 )
 from test_server_api import Server, _server, assert_envelope, make_token
@@ -70,21 +70,9 @@ def any_server(
     if request.param == "sqlite":
         yield request.getfixturevalue("server")
         return
-    from pg import postgres_cluster
-
-    with postgres_cluster() as url:
-        started = _server(tmp_path_factory, env=TICK | {"SLMOPS_DB_URL": url})
-        os.environ["SLMOPS_DB_URL"] = url  # while starting: the CLI's token create writes to it
-        try:
-            srv = next(started)
-        finally:
-            del os.environ["SLMOPS_DB_URL"]
+    for srv, url in postgres_server(tmp_path_factory, bundles):
         DB_URLS[srv.url] = url
-        try:
-            push_all(srv, bundles)
-            yield srv
-        finally:
-            next(started, None)
+        yield srv
 
 
 # --- helpers ----------------------------------------------------------------------------------

@@ -93,16 +93,10 @@ def server(tmp_path_factory: pytest.TempPathFactory, bundles: dict[str, Path]) -
         yield srv
 
 
-@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
-def any_server(
-    request: pytest.FixtureRequest,
-    tmp_path_factory: pytest.TempPathFactory,
-    bundles: dict[str, Path],
-) -> Iterator[Server]:
-    """The core flows on both databases (the SQLite one is the module's ``server``)."""
-    if request.param == "sqlite":
-        yield request.getfixturevalue("server")
-        return
+def postgres_server(
+    tmp_path_factory: pytest.TempPathFactory, bundles: dict[str, Path]
+) -> Iterator[tuple[Server, str]]:
+    """A server on a throwaway PostgreSQL with ``bundles`` pushed; yields it and its DB URL."""
     from pg import postgres_cluster
 
     with postgres_cluster() as url:
@@ -116,9 +110,23 @@ def any_server(
             del os.environ["SLMOPS_DB_URL"]
         try:
             push_all(srv, bundles)
-            yield srv
+            yield srv, url
         finally:
             next(started, None)  # past its yield: stops the server
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def any_server(
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    bundles: dict[str, Path],
+) -> Iterator[Server]:
+    """The core flows on both databases (the SQLite one is the module's ``server``)."""
+    if request.param == "sqlite":
+        yield request.getfixturevalue("server")
+        return
+    for srv, _url in postgres_server(tmp_path_factory, bundles):
+        yield srv
 
 
 # --- simulated devices and operator calls ----------------------------------------------------

@@ -31,6 +31,7 @@ from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from slmops.agent.inference_thread import InferenceThread
 from slmops.protocol.device import GenerationDefaults
 from slmops.runtimes.base import Runtime, TokenStats
 
@@ -413,48 +414,6 @@ def _parse(cls: type[_Sampling], body: Any) -> Any:
         raise ApiError(
             400, f"{param}: {err['msg']}" if param else err["msg"], param=param
         ) from None
-
-
-class InferenceThread:
-    """Runs every generation on one long-lived thread, started on first use.
-
-    llama.cpp's CPU backend (built with OpenMP) gives each thread that calls into it a team of
-    worker threads, kept while that thread lives. The HTTP server answers each connection on a
-    thread of its own, so two live connections (or any other thread that once generated) mean
-    two teams: more spinning workers than cores, and libgomp then throttles every barrier to a
-    futex sleep, which measured ~10x slower decoding on 2 cores. One generating thread keeps a
-    single team; the request's thread only waits (the job writes the response itself, so the
-    tokens take no extra hop between threads)."""
-
-    def __init__(self) -> None:
-        self._jobs: list[tuple[Callable[[], None], threading.Event, list[BaseException]]] = []
-        self._wake = threading.Condition()
-        self._thread: threading.Thread | None = None
-
-    def run(self, job: Callable[[], None]) -> None:
-        done, error = threading.Event(), list[BaseException]()
-        with self._wake:
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._loop, name="inference", daemon=True)
-                self._thread.start()
-            self._jobs.append((job, done, error))
-            self._wake.notify()
-        done.wait()
-        if error:
-            raise error[0]
-
-    def _loop(self) -> None:
-        while True:
-            with self._wake:
-                while not self._jobs:
-                    self._wake.wait()
-                job, done, error = self._jobs.pop(0)
-            try:
-                job()
-            except BaseException as exc:  # handed to the waiting request thread
-                error.append(exc)
-            finally:
-                done.set()
 
 
 ERROR_KINDS = {503: "no_model", 429: "overloaded", 504: "timeout"}

@@ -64,24 +64,27 @@ SettingsDep = Annotated[ServerSettings, Depends(get_settings)]
 Bearer = HTTPAuthorizationCredentials | None
 
 
+def unauthorized(message: str, hint: str) -> HTTPException:
+    return api_error(401, "unauthorized", message, where="Authorization", hint=hint)
+
+
+UNKNOWN_DEVICE = (
+    "unknown device credential",
+    "the credential was rotated or the device removed; enroll again",
+)
+
+
+def checked_secret(secret: str | None, kind: TokenKind, what: str) -> str:
+    """The bearer secret, shape-checked before any database lookup (401 otherwise)."""
+    if not secret:
+        raise unauthorized(f"missing {what}", "send 'Authorization: Bearer <token>'")
+    if not looks_like(secret, kind):
+        raise unauthorized(f"not a valid {what}", f"this API takes a {what} ({kind.value}_...)")
+    return secret
+
+
 def _secret(creds: Bearer, kind: TokenKind, what: str) -> str:
-    if creds is None:
-        raise api_error(
-            401,
-            "unauthorized",
-            f"missing {what}",
-            where="Authorization",
-            hint="send 'Authorization: Bearer <token>'",
-        )
-    if not looks_like(creds.credentials, kind):
-        raise api_error(
-            401,
-            "unauthorized",
-            f"not a valid {what}",
-            where="Authorization",
-            hint=f"this API takes a {what} ({kind.value}_...)",
-        )
-    return creds.credentials
+    return checked_secret(creds.credentials if creds else None, kind, what)
 
 
 def require_role(role: Role) -> Callable[..., ApiToken]:
@@ -119,13 +122,7 @@ def current_device(
     secret = _secret(creds, TokenKind.DEVICE, "device credential")
     device = find_device_by_credential(session, secret=secret)
     if device is None:
-        raise api_error(
-            401,
-            "unauthorized",
-            "unknown device credential",
-            where="Authorization",
-            hint="the credential was rotated or the device removed; enroll again",
-        )
+        raise unauthorized(*UNKNOWN_DEVICE)
     return device
 
 
@@ -140,18 +137,9 @@ Labels = Annotated[dict[LabelKey, LabelValue], Field(max_length=64)]
 """Label maps as operators send them: keys like ``site``, ``hw.class``, ``team/a``."""
 
 
-def unauthorized(message: str, hint: str) -> HTTPException:
-    return api_error(401, "unauthorized", message, where="Authorization", hint=hint)
-
-
 def device_secret(authorization: str | None) -> str:
     """The device credential from an Authorization header, shape-checked (401 otherwise);
     for hot device routes that look the device up themselves, on their worker thread."""
     scheme, _, secret = (authorization or "").partition(" ")
-    if scheme.lower() != "bearer" or not secret:
-        raise unauthorized("missing device credential", "send 'Authorization: Bearer <token>'")
-    if not looks_like(secret.strip(), TokenKind.DEVICE):
-        raise unauthorized(
-            "not a valid device credential", "this API takes a device credential (slmd_...)"
-        )
-    return secret.strip()
+    secret = secret.strip() if scheme.lower() == "bearer" else ""
+    return checked_secret(secret, TokenKind.DEVICE, "device credential")

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ValidationError
 from sqlalchemy import select
 
 from slmops.protocol.telemetry import TelemetryBatch
-from slmops.server.api.deps import device_secret
+from slmops.server.api.deps import UNKNOWN_DEVICE, device_secret, unauthorized
 from slmops.server.db.models import Device
 from slmops.server.db.session import Database
 from slmops.server.errors import api_error
@@ -96,13 +96,7 @@ def _store(db: Database, key: str, batch: TelemetryBatch) -> Stored:
     with db.sessions() as session:
         device = session.scalar(select(Device).where(Device.credential_hash == key))
         if device is None:
-            raise api_error(
-                401,
-                "unauthorized",
-                "unknown device credential",
-                where="Authorization",
-                hint="the credential was rotated or the device removed; enroll again",
-            )
+            raise unauthorized(*UNKNOWN_DEVICE)
         return store_batch(session, device, batch)
 
 

@@ -29,7 +29,13 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from slmops.protocol.device import ActionReport, ActionStatus, CheckIn, DesiredState
-from slmops.server.api.deps import DeviceDep, SessionDep, device_secret, unauthorized
+from slmops.server.api.deps import (
+    UNKNOWN_DEVICE,
+    DeviceDep,
+    SessionDep,
+    device_secret,
+    unauthorized,
+)
 from slmops.server.api.device.checkin_cache import CheckinCache, Entry
 from slmops.server.api.device.enroll import check_schema
 from slmops.server.db.models import Device, DeviceAction, as_utc, utcnow
@@ -130,10 +136,7 @@ def _full_checkin(
     with db.sessions() as session:
         device = session.scalar(select(Device).where(Device.credential_hash == key))
         if device is None:
-            raise unauthorized(
-                "unknown device credential",
-                "the credential was rotated or the device removed; enroll again",
-            )
+            raise unauthorized(*UNKNOWN_DEVICE)
         inventory = body.inventory.model_dump(mode="json")
         active = body.active.model_dump(mode="json") if body.active else None
         previous = body.previous.model_dump(mode="json") if body.previous else None
