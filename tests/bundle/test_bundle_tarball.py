@@ -161,3 +161,18 @@ def test_truncated_and_non_tar_files(tmp_path: Path) -> None:
         safe_extract(junk, tmp_path / "dest")
     with pytest.raises(BundleVerificationError):
         verify_bundle(cut, [], require_signature=False)
+
+
+def test_a_tarball_cut_between_two_members_is_refused(tmp_path: Path) -> None:
+    """tarfile reads a file that ends exactly at a member boundary as a shorter, complete
+    archive; the missing end-of-archive marker gives the truncation away."""
+    import tarfile
+
+    tar = build(tmp_path, tmp_path / "b.tar", format="tar")
+    with tarfile.open(tar) as tf:
+        boundary = tf.getmembers()[-1].offset  # where the last member's header starts
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(tar.read_bytes()[:boundary])
+    with pytest.raises(UserInputError, match="end-of-archive marker"):
+        safe_extract(cut, tmp_path / "dest")
+    assert not (tmp_path / "dest").exists() and no_temp_left(tmp_path)

@@ -108,6 +108,22 @@ def _members(tf: tarfile.TarFile, where: str) -> Iterator[tuple[str, tarfile.Tar
                 yield name, m
     except tarfile.TarError as exc:
         raise UnsafeArchiveError(f"corrupt tar archive: {exc}", where=where, hint=_HINT) from None
+    _check_end(tf, where)
+
+
+def _check_end(tf: tarfile.TarFile, where: str) -> None:
+    """tarfile stops quietly when a file ends exactly between two members, so a tarball cut
+    there would read as a shorter, complete archive: require the end-of-archive marker (two
+    zero blocks) right after the last member."""
+    fh = tf.fileobj
+    assert fh is not None
+    fh.seek(tf.offset)
+    if fh.read(2 * tarfile.BLOCKSIZE) != tarfile.NUL * (2 * tarfile.BLOCKSIZE):
+        raise UnsafeArchiveError(
+            "tar archive ends without its end-of-archive marker (truncated?)",
+            where=where,
+            hint="the tarball is incomplete; copy it again",
+        )
 
 
 def safe_extract(tar_path: Path, dest_dir: Path) -> Path:
