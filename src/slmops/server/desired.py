@@ -280,8 +280,12 @@ class Refresher:
         target: Target | str | None
         if plan.version is not None:
             target = self.target(bp.spec.model.name, plan.version)
-        elif rollout is None:  # the spec's version cannot be resolved, so no rollout exists
-            target = self.spec_target(bp)
+        elif rollout is None:
+            # No rollout yet: either the spec's version cannot be resolved (say why), or an
+            # apply is creating the first rollout right now; never hand out the version itself,
+            # only a rollout may move a device.
+            spec = self.spec_target(bp)
+            target = spec if isinstance(spec, str) else None
         else:
             target = None  # queued with nothing before the rollout: keep what runs
         doc = desired_for(
