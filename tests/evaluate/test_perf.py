@@ -9,8 +9,16 @@ from pathlib import Path
 import pytest
 
 from slmops.core.errors import UserInputError
-from slmops.evaluate.perf import direct_decode_tps, measure, pinned_cpus, run_pinned
+from slmops.evaluate.perf import (
+    direct_decode_tps,
+    interleaved_order,
+    measure,
+    measure_interleaved,
+    pinned_cpus,
+    run_pinned,
+)
 from slmops.evaluate.profiles import Budgets, CostModel, DeviceProfile
+from slmops.evaluate.schema import Stat
 from slmops.model.handle import open_model
 from slmops.optimize.passes.base import build_pass
 
@@ -129,3 +137,56 @@ def test_direct_decode_tps_runs_in_process(variants: dict[str, Path]) -> None:
 def test_bad_arguments_are_refused(variants: dict[str, Path]) -> None:
     with pytest.raises(UserInputError, match="repeats=0"):
         measure("x", variants["gguf"], _profile(), text=TEXT, repeats=0)
+
+
+def test_interleaved_order_alternates_rounds() -> None:
+    names = ["a", "b", "c"]
+    rounds = [interleaved_order(names, r) for r in range(4)]
+    assert rounds == [["a", "b", "c"], ["c", "b", "a"], ["a", "b", "c"], ["c", "b", "a"]]
+    # over an even number of rounds every variant's mean position is the same
+    assert {sum(r.index(n) for r in rounds) for n in names} == {4}
+    assert names == ["a", "b", "c"], "the caller's list is not reordered"
+
+
+def test_spread_and_unstable_marking() -> None:
+    steady = Stat.of([100.0, 105.0, 95.0])
+    assert steady.spread == pytest.approx(0.10) and not steady.unstable  # 10 % is not > 10 %
+    shaky = Stat.of([100.0, 121.0, 95.0])
+    assert shaky.spread == pytest.approx(0.26) and shaky.unstable
+    assert shaky.values == [100.0, 121.0, 95.0]
+    assert not Stat.of([5.0]).unstable and Stat.of([5.0]).spread == 0
+    # reports written before these fields existed still load
+    old = Stat.model_validate({"median": 1.0, "min": 0.5, "max": 2.0, "n": 3})
+    assert old.values == [] and old.unstable
+
+
+def test_interleaved_measurement_alternates_and_sums_decode_time(
+    variants: dict[str, Path],
+) -> None:
+    items = [("gguf", variants["gguf"]), ("onnx", variants["onnx"])]
+    res = measure_interleaved(
+        items, _profile(1), text=TEXT, repeats=3, max_tokens=16, min_decode_s=0.05
+    )  # three rounds: A B, B A, A B
+    assert [r.variant for r in res] == ["gguf", "onnx"]
+    assert res[0].order == [0, 1, 0] and res[1].order == [1, 0, 1]
+    for r in res:
+        assert r.status == "ok", r.detail
+        assert r.decode_tps is not None and r.decode_tps.n == 3 and len(r.decode_tps.values) == 3
+        assert r.load_time_s is not None and r.load_time_s.n == 3  # one child per round
+        # a 16-token run lasts a few ms: several runs are summed until 50 ms of decoding
+        assert r.decode_tokens is not None and r.decode_tokens > 15
+        assert r.unstable == [k for k in ("decode_tps", "ttft_ms") if getattr(r, k).unstable]
+
+
+def test_one_failing_variant_leaves_the_others_interleaved(
+    variants: dict[str, Path], tmp_path: Path
+) -> None:
+    broken = tmp_path / "onnx"
+    shutil.copytree(variants["onnx"], broken)
+    (broken / "model.onnx").write_bytes(b"not an onnx graph")  # fails in the child, not before
+    items = [("broken", broken), ("gguf", variants["gguf"])]
+    res = measure_interleaved(items, _profile(1), text=TEXT, repeats=2, max_tokens=8)
+    assert res[0].status == "error" and "cannot load the model" in res[0].detail
+    assert res[0].order == [0], "dropped after its first round"
+    assert res[1].order == [1, 0] and res[1].status == "ok"
+    assert res[1].decode_tps is not None and res[1].decode_tps.n == 2

@@ -71,7 +71,7 @@ def _perf(
         **common,
         status="ok",
         load_time_s=Stat.of([0.1, 0.12, 0.11]),
-        ttft_ms=Stat.of([ttft, ttft * 0.9, ttft * 1.1]),
+        ttft_ms=Stat.of([ttft, ttft * 0.95, ttft * 1.05]),
         decode_tps=Stat.of([tps, tps * 0.95, tps * 1.05]),
         peak_rss_bytes=Stat.of([rss - MB, rss, rss - 2 * MB]),
         memory_at_context_bytes=rss + 200 * MB,
@@ -197,12 +197,12 @@ def test_tie_goes_to_the_smaller_variant() -> None:
     )
 
 
-def test_tie_of_equal_size_goes_to_the_faster() -> None:
+def test_tie_of_equal_size_goes_to_the_lower_kld_not_the_faster() -> None:
     specs = dict(VARIANTS)
-    specs["q8b"] = ("gguf", specs["q8"][1], 0.0016, 45.0, 250.0, int(1.2 * GB))
+    specs["q8b"] = ("gguf", specs["q8"][1], 0.0016, 45.0, 250.0, int(1.2 * GB))  # 29 % faster
     sel = make_report(specs).selection_for("pi")
-    assert sel is not None and sel.variant == "q8b"
-    assert "is faster than q8 of the same size (22.5 tok/s projected)" in sel.reason
+    assert sel is not None and sel.variant == "q8"
+    assert "has a lower KLD than q8b of the same size (speed does not break ties" in sel.reason
 
 
 def test_nothing_fits_gives_none_and_summarises_budgets() -> None:
@@ -219,3 +219,67 @@ def test_pareto_front_minimise_and_maximise() -> None:
     speed = [("a", 0.001, 10.0), ("b", 0.01, 30.0), ("c", 0.05, 20.0), ("e", 0.02, 40.0)]
     assert pareto_front(speed, maximize_y=True) == ["a", "b", "e"]
     assert pareto_front([("x", float("nan"), 1.0)]) == []
+
+
+def _with_speed(
+    perf: PerfResult, profile: DeviceProfile, tps: list[float], ttft: list[float] | None = None
+) -> PerfResult:
+    """`perf` with host decode tok/s (and TTFT ms) repeats replaced, projections recomputed."""
+    rel = profile.relative_speed
+    t, d = Stat.of(ttft) if ttft else perf.ttft_ms, Stat.of(tps)
+    assert t is not None
+    return perf.model_copy(
+        update={
+            "decode_tps": d,
+            "ttft_ms": t,
+            "projected_decode_tps": d.median * rel,
+            "projected_ttft_ms": t.median / rel,
+        }
+    )
+
+
+def test_speed_budget_missed_within_noise_is_not_counted() -> None:
+    r = make_report()
+    pi, q4 = r.profiles[0], r.variants[2]
+    perf = r.perf_for("q4", "pi")
+    assert perf is not None
+    # budget 8 tok/s, relative speed 0.5: host 15.2 -> 7.6 projected, 5 % under, spread 4 %
+    near = _with_speed(perf, pi, [15.2, 15.0, 15.6])
+    v = judge(pi, q4, r.quality["q4"], near)
+    assert v.fits and not v.reasons
+    assert v.notes == [
+        "decode: 7.6 tok/s (projected) < 8 tok/s but within noise of the budget (±10%): not counted"
+    ]
+    # 13 % under a steady figure: broken
+    far = _with_speed(perf, pi, [14.0, 13.9, 14.1])
+    v = judge(pi, q4, r.quality["q4"], far)
+    assert v.reasons == ["decode: 7 tok/s (projected) < 8 tok/s"] and not v.notes
+    # the same 13 % under with a 17 % spread (unstable): within its noise, so not counted
+    shaky = _with_speed(perf, pi, [14.0, 12.8, 15.2])
+    assert judge(pi, q4, r.quality["q4"], shaky).fits
+    # TTFT: budget 1500 ms; 1600 ms projected (7 % over) passes, 1700 (13 % over) does not
+    v = judge(pi, q4, r.quality["q4"], _with_speed(perf, pi, [50.0] * 3, [800.0, 790, 810]))
+    assert v.fits and v.notes[0].startswith("time to first token: 1600 ms (projected) > 1500 ms")
+    v = judge(pi, q4, r.quality["q4"], _with_speed(perf, pi, [50.0] * 3, [850.0, 840, 860]))
+    assert v.reasons == ["time to first token: 1700 ms (projected) > 1500 ms"]
+
+
+def test_same_size_twins_pick_by_name_whichever_measured_faster() -> None:
+    """Two runs that swap which of two identical variants measured faster pick the same one."""
+    specs = dict(VARIANTS)
+    specs["q8b"] = specs["q8"]
+    picks = []
+    for q8_tps, q8b_tps in ((30.0, 40.0), (40.0, 30.0)):
+        r = make_report(specs)
+        pi = r.profiles[0]
+        speeds = {"q8": q8_tps, "q8b": q8b_tps}
+        perf = [
+            _with_speed(p, pi, [speeds[p.variant]] * 3)
+            if p.profile == "pi" and p.variant in speeds
+            else p
+            for p in r.perf
+        ]
+        _, selections = decide(r.profiles, r.variants, r.quality, perf)
+        picks.append(selections[0].variant)
+        assert "comes before q8b of the same size by name" in str(selections[0].reason)
+    assert picks == ["q8", "q8"]

@@ -10,7 +10,7 @@ import pytest
 from helpers import run_pass_in as run_pass
 from slmops.core.errors import ConfigError
 from slmops.model.handle import open_model
-from slmops.optimize.passes._hf import PROJECTIONS
+from slmops.model.hf import PROJECTIONS
 from slmops.optimize.passes.base import build_pass
 
 

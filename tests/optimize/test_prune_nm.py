@@ -9,7 +9,7 @@ import pytest
 
 from helpers import run_pass_in as run_pass
 from slmops.core.errors import ConfigError, ToolError
-from slmops.optimize.passes._hf import PROJECTIONS
+from slmops.model.hf import PROJECTIONS
 from slmops.optimize.passes.base import build_pass
 
 
@@ -60,7 +60,7 @@ def test_width_not_divisible_by_m_is_a_clear_error(tiny_model: Path, tmp_path: P
 def test_verification_catches_a_dense_group(tiny_model: Path) -> None:
     import torch
 
-    from slmops.optimize.passes._hf import decoder_linears, load_causal_lm
+    from slmops.model.hf import decoder_linears, load_causal_lm
     from slmops.optimize.passes._prune_common import prune_nm_by_score_, verify_nm
 
     lm = load_causal_lm(tiny_model)

@@ -17,7 +17,7 @@ import pytest
 from helpers import run_pass
 from slmops.core.digest import sha256_file
 from slmops.core.errors import ConfigError
-from slmops.optimize.passes._hf import PROJECTIONS
+from slmops.model.hf import PROJECTIONS
 from slmops.optimize.passes.base import build_pass
 
 FAST = {"samples": 4, "seqlen": 64}
@@ -54,7 +54,7 @@ def kl(ref: Any, other: Any) -> float:
 def test_rows_pruned_by_weight_times_input_norm(tiny_model: Path, tmp_path: Path) -> None:
     import torch
 
-    from slmops.optimize.passes._hf import calibration_windows, load_causal_lm
+    from slmops.model.hf import calibration_windows, load_causal_lm
 
     res = run_pass("prune-wanda", {"sparsity": 0.5, **FAST}, tiny_model, tmp_path / "out")
     after = projections(tmp_path / "out")

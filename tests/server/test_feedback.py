@@ -41,6 +41,7 @@ from slmops.server.db.session import open_database
 from slmops.server.settings import load_settings
 from slmops.server.telemetry.tables import AlertRow
 
+LOOPBACK_HOOKS = {"SLMOPS_WEBHOOK_ALLOW": '["127.0.0.1"]'}  # the receivers below are on loopback
 VERSIONS = ("1.0.0", "1.0.1", "1.1.0")  # 1.0.1 taken: the next free patch after 1.0.0 is 1.0.2
 DB_URLS: dict[str, str | None] = {}  # server url -> its database (None: SQLite in its data dir)
 
@@ -55,7 +56,7 @@ def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, bundles: dict[str, Path]) -> Iterator[Server]:
-    for srv in _server(tmp_path_factory, env=TICK):
+    for srv in _server(tmp_path_factory, env=TICK | LOOPBACK_HOOKS):
         DB_URLS[srv.url] = None
         push_all(srv, bundles)
         yield srv
@@ -369,6 +370,13 @@ def test_a_slow_webhook_does_not_hold_the_database(server: Server) -> None:
         began = time.monotonic()
         dev.checkin()
         assert time.monotonic() - began < 2.5  # not the webhook's 5 s
+        # the ticker goes on with other alerts meanwhile: webhooks have their own worker
+        pause = {"name": "next", "match": {"statistic": name + "-2"}, "actions": [{"pause": {}}]}
+        put_rules(server, name + "-2", [pause])
+        second = raise_alert(server, name + "-2")
+        wait_for(lambda: actions_for(server, second), timeout=3, message="the next alert")
+        [out] = actions_for(server, alert)  # still out: the webhook answers after 5 s
+        assert out["detail"].endswith("sending") and out["ok"] is False
         [row] = wait_for(
             lambda: [a for a in actions_for(server, alert) if "answered" in a["detail"]],
             message="for the webhook's answer",
@@ -393,6 +401,7 @@ def test_a_failing_action_is_recorded_and_the_next_ones_still_run(
         raise RuntimeError("rollout store on fire")
 
     monkeypatch.setattr(engine, "_pause", broken_pause)
+    engine.webhooks.configure(["127.0.0.1"])
     db = open_database(load_settings(data_dir=tmp_path))
     try:
         with db.sessions() as session:
@@ -403,11 +412,14 @@ def test_a_failing_action_is_recorded_and_the_next_ones_still_run(
             session.commit()
             assert engine.process_alerts(session, Context(BlobStore(tmp_path), 60)) == 2
             assert engine.process_alerts(session, Context(BlobStore(tmp_path), 60)) == 0
+            assert engine.webhooks.wait_idle(30)  # the webhook worker recorded its outcome
+            session.expire_all()
             rows = session.scalars(select(AlertAction).order_by(AlertAction.action_index)).all()
             assert [(r.action, r.ok) for r in rows] == [("pause", False), ("notify", True)]
             assert rows[0].detail == "RuntimeError: rollout store on fire"
         assert [path for path, _ in hooks.received] == ["/after"]
     finally:
+        engine.webhooks.configure([])
         db.dispose()
 
 

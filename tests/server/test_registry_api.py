@@ -72,22 +72,24 @@ def device_credential(server: Server) -> str:
     with server.client(token(server, "operator")) as c:
         r = c.post("/api/v1/enrollment-tokens", json={"labels": {}})
     assert r.status_code == 201, r.text
-    inventory = {
-        "arch": "aarch64",
-        "cores": 4,
-        "ram_bytes": 8 << 30,
-        "free_disk_bytes": 20 << 30,
-        "runtimes": ["gguf"],
-        "agent_version": "0.1.0",
-        "model_ram_bytes": 2 << 30,
-        "model_cores": 2,
-        "profile": "rpi5",
-        "labels": {},
-    }
-    body = {"enrollment_token": r.json()["token"], "device_id": "reg-dev", "inventory": inventory}
+    body = {"enrollment_token": r.json()["token"], "device_id": "reg-dev", "inventory": INVENTORY}
     r = httpx.post(server.url + "/device/v1/enroll", json=body, timeout=10)
     assert r.status_code in (200, 201), r.text
     return str(r.json()["credential"])
+
+
+INVENTORY = {
+    "arch": "aarch64",
+    "cores": 4,
+    "ram_bytes": 8 << 30,
+    "free_disk_bytes": 20 << 30,
+    "runtimes": ["gguf"],
+    "agent_version": "0.1.0",
+    "model_ram_bytes": 2 << 30,
+    "model_cores": 2,
+    "profile": "rpi5",
+    "labels": {},
+}
 
 
 def oci_error(r: httpx.Response, status: int, code: str) -> None:
@@ -148,7 +150,11 @@ def test_blob_range_reads(server: Server, pushed: tuple[Path, str]) -> None:
     layout, _ = pushed
     big = max((layout / "blobs" / "sha256").iterdir(), key=lambda p: p.stat().st_size)
     data, url = big.read_bytes(), f"/v2/{REPO}/blobs/sha256:{big.name}"
-    with server.client(device_credential(server)) as c:  # devices may read
+    cred = device_credential(server)
+    active = {"name": REPO, "version": "1.0.0", "variant": "v0", "digest": "sha256:" + "0" * 64}
+    with server.client(cred) as c:  # a device reads the bundle it runs (registry/scope.py)
+        r = c.post("/device/v1/checkin", json={"inventory": INVENTORY, "active": active})
+        assert r.status_code == 200, r.text
         r = c.get(url, headers={"Range": "bytes=100-199"})
         assert r.status_code == 206 and r.content == data[100:200]
         assert r.headers["content-range"] == f"bytes 100-199/{len(data)}"

@@ -253,7 +253,12 @@ def test_expired_and_unknown_enrollment_tokens_are_refused(server: Server) -> No
 def test_reenroll_rotates_the_credential_within_scope(server: Server) -> None:
     token = enrollment_token(server, {"site": "oslo"})
     old = credential(server, token, "rot-1")
-    new = credential(server, token, "rot-1")
+    # re-enrolling an existing id needs its current credential (else: pending approval, see
+    # tests/server/test_device_identity.py)
+    body = {"enrollment_token": token, "device_id": "rot-1", "inventory": inventory()}
+    r = httpx.post(server.url + "/device/v1/enroll", json=body | {"credential": old}, timeout=10)
+    assert r.status_code == 201, r.text
+    new = EnrollResponse.model_validate(r.json()).credential
     body = {"inventory": inventory()}
     assert (
         httpx.post(server.url + "/device/v1/checkin", json=body, headers=_bearer(old)).status_code

@@ -27,6 +27,7 @@ from test_server_api import (
     assert_envelope,
     credential,
     enrollment_token,
+    inventory,
     make_token,
 )
 
@@ -137,9 +138,47 @@ def post(server: Server, cred: str, doc: Any, *, gz: bool = True) -> httpx.Respo
     return httpx.post(server.url + "/device/v1/telemetry", content=body, headers=headers)
 
 
-def device(server: Server, device_id: str, profile: str, **labels: str) -> str:
+def device(
+    server: Server,
+    device_id: str,
+    profile: str,
+    *,
+    runs: tuple[str, ...] = (),
+    model: str = "m",
+    variant: str = "q4",
+    **labels: str,
+) -> str:
+    """An enrolled device; with ``runs`` (active version first, then the previous one) it
+    checks in as running them, since the server attributes telemetry from its own record."""
     token = enrollment_token(server, {"fleet": device_id.split("-")[0]})
-    return credential(server, token, device_id, profile=profile, labels=labels)
+    cred = credential(server, token, device_id, profile=profile, labels=labels)
+    if runs:
+        check_in(server, cred, profile, labels, runs, model, variant)
+    return cred
+
+
+def check_in(
+    server: Server,
+    cred: str,
+    profile: str,
+    labels: dict[str, str],
+    runs: tuple[str, ...],
+    model: str = "m",
+    variant: str = "q4",
+) -> None:
+    models = [
+        {"name": model, "version": v, "variant": variant, "digest": "sha256:" + "0" * 64}
+        for v in runs
+    ]
+    body: dict[str, Any] = {"inventory": inventory(profile=profile, labels=labels)}
+    body |= {"active": models[0]} | ({"previous": models[1]} if len(models) > 1 else {})
+    r = httpx.post(
+        server.url + "/device/v1/checkin",
+        json=body,
+        headers={"Authorization": f"Bearer {cred}"},
+        timeout=10,
+    )
+    assert r.status_code in (200, 304), r.text
 
 
 def query(server: Server, **params: Any) -> list[dict[str, Any]]:
@@ -186,7 +225,7 @@ def test_quantile_interpolates_inside_the_bucket_and_merge_adds() -> None:
 
 
 def test_gzip_ingest_is_idempotent_and_counted(server: Server) -> None:
-    cred = device(server, "ing-1", "rpi5")
+    cred = device(server, "ing-1", "rpi5", runs=("9.0",))
     now = time.time()
     doc = batch(
         [
@@ -197,7 +236,12 @@ def test_gzip_ingest_is_idempotent_and_counted(server: Server) -> None:
     )
     first = post(server, cred, doc)
     assert first.status_code == 200, first.text
-    assert first.json() == {"batch_id": doc["batch_id"], "accepted": 2, "duplicate": False}
+    assert first.json() == {
+        "batch_id": doc["batch_id"],
+        "accepted": 2,
+        "duplicate": False,
+        "skipped": 0,
+    }
     again = post(server, cred, doc)
     assert again.status_code == 200 and again.json()["duplicate"] is True
     assert again.json()["accepted"] == 0
@@ -255,7 +299,7 @@ def test_queries_merge_and_group_by_version_profile_and_label(server: Server) ->
         "qry-c": ("jetson", "x"),
     }
     raw: dict[str, dict[str, Any]] = {}  # key -> raw values kept by the query range
-    creds = {d: device(server, d, p, site=s) for d, (p, s) in fleet.items()}
+    creds = {d: device(server, d, p, runs=("1.1", "1.0"), site=s) for d, (p, s) in fleet.items()}
     since, until = base + 500, base + 2 * HOUR  # partial first hour, whole second hour
     for n, (dev, cred) in enumerate(creds.items()):
         windows = []
@@ -384,10 +428,12 @@ def _rollout(db: Database, rollout_id: str, devices: dict[str, str]) -> RolloutS
 def test_cohort_figures_and_a_slower_canary_is_rolled_back(server: Server, db: Database) -> None:
     names = ["gate-1", "gate-2", "gate-3"]
     creds = {d: device(server, d, "rpi5") for d in names}
-    outside = device(server, "gate-4", "rpi5")  # not in the rollout, same model and version
-    other_model = device(server, "gate-5", "rpi5")
+    outside = device(server, "gate-4", "rpi5", runs=("1.0.0",))  # not in the rollout
+    other_model = device(server, "gate-5", "rpi5", runs=("1.0.0",), model="other")
     state = _rollout(db, "gate-r1", creds)
     (canary,) = state.assigned
+    for dev, cred in creds.items():
+        check_in(server, cred, "rpi5", {}, ("1.1.0",) if dev == canary else ("1.0.0",))
     start = time.time() + 1
     canary_lat = [300.0 + j for j in range(60)]
     base_lat: list[float] = []
@@ -437,6 +483,8 @@ def test_cohort_figures_and_a_slower_canary_is_rolled_back(server: Server, db: D
 def test_a_matching_canary_is_not_stopped(server: Server, db: Database) -> None:
     creds = {d: device(server, d, "rpi5") for d in ["same-1", "same-2"]}
     state = _rollout(db, "same-r1", creds)
+    for dev, cred in creds.items():
+        check_in(server, cred, "rpi5", {}, ("1.1.0",) if dev in state.assigned else ("1.0.0",))
     start = time.time() + 1
     for dev, cred in creds.items():
         version = "1.1.0" if dev in state.assigned else "1.0.0"
@@ -460,7 +508,7 @@ def test_drift_alert_for_a_shifted_distribution_only(server: Server, db: Databas
     field_shift = [-7.0] * 150 + [-0.3] * 50
     base_counts = hist("logprob", [v for v, n in rng for _ in range(n)])["counts"]
     for dev, values in (("drift-a", field_same), ("drift-b", field_shift)):
-        cred = device(server, dev, "rpi5" if dev == "drift-a" else "jetson")
+        cred = device(server, dev, "rpi5" if dev == "drift-a" else "jetson", runs=("3.0",))
         w = window(
             time.time() - 60, version="3.0", latency=[10.0], logprobs=values, out_tokens=[8.0] * 200
         )
@@ -493,7 +541,7 @@ def test_drift_alert_for_a_shifted_distribution_only(server: Server, db: Databas
 
 
 def test_metrics_pass_promtool(server: Server) -> None:
-    cred = device(server, "prom-1", "rpi5")
+    cred = device(server, "prom-1", "rpi5", runs=("5.0",))
     w = window(time.time() - 30, version="5.0", latency=[12.0, 80.0], errors=1)
     assert post(server, cred, batch([w])).is_success
     r = httpx.get(server.url + "/metrics")
@@ -532,7 +580,7 @@ def test_ingest_on_postgresql_with_racing_retries(
 
 def _racing_retries(srv: Server) -> None:
     """Four deliveries of one batch at once: one stored, three duplicates."""
-    cred = device(srv, "pg-1", "rpi5")
+    cred = device(srv, "pg-1", "rpi5", runs=("1",))
     now = time.time()
     doc = batch(
         [
@@ -590,12 +638,13 @@ def test_retention_keeps_whole_hours_in_the_roll_up(tmp_path: Any) -> None:
     old = (int(time.time()) // HOUR - 48) * HOUR
     with database.sessions() as session:
         dev = Device(device_id="ret-1", credential_hash="x" * 64, profile="rpi5")
+        dev.active = {"name": "m", "version": "1", "variant": "q4", "digest": "sha256:" + "0" * 64}
         session.add(dev)
         session.commit()
         doc = batch([window(old + 60 * k, version="1", latency=[10.0] * (k + 1)) for k in range(4)])
         parsed = TelemetryBatch.model_validate(doc)
-        assert store_batch(session, dev, parsed).windows == 4
-        assert store_batch(session, dev, parsed).duplicate
+        assert store_batch(session, dev, parsed, now=old + HOUR).windows == 4
+        assert store_batch(session, dev, parsed, now=old + HOUR).duplicate
         assert prune(session, now=time.time(), keep_windows_s=86400) == 4
         assert session.query(TelemetryWindowRow).count() == 0
         rows = summarize(session, group_by=["version"], since=old, until=old + HOUR)
@@ -632,7 +681,7 @@ def test_drift_against_the_baseline_of_a_pushed_bundle(
     like = [inside[i] for i, n in enumerate(counts) for _ in range(int(n))]
     shifted = [-7.0] * len(like)
     for dev, values, profile in (("base-a", like, "rpi5"), ("base-b", shifted, "jetson")):
-        cred = device(server, dev, profile)
+        cred = device(server, dev, profile, runs=("7.0.0",), model=MODEL, variant=variant)
         w = window(
             time.time() - 60,
             version="7.0.0",

@@ -6,26 +6,21 @@ can act on them: `Unreachable` (connection refused, timeout, 5xx: back off and r
 a version mismatch). The credential is written to ``DATA/credential`` atomically with mode
 0600 before it is used, so a crash right after enrolling does not enroll the box twice.
 
-Standard library HTTP (http.client) on one kept-alive connection: an idle agent does a small
-POST a minute, and httpx (with h11, httpcore, its CLI's rich and click, and a CA bundle loaded
-per client) was the largest part of the idle agent's memory. TLS verifies against the system
-store (or ``SSL_CERT_FILE``); ``HTTPS_PROXY``/``HTTP_PROXY``/``NO_PROXY`` are honoured (never
-for loopback). The ``ssl`` module is imported only for https servers.
+HTTP goes through the agent's one transport (transport.py: standard library, kept-alive
+connections, the same proxy and TLS rules as registry pulls); tests pass a FakeTransport.
 """
 
 from __future__ import annotations
 
 import contextlib
-import http.client
 import json
 import os
-import threading
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
 
 from pydantic import ValidationError
 
+from slmops.agent.transport import HttpTransport, Transport, TransportError
 from slmops.core.atomic import atomic_open
 from slmops.core.errors import SlmopsError
 from slmops.protocol.device import (
@@ -38,7 +33,6 @@ from slmops.protocol.device import (
 )
 
 CREDENTIAL_FILE = "credential"
-_LOOPBACK = ("localhost", "127.0.0.1", "::1")
 
 
 class Unreachable(SlmopsError):
@@ -51,6 +45,14 @@ class Rejected(SlmopsError):
     def __init__(self, status: int, message: str, *, hint: str | None = None) -> None:
         self.status = status
         super().__init__(message, where=f"HTTP {status}", hint=hint)
+
+
+class PendingApproval(Rejected):
+    """The server holds this re-enrollment for an operator (202). The pending credential is
+    saved: it starts working once approved, and enrolling again with it asks again."""
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(202, message, hint=hint)
 
 
 @dataclass(frozen=True)
@@ -77,96 +79,33 @@ def _error_text(resp: Reply) -> tuple[str, str | None]:
         return text[:300] or resp.reason, None
 
 
-def _proxy_for(scheme: str, host: str) -> tuple[str, int] | None:
-    """The proxy (host, port) the environment names for this server, if any."""
-    if host in _LOOPBACK:
-        return None
-    no_proxy = os.environ.get("NO_PROXY", os.environ.get("no_proxy", ""))
-    for entry in (e.strip().lstrip(".") for e in no_proxy.split(",")):
-        if entry and (entry == "*" or host == entry or host.endswith("." + entry)):
-            return None
-    name = f"{scheme}_proxy"
-    url = os.environ.get(name, os.environ.get(name.upper(), ""))
-    if not url:
-        return None
-    parts = urlsplit(url if "://" in url else "http://" + url)
-    return (parts.hostname or "", parts.port or 80) if parts.hostname else None
-
-
 class _Http:
-    """One kept-alive connection to the control plane, reopened when the server dropped it."""
+    """POSTs to the control plane through the agent's one transport (transport.py)."""
 
-    def __init__(self, base_url: str, timeout: float) -> None:
-        parts = urlsplit(base_url)
-        self.scheme = parts.scheme or "http"
-        self.host = parts.hostname or "localhost"
-        self.port = parts.port or (443 if self.scheme == "https" else 80)
-        self.prefix = parts.path.rstrip("/")
-        self.timeout = timeout
-        self.proxy = _proxy_for(self.scheme, self.host)
-        self.conn: http.client.HTTPConnection | None = None
-        self.lock = threading.Lock()
-
-    def _connect(self) -> http.client.HTTPConnection:
-        if self.scheme == "https":
-            import ssl
-
-            ctx = ssl.create_default_context(cafile=os.environ.get("SSL_CERT_FILE") or None)
-            if self.proxy:
-                conn: http.client.HTTPConnection = http.client.HTTPSConnection(
-                    *self.proxy, timeout=self.timeout, context=ctx
-                )
-                conn.set_tunnel(self.host, self.port)
-                return conn
-            return http.client.HTTPSConnection(
-                self.host, self.port, timeout=self.timeout, context=ctx
-            )
-        if self.proxy:
-            return http.client.HTTPConnection(*self.proxy, timeout=self.timeout)
-        return http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+    def __init__(self, base_url: str, timeout: float, transport: Transport | None = None) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.transport: Transport = transport or HttpTransport(timeout=timeout)
 
     def post(self, path: str, body: bytes, headers: dict[str, str]) -> Reply:
-        target = self.prefix + path
-        if self.proxy and self.scheme == "http":
-            target = f"http://{self.host}:{self.port}{target}"
-        with self.lock:
-            for attempt in (0, 1):
-                reused = self.conn is not None
-                if self.conn is None:
-                    self.conn = self._connect()
-                try:
-                    self.conn.request("POST", target, body=body, headers=headers)
-                    resp = self.conn.getresponse()
-                    content = resp.read()
-                except (OSError, http.client.HTTPException):
-                    self.close_locked()
-                    # A kept-alive connection the server closed while we were idle fails on
-                    # first use; that request never reached the server, so send it once more.
-                    if reused and attempt == 0:
-                        continue
-                    raise
-                if resp.will_close:
-                    self.close_locked()
-                hdrs = {k.lower(): v for k, v in resp.getheaders()}
-                return Reply(resp.status, resp.reason, hdrs, content)
-        raise AssertionError("unreachable")  # pragma: no cover
-
-    def close_locked(self) -> None:
-        if self.conn is not None:
-            with contextlib.suppress(OSError):
-                self.conn.close()
-            self.conn = None
+        resp = self.transport.request("POST", self.base_url + path, headers, body)
+        return Reply(resp.status, resp.reason, resp.headers, resp.read())
 
     def close(self) -> None:
-        with self.lock:
-            self.close_locked()
+        self.transport.close()
 
 
 class DeviceClient:
-    def __init__(self, base_url: str, data_dir: Path, *, timeout: float = 15.0) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        data_dir: Path,
+        *,
+        timeout: float = 15.0,
+        transport: Transport | None = None,
+    ) -> None:
         self.base_url = base_url.rstrip("/")
         self.credential_path = Path(data_dir) / CREDENTIAL_FILE
-        self.http = _Http(self.base_url, timeout)
+        self.http = _Http(self.base_url, timeout, transport)
 
     def close(self) -> None:
         self.http.close()
@@ -190,8 +129,8 @@ class DeviceClient:
         hdrs = {"Content-Type": "application/json", "Accept": "application/json", **headers}
         try:
             resp = self.http.post(path, body, hdrs)
-        except (OSError, http.client.HTTPException) as exc:
-            raise Unreachable(f"{type(exc).__name__}: {exc}", where=self.base_url + path) from None
+        except TransportError as exc:
+            raise Unreachable(exc.message, where=self.base_url + path) from None
         if resp.status >= 500:
             msg, hint = _error_text(resp)
             raise Unreachable(f"server error {resp.status}: {msg}", where=path, hint=hint)
@@ -201,15 +140,36 @@ class DeviceClient:
         return resp
 
     def enroll(self, request: EnrollRequest) -> EnrollResponse:
-        """Enroll and persist the credential (0600, atomic) before returning it."""
+        """Enroll and persist the credential (0600, atomic) before returning it.
+
+        Raises ``PendingApproval`` (after saving the pending credential) when the server waits
+        for an operator: the id exists and the request could not prove to be that device."""
         body = request.model_dump_json(by_alias=True).encode()
         resp = self._post("/device/v1/enroll", body, {})
-        try:
-            enrolled = EnrollResponse.model_validate_json(resp.content)
-        except ValidationError as exc:
-            raise Unreachable(f"enroll answer is not an EnrollResponse: {exc}") from None
-        self._save_credential(enrolled.credential)
+        enrolled = self._credential_answer(resp, "enroll")
+        if resp.status == 202 or enrolled.status == "pending":
+            raise PendingApproval(
+                f"enrollment of {enrolled.device_id} is pending operator approval "
+                f"(request {enrolled.request_id})",
+                hint=f"an operator runs: slmops devices approve {enrolled.device_id}",
+            )
         return enrolled
+
+    def rotate_credential(self) -> EnrollResponse:
+        """Trade the current credential for a new one (POST /device/v1/credential)."""
+        cred = self.credential()
+        if cred is None:
+            raise Rejected(401, "no device credential", hint="enroll first")
+        resp = self._post("/device/v1/credential", b"", {"Authorization": f"Bearer {cred}"})
+        return self._credential_answer(resp, "credential")
+
+    def _credential_answer(self, resp: Reply, what: str) -> EnrollResponse:
+        try:
+            answer = EnrollResponse.model_validate_json(resp.content)
+        except ValidationError as exc:
+            raise Unreachable(f"{what} answer is not an EnrollResponse: {exc}") from None
+        self._save_credential(answer.credential)
+        return answer
 
     def checkin(self, report: CheckIn, etag: str | None) -> CheckInResult:
         cred = self.credential()

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
 
-from slmops.agent.client import DeviceClient, Rejected, Unreachable
+from slmops.agent.client import DeviceClient, PendingApproval, Rejected, Unreachable
 from slmops.agent.config import AgentConfig
 from slmops.agent.inventory import collect
 from slmops.agent.openai_api import ApiError, OpenAIServer, Served, serve_in_thread
@@ -141,7 +141,7 @@ class Agent:
         if self.desired is not None:
             self._set_policy(self.desired.telemetry)
         self.api, _ = serve_in_thread(
-            self.serving, cfg.api_host, cfg.api_port, recorder=self.telemetry
+            self.serving, cfg.api_host, cfg.api_port, recorder=self.telemetry, api_key=self._api_key
         )
         log.info("OpenAI API on http://%s:%d/v1", cfg.api_host, self.api.server_address[1])
 
@@ -198,6 +198,8 @@ class Agent:
                 result = self._checkin()
         except Unreachable as exc:
             return self._failed(exc.render(), "backoff")
+        except PendingApproval as exc:
+            return self._failed(exc.render(), "pending-approval")
         except Rejected as exc:
             return self._failed(exc.render(), "rejected")
         if self.backoff.failures:
@@ -223,8 +225,13 @@ class Agent:
         token = self.cfg.enroll_token
         if not token:
             raise Rejected(401, "no credential and no enrollment token", hint="pass --enroll-token")
+        # The current (or pending) credential, if any, proves this is the enrolled box; without
+        # it the server holds an existing id's re-enrollment for an operator's approval.
         req = EnrollRequest(
-            enrollment_token=token, device_id=self.device_id, inventory=collect(self.cfg)
+            enrollment_token=token,
+            device_id=self.device_id,
+            inventory=collect(self.cfg),
+            credential=self.client.credential(),
         )
         first = self.stats["checkins"] == 0 and self.client.credential() is None
         try:
@@ -339,6 +346,11 @@ class Agent:
             source.close()
 
     # serving ---------------------------------------------------------------------------------
+    def _api_key(self) -> str | None:
+        """The blueprint's API key for the local API (None: no key needed)."""
+        desired = self.desired
+        return desired.generation.api_key if desired is not None else None
+
     def serving(self) -> Served | None:
         """The API's provider: the active slot's runtime, loaded lazily, swapped on change."""
         active = self.store.active()

@@ -1,9 +1,9 @@
 """Fetch one variant of a bundle (manifests, config, layers, signatures) into a staging folder.
 
 `BlobSource` is the narrow seam: a local bundle folder (`LayoutSource`: sneakernet, tests) or an
-OCI registry (`RegistrySource`). Blobs land in ``STAGING/blobs/<hex>.part`` and are hashed while
-they stream; only a blob whose size and digest matched gets its final name, so a restart resumes
-a ``.part`` (HTTP Range for a registry) and trusts nothing half-written. The staging folder is
+OCI registry (`RegistrySource`, over the agent's one transport, transport.py). Blobs land in
+``STAGING/blobs/<hex>.part`` and are hashed while they stream; only a blob whose size and
+digest matched gets its final name, so a restart resumes a ``.part`` (HTTP Range for a registry) and trusts nothing half-written. The staging folder is
 kept across restarts on purpose: it is what makes resume possible.
 
 Nothing here decides trust: verify_variant.py checks what was fetched against the signature.
@@ -23,8 +23,9 @@ from pathlib import Path
 from typing import BinaryIO, Protocol
 
 from slmops.agent import crash_point
+from slmops.agent.oci_client import OciClient
+from slmops.agent.transport import Transport
 from slmops.agent.verify_variant import VariantCheckError, sha256_hex
-from slmops.bundle._registry_http import _Registry
 from slmops.bundle.layout import (
     BundleFormatError,
     Descriptor,
@@ -43,9 +44,10 @@ from slmops.bundle.media import (
     MAX_MANIFEST_BYTES,
     MT_INDEX,
 )
-from slmops.bundle.oci_ref import parse_oci_ref, referrers_tag
+from slmops.bundle.oci_ref import referrers_tag
 from slmops.bundle.signing import MAX_SIGNATURE_BYTES
 from slmops.core.errors import ResourceError, UserInputError
+from slmops.core.safepath import safe_join
 
 PIECE = 1 << 20
 MAX_SIGNATURES = 16  # more signatures than this under one tag are ignored (untrusted input)
@@ -219,7 +221,9 @@ class LayoutSource:
 
 
 class RegistrySource:
-    """One repository on an OCI registry (`HOST:PORT`); http only for loopback or when allowed."""
+    """One repository on an OCI registry (`HOST:PORT`); http only for loopback or when allowed.
+
+    Reads go through the agent's one transport (transport.py); tests pass a FakeTransport."""
 
     def __init__(
         self,
@@ -229,29 +233,29 @@ class RegistrySource:
         allow_http: bool = False,
         timeout: float = 60.0,
         token: str | None = None,
+        transport: Transport | None = None,
     ) -> None:
-        host = base.split("://", 1)[-1].rstrip("/")
-        allow_http = allow_http or base.startswith("http://")
-        self.reg = _Registry(
-            parse_oci_ref(f"oci://{host}/{repository}"),
+        self.reg = OciClient(
+            base,
+            repository,
             allow_http=allow_http,
             timeout=timeout,
             token=token,
+            transport=transport,
         )
 
     def close(self) -> None:
-        self.reg.client.close()
+        self.reg.close()
 
     def get_manifest(self, digest_or_tag: str) -> bytes:
         expect = digest_or_tag if digest_or_tag.startswith("sha256:") else None
         got = self.reg.manifest(digest_or_tag, expect)
         if got is None:
             raise UserInputError(f"no bundle tagged {digest_or_tag!r}", where=self.reg.where)
-        return got[1]
+        return got
 
     def get_referrers_tag(self, tag: str) -> bytes | None:
-        got = self.reg.manifest(tag)
-        return None if got is None else got[1]
+        return self.reg.manifest(tag)
 
     def fetch_blob(self, desc: Descriptor, dest: Path, *, resume: bool = True) -> FetchStats:
         if dest.is_file() and dest.stat().st_size == desc.size:
@@ -259,12 +263,10 @@ class RegistrySource:
         have, h = _resume_part(dest.with_name(dest.name + ".part"), desc.size, resume)
         if have == desc.size:  # complete but not renamed (killed just before): check it
             return FetchStats(0, _write_stream(iter(()), desc, dest, have, h), have)
-        headers = {"Range": f"bytes={have}-"} if have else {}
-        url = f"{self.reg.repo}/blobs/{desc.digest}"
-        with self.reg.get(url, (200, 206), headers=headers) as resp:
-            if resp.status_code != 206:  # the registry ignored the Range: start over
+        with self.reg.blob(check_digest(desc.digest), have) as resp:
+            if resp.status != 206:  # the registry ignored the Range: start over
                 have, h = 0, hashlib.sha256()
-            written = _write_stream(resp.iter_raw(PIECE), desc, dest, have, h)
+            written = _write_stream(resp.iter_bytes(), desc, dest, have, h)
         return FetchStats(1, written, have)
 
 
@@ -275,10 +277,15 @@ def _parse_manifest(data: bytes, where: str) -> Manifest:
         raise VariantCheckError(f"not a valid manifest: {exc}", where=where) from None
 
 
+def _blob_path(blobs: Path, digest: str) -> Path:
+    """Where a blob is staged: its hex under `blobs`, the digest checked and the path kept inside."""
+    return safe_join(blobs, check_digest(digest, where="staging").split(":", 1)[1])
+
+
 def _small_blob(source: BlobSource, desc: Descriptor, blobs: Path, limit: int) -> bytes:
     if desc.size > limit:
         raise VariantCheckError(f"blob declared {desc.size} bytes, over {limit}", where=desc.digest)
-    dest = blobs / check_digest(desc.digest).split(":", 1)[1]
+    dest = _blob_path(blobs, desc.digest)
     source.fetch_blob(desc, dest)
     return dest.read_bytes()
 
@@ -287,7 +294,7 @@ def fetch_metadata(
     source: BlobSource, bundle_ref: str, variant: str, staging_dir: Path
 ) -> FetchedVariant:
     """Bundle index, one variant manifest (by name or digest), its config and the signatures."""
-    blobs = staging_dir / "blobs"
+    blobs = safe_join(staging_dir, "blobs")
     with _disk_errors(staging_dir):
         blobs.mkdir(parents=True, exist_ok=True)
     index_bytes = source.get_manifest(bundle_ref)
@@ -321,9 +328,13 @@ def fetch_metadata(
         raws = [tagged] if children is None else [source.get_manifest(c.digest) for c in children]
         for raw in raws:
             sig = _parse_manifest(raw, "signature manifest")
-            if sig.artifact_type == ARTIFACT_SIGNATURE and len(sig.layers) == 1:
+            if sig.artifact_type != ARTIFACT_SIGNATURE:
+                continue  # another kind of referrer (an SBOM...): not ours to judge
+            # a malformed signature is passed on as it is: trust.py refuses it, naming it
+            layer = b""
+            if len(sig.layers) == 1 and sig.layers[0].size <= MAX_SIGNATURE_BYTES:
                 layer = _small_blob(source, sig.layers[0], blobs, MAX_SIGNATURE_BYTES)
-                signatures.append((raw, layer))
+            signatures.append((raw, layer))
     return FetchedVariant(bundle_digest, index_bytes, entry.digest, manifest, config, signatures)
 
 
@@ -332,7 +343,7 @@ def fetch_layers(source: BlobSource, fetched: FetchedVariant, staging_dir: Path)
     m = _parse_manifest(fetched.manifest, fetched.manifest_digest)
     blobs = staging_dir / "blobs"
     for layer in m.layers:
-        dest = blobs / check_digest(layer.digest).split(":", 1)[1]
+        dest = _blob_path(blobs, layer.digest)
         got = source.fetch_blob(layer, dest)
         fetched.stats.blobs += got.blobs
         fetched.stats.bytes += got.bytes

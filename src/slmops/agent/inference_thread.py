@@ -6,6 +6,14 @@ import threading
 from collections.abc import Callable
 
 
+class Busy(Exception):
+    """More generations wait than the queue holds: the caller answers 429."""
+
+    def __init__(self, waiting: int) -> None:
+        super().__init__(f"{waiting} generations waiting")
+        self.waiting = waiting
+
+
 class InferenceThread:
     """Runs every generation on one long-lived thread, started on first use.
 
@@ -15,9 +23,14 @@ class InferenceThread:
     two teams: more spinning workers than cores, and libgomp then throttles every barrier to a
     futex sleep, which measured ~10x slower decoding on 2 cores. One generating thread keeps a
     single team; the request's thread only waits (the job writes the response itself, so the
-    tokens take no extra hop between threads)."""
+    tokens take no extra hop between threads).
 
-    def __init__(self) -> None:
+    At most `max_waiting` jobs wait behind the running one; `run` raises ``Busy`` beyond that,
+    so a burst of requests costs a quick 429 each instead of a thread and a socket held for
+    minutes (and a queue no client would wait out)."""
+
+    def __init__(self, max_waiting: int | None = None) -> None:
+        self.max_waiting = max_waiting
         self._jobs: list[tuple[Callable[[], None], threading.Event, list[BaseException]]] = []
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -28,6 +41,8 @@ class InferenceThread:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name="inference", daemon=True)
                 self._thread.start()
+            if self.max_waiting is not None and len(self._jobs) >= self.max_waiting:
+                raise Busy(len(self._jobs))
             self._jobs.append((job, done, error))
             self._wake.notify()
         done.wait()

@@ -31,7 +31,9 @@ from slmops.agent.slots import SlotFile, SlotName, SlotStore
 from slmops.agent.verify_variant import VerifiedVariant, verify_layers, verify_metadata
 from slmops.bundle.signing import load_trusted_keys
 from slmops.core.errors import CheckFailedError, ResourceError, SlmopsError
+from slmops.core.safepath import safe_join
 from slmops.protocol.device import ActionStatus, ActiveModel, DesiredModel
+from slmops.protocol.digest import is_digest
 from slmops.protocol.fleet import DeviceActionState as S
 
 Report = Callable[[ActionStatus], None]
@@ -166,12 +168,15 @@ class Installer:
     # steps ------------------------------------------------------------------------------------
     def _staging_for(self, manifest_digest: str) -> Path:
         """This target's staging folder; other targets' leftovers are dropped (disk is scarce)."""
-        name = manifest_digest.split(":", 1)[-1][:32]
+        if not is_digest(manifest_digest):  # a server-chosen name must not leave staging/
+            raise _Failed(S.DOWNLOADING, f"refused malformed manifest digest {manifest_digest!r}")
+        name = manifest_digest.split(":", 1)[1][:32]
+        staging = safe_join(self.data_dir, "staging", name)
         if self.staging_root.is_dir():
             for p in self.staging_root.iterdir():
                 if p.name != name:
                     shutil.rmtree(p, ignore_errors=True)
-        return self.staging_root / name
+        return staging
 
     def _verify_metadata(self, fetched: FetchedVariant, desired: DesiredModel) -> VerifiedVariant:
         variant = verify_metadata(
@@ -199,7 +204,7 @@ class Installer:
         files: list[SlotFile] = []
         try:
             for i, layer in enumerate(variant.layers):
-                target = root / layer.title
+                target = safe_join(root, layer.title)  # titles were checked; checked again
                 target.parent.mkdir(parents=True, exist_ok=True)
                 src = fetched.files[layer.digest]
                 try:

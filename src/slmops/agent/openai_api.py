@@ -15,34 +15,53 @@ Each request (and each error) is counted by an optional ``Recorder`` (the agent'
 aggregator): time to first token, total latency, decode tokens/s, token counts and, when the
 recorder asks for them, the per-token log-probabilities and entropies the runtime reports.
 ``POST /v1/feedback`` takes a thumbs up or down on a response id this server issued recently.
+
+Hardened for a box where other programs and a browser run (http_guard.py): Host check (DNS
+rebinding), optional API key, strict Content-Length, a socket timeout per connection, a cap on
+open connections and a bounded queue of waiting generations (429 with Retry-After beyond it).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from slmops.agent.generation import (
+    ChatRequest,
+    CompletionRequest,
+    Served,
+    Timing,
+    _generate,
+    _parse,
+    _Sampling,
+)
+from slmops.agent.http_guard import (
+    ApiError,
+    HeaderDeadlines,
+    Refused,
+    allowed_host_names,
+    body_length,
+    check_api_key,
+    check_host,
+)
+from slmops.agent.inference_thread import Busy, InferenceThread
+from slmops.runtimes.base import TokenStats
 
-from slmops.agent.inference_thread import InferenceThread
-from slmops.protocol.device import GenerationDefaults
-from slmops.runtimes.base import Runtime, TokenStats
+__all__ = ["ApiError", "OpenAIServer", "Recorder", "Served", "serve_in_thread"]
 
 MAX_BODY = 1 << 20
-
-
-@dataclass
-class Served:
-    runtime: Runtime
-    model_id: str
-    defaults: GenerationDefaults
+MAX_WAITING = 4  # generations queued behind the running one; more get 429
+REQUEST_TIMEOUT_S = 30.0  # a socket read or write that stalls this long drops the connection
+HEADER_TIMEOUT_S = 10.0  # request line and headers (or a kept-alive idle wait), however slow
+MAX_CONNECTIONS = 32  # open connections (one thread each); more are answered 503 and closed
+RETRY_AFTER_S = 2
 
 
 Provider = Callable[[], Served | None]
@@ -72,131 +91,51 @@ class Recorder(Protocol):
     def offer_sample(self, prompt: str, response: str) -> bool: ...
 
 
-@dataclass
-class Timing:
-    """When a generation started and produced its first and last token."""
-
-    start: float
-    first: float | None = None
-    end: float | None = None
-    tokens: int = 0
-
-
-class _Lenient(BaseModel):
-    # OpenAI clients send fields we do not use (user, seed, logprobs...): accept and ignore them.
-    model_config = ConfigDict(extra="ignore")
-
-
-class Message(_Lenient):
-    role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: str | list[dict[str, Any]] | None = None
-
-    def text(self) -> str:
-        if isinstance(self.content, list):
-            return "".join(str(p.get("text", "")) for p in self.content if p.get("type") == "text")
-        return self.content or ""
-
-
-class _Sampling(_Lenient):
-    model: str
-    max_tokens: int | None = Field(None, gt=0, le=8192)
-    max_completion_tokens: int | None = Field(None, gt=0, le=8192)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
-    stream: bool = False
-    stop: str | list[str] | None = None
-    n: int = Field(1, ge=1, le=1)
-
-
-class ChatRequest(_Sampling):
-    messages: list[Message] = Field(min_length=1)
-
-
-class CompletionRequest(_Sampling):
-    prompt: str
-
-
-class ApiError(Exception):
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        kind: str = "invalid_request_error",
-        param: str | None = None,
-    ):
-        super().__init__(message)
-        self.status, self.message, self.kind, self.param = status, message, kind, param
-
-
-def _stops(stop: str | list[str] | None) -> list[str]:
-    return [stop] if isinstance(stop, str) else list(stop or [])
-
-
-def _generate(
-    served: Served,
-    ids: list[int],
-    req: _Sampling,
-    counted: list[int] | None = None,
-    *,
-    stats: TokenStats | None = None,
-    timing: Timing | None = None,
-) -> Iterator[tuple[str, str | None]]:
-    """Yield (text delta, finish reason or None); stops at EOS, a stop string or max tokens.
-    ``counted[0]`` is kept at the number of tokens generated (EOS not counted); ``stats`` gets
-    each token's log-prob and entropy (only asked for when telemetry wants them), ``timing``
-    the first and last token times."""
-    d = served.defaults
-    max_tokens = req.max_completion_tokens or req.max_tokens or d.max_tokens
-    temperature = d.temperature if req.temperature is None else req.temperature
-    stops = _stops(req.stop)
-    rt = served.runtime
-    out: list[int] = []
-    text = ""
-    # Incremental detokenization (as transformers' TextStreamer does): decode only a short window
-    # since the last clean boundary, so each token costs O(1) instead of re-decoding everything.
-    prefix = read = 0
-    stream = (
-        rt.stream(ids, max_tokens, temperature)
-        if stats is None
-        else rt.stream(ids, max_tokens, temperature, stats=stats)
-    )
-    for tok in stream:
-        if timing is not None:
-            timing.end = time.perf_counter()
-            if timing.first is None:
-                timing.first = timing.end
-        if tok in rt.eos_ids:
-            if stats is not None:
-                stats.truncate(len(out))  # EOS is not output
-            yield "", "stop"
-            return
-        out.append(tok)
-        if timing is not None:
-            timing.tokens = len(out)
-        if counted is not None:
-            counted[0] = len(out)
-        window = rt.detokenize(out[prefix:])
-        if window.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
-            continue
-        delta = window[len(rt.detokenize(out[prefix:read])) if read > prefix else 0 :]
-        prefix, read = read, len(out)
-        if stops:
-            cut = min((i for st in stops if (i := (text + delta).find(st)) >= 0), default=-1)
-            if cut >= 0:
-                yield (text + delta)[len(text) : cut], "stop"
-                return
-        text += delta
-        yield delta, None
-    yield "", "length"
-
-
 class _Handler(BaseHTTPRequestHandler):
     server: OpenAIServer
     protocol_version = "HTTP/1.1"
     disable_nagle_algorithm = True  # token events are small writes: send each at once
 
+    def setup(self) -> None:
+        super().setup()
+        # every recv and send on this connection: a client that stalls is dropped after it
+        self.connection.settimeout(self.server.request_timeout)
+
     def log_message(self, format: str, *args: Any) -> None:  # silence per-request stderr lines
         pass
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """http.server's own refusals (bad request line, unknown method, HTTP/2.0, headers too
+        long) are the client's fault: never a 5xx (501 and 505 become 405 and 400)."""
+        self.close_connection = True
+        if self.request_version == "HTTP/0.9":  # set before the line parsed: answer as 1.0
+            self.request_version = "HTTP/1.0"
+        super().send_error({501: 405, 505: 400}.get(code, code), message, explain)
+
+    def handle_one_request(self) -> None:
+        self.server.deadlines.start(self.connection)  # line + headers within the deadline
+        try:
+            super().handle_one_request()
+        finally:
+            self.server.deadlines.done(self.connection)
+
+    def parse_request(self) -> bool:
+        """http.server takes a two-word line as an HTTP/0.9 request and answers it without a
+        status line or headers; refuse it instead (no client of this API speaks 0.9)."""
+        ok = super().parse_request()  # has read the headers: generating may take its time
+        self.server.deadlines.done(self.connection)
+        if not ok:
+            return False
+        if self.request_version == "HTTP/0.9":
+            self.send_error(400, "HTTP/0.9 requests are not supported")
+            return False
+        return True
+
+    def _preflight(self) -> None:
+        """Host and API key, before anything else is looked at (and before any body is read)."""
+        srv = self.server
+        check_host(self.headers.get("Host"), srv.allowed_hosts, srv.port, srv.bind_host)
+        check_api_key(self.headers.get("Authorization"), srv.api_key())
 
     def _send_json(self, status: int, obj: Any, headers: dict[str, str] | None = None) -> None:
         body = json.dumps(obj).encode()
@@ -209,9 +148,13 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
     def _error(self, e: ApiError) -> None:
+        if e.status >= 400 and e.status != 404:
+            # refused bodies are never read: the connection must not be parsed any further
+            self.close_connection = True
         self._send_json(
             e.status,
             {"error": {"message": e.message, "type": e.kind, "param": e.param, "code": None}},
+            {**e.headers, **({"Connection": "close"} if self.close_connection else {})},
         )
 
     def _served(self) -> Served:
@@ -226,6 +169,12 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         try:
+            self._preflight()
+            if (
+                self.headers.get("Content-Length", "0") != "0"
+                or "Transfer-Encoding" in self.headers
+            ):
+                self.close_connection = True  # a GET body is never read: never parse it either
             if self.path.rstrip("/") != "/v1/models":
                 raise ApiError(404, f"unknown route {self.path}", "not_found")
             served = self.server.provider()
@@ -240,13 +189,22 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         try:
-            length = int(self.headers.get("Content-Length") or 0)
-            if length > MAX_BODY:
-                raise ApiError(413, f"request body over {MAX_BODY} bytes")
+            self._preflight()
+            length = body_length(self.headers, MAX_BODY, method="POST")
             try:
-                body = json.loads(self.rfile.read(length) or b"null")
-            except json.JSONDecodeError as exc:
-                raise ApiError(400, f"body is not JSON: {exc.msg}") from None
+                data = self.rfile.read(length)
+            except OSError:  # the client stalled past the timeout or went away: drop it
+                self.close_connection = True
+                return
+            if len(data) < length:
+                raise Refused(400, f"body ended after {len(data)} of {length} bytes")
+            try:
+                body = json.loads(data or b"null")
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                msg = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)
+                raise ApiError(400, f"body is not JSON: {msg}") from None
+            except RecursionError:
+                raise ApiError(400, "body is not JSON: nested too deeply") from None
             route = self.path.rstrip("/")
             if route == "/v1/chat/completions":
                 self._chat(_parse(ChatRequest, body))
@@ -257,7 +215,8 @@ class _Handler(BaseHTTPRequestHandler):
             else:
                 raise ApiError(404, f"unknown route {self.path}", "not_found")
         except ApiError as e:
-            if self.path.rstrip("/") in ("/v1/chat/completions", "/v1/completions"):
+            generating = self.path.rstrip("/") in ("/v1/chat/completions", "/v1/completions")
+            if generating and not isinstance(e, Refused):
                 self.server.count_error(e)
             self._error(e)
 
@@ -289,7 +248,7 @@ class _Handler(BaseHTTPRequestHandler):
                 ids = served.runtime.chat_prompt(msgs)
                 self._respond(served, ids, req, chat=True, prompt=prompt)
 
-        self.server.inference.run(job)
+        self._run(job)
 
     def _completion(self, req: CompletionRequest) -> None:
         served = self._served()
@@ -300,7 +259,18 @@ class _Handler(BaseHTTPRequestHandler):
                 ids = ([rt.bos_id] if rt.bos_id is not None else []) + rt.tokenize(req.prompt)
                 self._respond(served, ids, req, chat=False, prompt=req.prompt)
 
-        self.server.inference.run(job)
+        self._run(job)
+
+    def _run(self, job: Callable[[], None]) -> None:
+        try:
+            self.server.inference.run(job)
+        except Busy as exc:
+            raise ApiError(
+                429,
+                f"{exc.waiting} generations are already waiting; retry in {RETRY_AFTER_S} s",
+                "overloaded",
+                headers={"Retry-After": str(RETRY_AFTER_S)},
+            ) from None
 
     def _respond(
         self, served: Served, ids: list[int], req: _Sampling, *, chat: bool, prompt: str
@@ -405,17 +375,6 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.flush()
 
 
-def _parse(cls: type[_Sampling], body: Any) -> Any:
-    try:
-        return cls.model_validate(body)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        param = ".".join(str(p) for p in err["loc"]) or None
-        raise ApiError(
-            400, f"{param}: {err['msg']}" if param else err["msg"], param=param
-        ) from None
-
-
 ERROR_KINDS = {503: "no_model", 429: "overloaded", 504: "timeout"}
 
 
@@ -423,15 +382,53 @@ class OpenAIServer(ThreadingHTTPServer):
     daemon_threads = True
 
     def __init__(
-        self, address: tuple[str, int], provider: Provider, recorder: Recorder | None = None
+        self,
+        address: tuple[str, int],
+        provider: Provider,
+        recorder: Recorder | None = None,
+        *,
+        api_key: Callable[[], str | None] | None = None,
+        max_waiting: int = MAX_WAITING,
+        request_timeout: float = REQUEST_TIMEOUT_S,
+        header_timeout: float = HEADER_TIMEOUT_S,
+        max_connections: int = MAX_CONNECTIONS,
     ) -> None:
         super().__init__(address, _Handler)
         self.provider = provider
         self.recorder = recorder
+        self.api_key: Callable[[], str | None] = api_key or (lambda: None)
+        self.request_timeout = request_timeout
+        self.deadlines = HeaderDeadlines(header_timeout)
+        self.bind_host, self.port = str(address[0]), int(self.server_address[1])
+        self.allowed_hosts = allowed_host_names(self.bind_host)
+        self._slots = threading.BoundedSemaphore(max_connections)
         self.lock = threading.Lock()
-        self.inference = InferenceThread()
+        self.inference = InferenceThread(max_waiting=max_waiting)
         self._issued: OrderedDict[str, None] = OrderedDict()
         self._issued_lock = threading.Lock()
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """One thread per connection, at most `max_connections`: beyond, 503 and close."""
+        if not self._slots.acquire(blocking=False):
+            with contextlib.suppress(OSError):
+                request.sendall(_BUSY)
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def server_close(self) -> None:
+        self.deadlines.close()
+        super().server_close()
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
 
     def remember(self, response_id: str) -> None:
         with self._issued_lock:
@@ -480,10 +477,22 @@ class OpenAIServer(ThreadingHTTPServer):
         )
 
 
+_BUSY = (
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+    b"Retry-After: 2\r\nConnection: close\r\nContent-Length: 89\r\n\r\n"
+    b'{"error": {"message": "too many open connections", "type": "overloaded", "param": null}}\n'
+)
+
+
 def serve_in_thread(
-    provider: Provider, host: str = "127.0.0.1", port: int = 0, recorder: Recorder | None = None
+    provider: Provider,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    recorder: Recorder | None = None,
+    **options: Any,
 ) -> tuple[OpenAIServer, threading.Thread]:
-    srv = OpenAIServer((host, port), provider, recorder)
+    """Start the API on a daemon thread; `options` go to OpenAIServer (api_key, limits)."""
+    srv = OpenAIServer((host, port), provider, recorder, **options)
     t = threading.Thread(target=srv.serve_forever, name="openai-api", daemon=True)
     t.start()
     return srv, t

@@ -16,7 +16,7 @@ layers (`verify_layers`, streaming) once they are on disk. Every failure raises
 
 from __future__ import annotations
 
-import hashlib
+import functools
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -35,19 +35,17 @@ from slmops.bundle.layout import (
 )
 from slmops.bundle.media import (
     ANN_BUNDLE_NAME,
-    ANN_KEY_FINGERPRINT,
     ANN_TITLE,
     ANN_VERSION,
     ARTIFACT_BUNDLE,
-    ARTIFACT_SIGNATURE,
     ARTIFACT_VARIANT,
     LAYER_TYPES,
     MAX_BLOB_BYTES,
     MT_MANIFEST,
-    MT_SIGNATURE,
     MT_VARIANT_CONFIG,
 )
-from slmops.bundle.signing import SignatureBlob, check_signature
+from slmops.bundle.trust import SignatureCandidate, verify_signatures
+from slmops.core.digest import sha256_bytes
 from slmops.core.errors import CheckFailedError
 from slmops.protocol.bundle import VariantDescriptor
 
@@ -78,8 +76,7 @@ class VerifiedVariant:
     signed_by: list[str]
 
 
-def sha256_hex(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
+sha256_hex = sha256_bytes  # the one sha helper (core/digest.py), under its old name here
 
 
 def _json(data: bytes, what: str) -> Any:
@@ -178,40 +175,17 @@ def _check_signatures(
     version: str,
     keys: Mapping[str, Ed25519PublicKey],
 ) -> list[str]:
-    signed_by: list[str] = []
-    untrusted: list[str] = []
+    """The one chain of trust (bundle/trust.py): a malformed signature manifest or a key that
+    does not match its annotation is an error naming the manifest, as in `slmops verify`."""
+    candidates: list[SignatureCandidate] = []
     for raw, layer_bytes in signatures:
-        what = f"signature manifest {sha256_hex(raw)}"
+        what = f"signature manifest {sha256_bytes(raw)}"
         m = _parse(Manifest, raw, what)
-        if m.artifact_type != ARTIFACT_SIGNATURE or m.subject is None:
-            continue
-        if m.subject.digest != digest or len(m.layers) != 1:
-            continue
-        layer = m.layers[0]
-        if layer.media_type != MT_SIGNATURE or sha256_hex(layer_bytes) != layer.digest:
-            raise VariantCheckError("signature layer does not match its digest", where=what)
-        try:
-            blob = parse_model(SignatureBlob, _json(layer_bytes, what), where=what)
-            fp = (m.annotations or {}).get(ANN_KEY_FINGERPRINT, "")
-            if blob.key != fp or fp not in keys:
-                untrusted.append(blob.key)
-                continue
-            check_signature(blob, keys[fp], digest, name, version, what)
-        except BundleFormatError as exc:
-            raise VariantCheckError(exc.message, where=exc.where, hint=exc.hint) from None
-        signed_by.append(fp)
-    if not signed_by:
-        detail = (
-            f"signed only by untrusted key(s) {', '.join(untrusted)}"
-            if untrusted
-            else ("not signed")
-        )
-        raise VariantCheckError(
-            f"bundle {name}:{version} is {detail}",
-            where=digest,
-            hint="deploy only bundles signed by a key in the agent's trusted keys",
-        )
-    return signed_by
+        candidates.append(SignatureCandidate(what, m, functools.partial(bytes, layer_bytes)))
+    try:
+        return verify_signatures(candidates, digest, name, version, keys, where=digest)
+    except BundleFormatError as exc:
+        raise VariantCheckError(exc.message, where=exc.where, hint=exc.hint) from None
 
 
 def verify_layers(variant: VerifiedVariant, files: Mapping[str, Path]) -> None:

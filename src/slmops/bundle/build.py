@@ -51,19 +51,19 @@ from slmops.core.atomic import TMP_PREFIX, fsync_tree
 from slmops.core.digest import METADATA_FILES, sha256_json
 from slmops.core.errors import ConfigError, ResourceError, SlmopsError, UserInputError
 from slmops.evaluate.gate import load_report
-from slmops.evaluate.runner import DEPLOYABLE, FoundVariant, discover_variants
 from slmops.evaluate.schema import EvalReport
 from slmops.model.card import LineageCard
+from slmops.model.variants import DEPLOYABLE, FoundVariant, discover_variants
 from slmops.protocol.bundle import BundleInfo, VariantDescriptor
 
 # OCI distribution repository names; semver 2.0.0 (the regex from semver.org).
 NAME_RE = re.compile(
-    r"^[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*)*$"
+    r"^[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*)*\Z"
 )
 SEMVER_RE = re.compile(
     r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)"
     r"(?:-((?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*)(?:\.(?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*))*))?"
-    r"(?:\+([0-9a-zA-Z-]+(?:\.[0-9a-zA-Z-]+)*))?$"
+    r"(?:\+([0-9a-zA-Z-]+(?:\.[0-9a-zA-Z-]+)*))?\Z"
 )
 REPORT_LAYERS = (
     ("report.json", MT_REPORT_JSON),
@@ -356,8 +356,4 @@ def _descriptor(
 
 
 def _pruning_kinds(card: LineageCard) -> list[str]:
-    from slmops.optimize.passes.base import registry
-
-    passes = registry()
-    kinds = {passes[s.pass_name].kind for s in card.chain if s.pass_name in passes}
-    return sorted(k for k in kinds if k.startswith("prune"))
+    return card.pruning_kinds()

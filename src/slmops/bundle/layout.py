@@ -17,7 +17,6 @@ import contextlib
 import hashlib
 import json
 import os
-import re
 import stat
 import uuid
 from pathlib import Path
@@ -35,10 +34,11 @@ from slmops.bundle.media import (
 from slmops.core.atomic import TMP_PREFIX, write_bytes_atomic
 from slmops.core.digest import CHUNK
 from slmops.core.errors import CheckFailedError
+from slmops.protocol.digest import DIGEST_RE as _WIRE_DIGEST_RE
 
 INDEX_FILE = "index.json"
 BLOBS_DIR = "blobs/sha256"
-DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
+DIGEST_RE = _WIRE_DIGEST_RE  # one pattern for every digest (protocol/digest.py)
 MAX_SMALL_FILE_BYTES = 4096  # the oci-layout file
 EMPTY_JSON = b"{}"
 

@@ -22,13 +22,13 @@ from slmops.bundle.media import ARTIFACT_SIGNATURE, MAX_BLOB_BYTES, MT_INDEX, MT
 from slmops.core.errors import CheckFailedError, UserInputError
 
 SCHEME = "oci://"
-DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
+DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}\Z")
 # Repository path components and tags as the OCI distribution spec defines them.
 _COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
-_REPO_RE = re.compile(rf"^{_COMPONENT}(?:/{_COMPONENT})*$")
-_TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
+_REPO_RE = re.compile(rf"^{_COMPONENT}(?:/{_COMPONENT})*\Z")
+_TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}\Z")
 _HOSTNAME_RE = re.compile(
-    r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9-]{1,63})*$"
+    r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9-]{1,63})*\Z"
 )
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 Json = dict[str, Any]
@@ -201,6 +201,9 @@ def load_manifest(data: bytes, desc: Desc) -> tuple[Json, list[Desc], list[Desc]
     if not isinstance(obj, dict):
         raise OciContentError("manifest is not a JSON object", where=desc.digest)
     media_type = obj.get("mediaType", desc.media_type)
+    for key in ("manifests", "layers"):  # {"manifests": 5} is malformed, not a crash
+        if not isinstance(obj.get(key) or [], list):
+            raise OciContentError(f"manifest field {key!r} is not a list", where=desc.digest)
     if media_type == MT_INDEX:
         return obj, [Desc.parse(d, desc.digest) for d in obj.get("manifests") or []], []
     if media_type == MT_MANIFEST:

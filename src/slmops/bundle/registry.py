@@ -39,6 +39,7 @@ from slmops.bundle._registry_http import (  # noqa: F401  (re-exported)
     _Registry,
 )
 from slmops.bundle.media import (
+    ANN_BUNDLE_NAME,
     ANN_REF_NAME,
     ANN_VERSION,
     ARTIFACT_SIGNATURE,
@@ -165,6 +166,7 @@ def push(
             where=str(oref),
             hint="drop @sha256:... from the reference or push the right layout",
         )
+    check_signed_name(_local_fetch(layout)(root), oref.repository, tag, where=str(oref))
     manifests, blobs = walk([root, *signatures], _local_fetch(layout))
     reg = _Registry(oref, allow_http=allow_http, timeout=timeout, token=token)
     uploaded = skipped = sent = puts = chunked = 0
@@ -191,6 +193,32 @@ def push(
         if signatures:
             puts += _push_referrers(reg, root, signatures)
     return PushStats(uploaded, skipped, sent, puts, root.digest, chunked)
+
+
+def check_signed_name(index: bytes, repository: str, tag: str, *, where: str) -> None:
+    """Refuse (exit 2, before any upload) a push under another name or version than the one
+    the bundle signs: the agent checks the signed name:version against its desired state, so
+    such a push would succeed and every device would then fail at verifying.
+
+    The repository may carry a namespace in front of the name (``org/assistant`` for a bundle
+    named ``assistant`` on a general OCI registry); slmops's own registry wants the exact name
+    and refuses the manifest otherwise."""
+    try:
+        notes = json.loads(index).get("annotations") or {}
+    except (ValueError, AttributeError):
+        notes = {}
+    notes = notes if isinstance(notes, dict) else {}
+    name, version = notes.get(ANN_BUNDLE_NAME), notes.get(ANN_VERSION)
+    if name is None:
+        return  # not an slmops bundle (it would name itself): nothing to compare
+    name_ok = repository == name or repository.endswith("/" + str(name))
+    if not name_ok or version != tag:
+        raise UserInputError(
+            f"the bundle is signed as {name}:{version} but the reference names {repository}:{tag}",
+            where=where,
+            hint=f"push it as oci://HOST/{name}:{version} (the name and version it was built "
+            "and signed with), or rebuild it with `slmops bundle --name ... --version ...`",
+        )
 
 
 def _push_referrers(reg: _Registry, root: Desc, signatures: list[Desc]) -> int:

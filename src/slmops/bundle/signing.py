@@ -65,7 +65,7 @@ SIGNATURE_SCHEMA = "slmops.signature/v1"
 MAX_SIGNATURE_BYTES = 64 << 10  # a signature layer is ~400 bytes of JSON
 PRIVATE_SUFFIX = ".key"
 PUBLIC_SUFFIX = ".pub"
-_KEY_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_KEY_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*\Z")
 
 
 class SignaturePayload(StrictModel):

@@ -34,7 +34,7 @@ from slmops.core.errors import ResourceError, UserInputError
 MAX_TAR_MEMBERS = 100_000  # a bundle holds tens of blobs; millions of headers are an attack
 _TOP_FILES = frozenset({OCI_LAYOUT_FILE, INDEX_FILE})
 _DIRS = frozenset({"", "blobs", BLOBS_DIR})
-_BLOB_RE = re.compile(r"^blobs/sha256/[0-9a-f]{64}$")
+_BLOB_RE = re.compile(r"^blobs/sha256/[0-9a-f]{64}\Z")
 _HINT = "this tar is not a bundle written by slmops (or was tampered with); do not use it"
 
 

@@ -44,7 +44,6 @@ from slmops.bundle.layout import (
 )
 from slmops.bundle.media import (
     ANN_BUNDLE_NAME,
-    ANN_KEY_FINGERPRINT,
     ANN_TITLE,
     ANN_VARIANT,
     ANN_VERSION,
@@ -58,19 +57,13 @@ from slmops.bundle.media import (
     MAX_CONFIG_BYTES,
     MAX_MANIFEST_BYTES,
     MT_BUNDLE_CONFIG,
-    MT_EMPTY,
     MT_INDEX,
     MT_MANIFEST,
-    MT_SIGNATURE,
     MT_VARIANT_CONFIG,
 )
-from slmops.bundle.signing import (
-    MAX_SIGNATURE_BYTES,
-    SignatureBlob,
-    check_signature,
-    load_trusted_keys,
-)
+from slmops.bundle.signing import MAX_SIGNATURE_BYTES, load_trusted_keys
 from slmops.bundle.tarball import UnsafeArchiveError, open_bundle
+from slmops.bundle.trust import SignatureCandidate, verify_signatures
 from slmops.core.errors import CheckFailedError, UserInputError
 from slmops.protocol.bundle import BundleInfo, VariantDescriptor
 
@@ -296,54 +289,25 @@ class _Verifier:
     def _signatures(
         self, descs: list[Descriptor], bundle: Descriptor, name: str, version: str
     ) -> list[str]:
-        signed_by: list[str] = []
-        untrusted: list[str] = []
-        other: list[str] = []
-        for d in descs:
-            what = f"signature manifest {d.digest}"
-            m = self._manifest(d, what, ARTIFACT_SIGNATURE)
-            if (
-                m.config.media_type != MT_EMPTY
-                or len(m.layers) != 1
-                or m.layers[0].media_type != MT_SIGNATURE
-            ):
-                raise _fail(
-                    f"expected an empty config and one {MT_SIGNATURE} layer", self._at(what)
-                )
-            if m.subject is None:
-                raise _fail("signature manifest has no subject", self._at(what))
-            fp = (m.annotations or {}).get(ANN_KEY_FINGERPRINT, "")
-            blob = parse_model(
-                SignatureBlob,
-                self.r.read_json(m.layers[0], MAX_SIGNATURE_BYTES, what=f"{what} layer"),
-                where=self._at(what),
-            )
-            if blob.key != fp:
-                raise _fail(f"layer names key {blob.key}, manifest annotation {fp}", self._at(what))
-            if m.subject.digest != bundle.digest:
-                other.append(m.subject.digest)
-            elif fp not in self.keys:
-                untrusted.append(fp)
-            else:
-                check_signature(blob, self.keys[fp], bundle.digest, name, version, self._at(what))
-                signed_by.append(fp)
-        if self.require and not signed_by:
-            trusted = ", ".join(self.keys)
-            if untrusted:
-                raise _fail(
-                    f"signed by {', '.join(untrusted)}, which is not among the trusted keys ({trusted})",
-                    self.where,
-                    "trust the signer's .pub with --trust, or get a bundle signed by a trusted key",
-                )
-            if other:
-                raise _fail(
-                    f"its signatures cover {', '.join(other)}, not this bundle ({bundle.digest})",
-                    self.where,
-                    "the bundle changed after it was signed; sign it again or fetch the signed one",
-                )
-            raise _fail(
-                "the bundle is not signed",
-                self.where,
-                "sign it with `slmops sign BUNDLE --key KEY`",
-            )
-        return signed_by
+        """Every signature manifest in index.json goes through the one chain of trust (trust.py)."""
+
+        def candidate(d: Descriptor) -> SignatureCandidate:
+            what = self._at(f"signature manifest {d.digest}")
+            m = self._manifest(d, f"signature manifest {d.digest}", ARTIFACT_SIGNATURE)
+            layer = m.layers[0] if len(m.layers) == 1 else None
+
+            def read_layer() -> bytes:
+                assert layer is not None  # trust.py checked there is exactly one
+                return self.r.read_blob(layer, MAX_SIGNATURE_BYTES, what=f"{what} layer")
+
+            return SignatureCandidate(what, m, read_layer)
+
+        return verify_signatures(
+            (candidate(d) for d in descs),
+            bundle.digest,
+            name,
+            version,
+            self.keys,
+            where=self.where,
+            require=self.require,
+        )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -11,7 +13,7 @@ from rich.table import Table
 
 from slmops.cli._output import console, emit_json, handled, human_bytes, out_console
 from slmops.evaluate.profiles import DeviceProfile
-from slmops.evaluate.schema import EvalReport
+from slmops.evaluate.schema import EvalReport, Stat
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON document on stdout")]
 ProfileFiles = Annotated[
@@ -82,6 +84,13 @@ def run_evaluation(
     from slmops.evaluate.runner import EvalOptions, evaluate
 
     assert isinstance(options, EvalOptions)
+    with evaluation_progress(quiet) as listener:
+        return evaluate(variants, profiles, out, options, listener)
+
+
+@contextmanager
+def evaluation_progress(quiet: bool) -> Iterator[_Progress]:
+    """A progress bar over an evaluation's phases (shared by `evaluate`, the demo, releases)."""
     with Progress(
         SpinnerColumn(),
         TextColumn("{task.description}"),
@@ -91,7 +100,7 @@ def run_evaluation(
         console=console,
         disable=quiet,
     ) as progress:
-        return evaluate(variants, profiles, out, options, _Progress(progress))
+        yield _Progress(progress)
 
 
 def evaluate_command(
@@ -119,6 +128,15 @@ def evaluate_command(
     max_tokens: Annotated[
         int, typer.Option(min=8, max=2048, help="tokens decoded per performance run")
     ] = 64,
+    min_decode_s: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            max=60.0,
+            help="seconds of decoding summed per performance repeat (several runs of "
+            "--max-tokens when one is shorter), so one preemption cannot swing the figure",
+        ),
+    ] = 0.3,
     windows: Annotated[int, typer.Option(min=1, max=1000, help="quality windows scored")] = 24,
     baseline_tokens: Annotated[
         int,
@@ -158,6 +176,7 @@ def evaluate_command(
             tasks=tasks,
             repeats=repeats,
             max_tokens=max_tokens,
+            min_decode_s=min_decode_s,
             windows=windows,
             window_tokens=window_tokens,
             baseline_tokens=baseline_tokens,
@@ -171,6 +190,18 @@ def evaluate_command(
             return
         print_selection(report)
         out_console.print(f"report: [bold]{out / 'report.html'}[/] ({report.wall_time_s:.0f} s)")
+
+
+def _with_spread(value: float | None, stat: Stat | None, unit: str) -> str:
+    """'812 (4% spread)' over repeats, '[yellow]812 (23% spread, unstable)[/]' above 10 %, or '-'."""
+    if not value:
+        return "-"
+    text = f"{value:.0f}{unit}"
+    if stat is None or stat.n < 2:
+        return text
+    if stat.unstable:
+        return f"[yellow]{text} ({stat.spread:.0%} spread, unstable)[/]"
+    return f"{text} ({stat.spread:.0%} spread)"
 
 
 def print_selection(report: EvalReport) -> None:
@@ -214,8 +245,8 @@ def print_selection(report: EvalReport) -> None:
             f"{q.kld_mean:.4f}",
             f"{q.top1_agreement:.3f}",
             human_bytes(info.weights_bytes),
-            f"{p.projected_decode_tps:.0f}" if p and p.projected_decode_tps else "-",
-            f"{p.projected_ttft_ms:.0f} ms" if p and p.projected_ttft_ms else "-",
+            _with_spread(p.projected_decode_tps, p.decode_tps, "") if p else "-",
+            _with_spread(p.projected_ttft_ms, p.ttft_ms, " ms") if p else "-",
             f"{fits}/{len(report.variants)}",
             f"{cost.device_usd_per_million_tokens:.3f}"
             if cost and cost.device_usd_per_million_tokens is not None

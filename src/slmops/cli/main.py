@@ -37,11 +37,14 @@ def _root(
 @cache
 def build_app() -> typer.Typer:
     from slmops.cli import (
+        adapt,
         agent,
         bundle,
         demo,
+        devices,
         evaluate,
         fleet,
+        importer,
         improve,
         model,
         optimize,
@@ -59,6 +62,7 @@ def build_app() -> typer.Typer:
     app.callback()(_root)
     app.command("passes")(optimize.passes_command)
     app.command("optimize")(optimize.optimize_command)
+    app.command("import")(importer.import_command)
     app.command("profiles")(evaluate.profiles_command)
     app.command("evaluate")(evaluate.evaluate_command)
     app.command("gate")(evaluate.gate_command)
@@ -72,12 +76,15 @@ def build_app() -> typer.Typer:
     app.add_typer(server.app, name="server")
     app.command("apply")(fleet.apply_command)
     app.add_typer(fleet.get_app, name="get")
+    fleet.get_app.command("audit")(devices.get_audit_command)
+    app.add_typer(devices.app, name="devices")
     app.add_typer(rollout.app, name="rollout")
     app.command("improve")(improve.improve_command)
     app.command("improve-worker")(improve.improve_worker_command)
     app.command("agent")(agent.agent_command)
     app.command("demo")(demo.demo_command)
     app.add_typer(model.app, name="model")
+    app.command("adapt")(adapt.adapt_command)
     return app
 
 

@@ -102,12 +102,15 @@ def model_info(
             "weights_bytes": weights_bytes(m.path),
             "card": card.model_dump(mode="json", by_alias=True) if card else None,
         }
+        facts = _arch_facts(m)
+        info.update(facts)
         if as_json:
             emit_json(info)
             return
         out_console.print(
             f"[bold]{m.path}[/]: {m.format.value}, weights {human_bytes(weights_bytes(m.path))}"
         )
+        _print_arch_facts(facts)
         if card is None:
             out_console.print("  no lineage card (an original model)")
             return
@@ -127,3 +130,59 @@ def model_info(
             out_console.print(
                 f"  structure: {card.structure.get('target')} -> {card.structure.get('after')}"
             )
+
+
+def _arch_facts(m: Any) -> dict[str, Any]:
+    """Architecture facts and per-pass applicability (HF models only)."""
+    from slmops.model.handle import ModelFormat
+
+    if m.format is not ModelFormat.HF:
+        return {}
+    from slmops.optimize.passes.base import applicability
+
+    arch = m.arch()
+    checks = applicability(arch)
+    return {
+        "arch": arch.to_dict(),
+        "passes": {k: {"applies": not v, "why_not": v} for k, v in checks.items()},
+    }
+
+
+def _print_arch_facts(facts: dict[str, Any]) -> None:
+    if not facts:
+        return
+    from slmops.model.arch import ArchInfo, describe_arch
+
+    data = {k: v for k, v in facts["arch"].items() if k != "padded_vocab"}
+    for label, value in describe_arch(ArchInfo(**data)):
+        out_console.print(f"  {label}: {value}")
+    for name, res in facts["passes"].items():
+        why = "; ".join(res["why_not"])
+        verdict = "[green]applies[/]" if res["applies"] else f"[red]no[/]: {why}"
+        out_console.print(f"  pass {name}: {verdict}")
+
+
+@app.command("dequantize")
+def dequantize_command(
+    gguf: Annotated[Path, typer.Argument(help="a .gguf file (or a folder holding exactly one)")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="the Hugging Face folder to create")],
+    dtype: Annotated[
+        str,
+        typer.Option(
+            help="weight dtype written: auto (float32 up to 1.5 B parameters, else bfloat16), "
+            "float32, bfloat16 or float16"
+        ),
+    ] = "auto",
+    as_json: JsonOpt = False,
+) -> None:
+    """Write a Hugging Face folder (safetensors + tokenizer) from a GGUF, to serve as reference."""
+    with handled(as_json):
+        from slmops.cli.importer import phases, print_result
+        from slmops.model.importer import dequantize_gguf
+
+        with phases(as_json) as say:
+            res = dequantize_gguf(gguf, out, dtype=dtype, progress=say)
+        if as_json:
+            emit_json(res.to_dict())
+        else:
+            print_result(res)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
 from typing import Annotated
@@ -20,12 +22,26 @@ def default_recipe_path() -> Path:
     return Path(str(resources.files("slmops.optimize") / "recipes" / "edge-default.yaml"))
 
 
-def passes_command(as_json: JsonOpt = False) -> None:
-    """List every registered pass with its options and defaults."""
+def passes_command(
+    model: Annotated[
+        Path | None,
+        typer.Option("--model", help="HF model folder: also say whether each pass applies to it"),
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """List every registered pass with its options and defaults (and, with --model, whether it
+    applies to that model and why not)."""
     with handled(as_json):
-        from slmops.optimize.passes.base import registry
+        from slmops.optimize.passes.base import applicability, registry
 
         described = [cls.describe() for cls in registry().values()]
+        if model is not None:
+            from slmops.model.handle import ModelFormat, open_model
+
+            checks = applicability(open_model(model, expect=ModelFormat.HF).arch())
+            for d in described:
+                d["applies"] = not checks[d["name"]]
+                d["why_not"] = checks[d["name"]]
         if as_json:
             emit_json(described)
             return
@@ -34,6 +50,9 @@ def passes_command(as_json: JsonOpt = False) -> None:
                 f"[bold cyan]{d['name']}[/] (v{d['version']}, {d['kind']}, {d['input']} -> {d['output']})"
             )
             out_console.print(f"  {d['summary']}")
+            if "applies" in d:
+                verdict = "[green]applies[/]" if d["applies"] else "[red]does not apply[/]: "
+                out_console.print(f"  {verdict}" + "; ".join(d["why_not"]))
             for o in d["options"]:
                 default = "required" if o["required"] else f"default {o['default']!r}"
                 out_console.print(
@@ -101,6 +120,13 @@ def optimize(
 
     open_model(model, expect=ModelFormat.HF)  # a wrong model path is the first thing to report
     recipe = load_recipe(recipe_path)
+    with optimize_progress(quiet) as listener:
+        return run_recipe(model, recipe, out, cache_dir=cache_dir, listener=listener, only=only)
+
+
+@contextmanager
+def optimize_progress(quiet: bool) -> Iterator[_ProgressListener]:
+    """A progress bar over a recipe's steps (shared by `optimize`, the demo and releases)."""
     with Progress(
         SpinnerColumn(),
         TextColumn("{task.description}"),
@@ -111,9 +137,7 @@ def optimize(
         disable=quiet,
         transient=False,
     ) as progress:
-        return run_recipe(
-            model, recipe, out, cache_dir=cache_dir, listener=_ProgressListener(progress), only=only
-        )
+        yield _ProgressListener(progress)
 
 
 KIND_LABELS = {

@@ -1,4 +1,4 @@
-"""`slmops server run`, `server token create`, `server enrollment-token create`.
+"""`slmops server run`, `server token create`, `server enrollment-token create|revoke`.
 
 The token commands write to the database directly (the same code the API runs), so the first
 admin token can be made before any server is up, and it works with a server already running
@@ -33,7 +33,7 @@ enrollment_app = typer.Typer(help="Enrollment tokens for devices.", no_args_is_h
 app.add_typer(token_app, name="token")
 app.add_typer(enrollment_app, name="enrollment-token")
 
-_DURATION = re.compile(r"^(\d+)([smhdw]?)$")
+_DURATION = re.compile(r"^(\d+)([smhdw]?)\Z")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
@@ -54,7 +54,7 @@ def parse_labels(text: str | None) -> dict[str, str]:
         if not part.strip():
             continue
         key, sep, value = part.partition("=")
-        if not sep or not re.match(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,62}$", key.strip()):
+        if not sep or not re.match(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,62}\Z", key.strip()):
             raise ConfigError(
                 f"bad label {part!r}", where="--labels", hint="write k=v,k2=v2 (keys: a-z 0-9 ._/-)"
             )
@@ -170,17 +170,34 @@ def enrollment_create_command(
 ) -> None:
     """Create a reusable, expiring enrollment token scoped to labels (printed this once)."""
     with handled(as_json):
+        from slmops.server.api.operator.enrollment import check_lifetime
+        from slmops.server.audit import CLI_ACTOR, record
         from slmops.server.db import create_enrollment_token
         from slmops.server.db.models import as_utc, utcnow
         from slmops.server.db.session import open_database
 
         parsed = parse_labels(labels)
-        expires_at = utcnow() + parse_duration(expires_in)
-        database = open_database(_settings(data, db))
+        settings = _settings(data, db)
+        lifetime = parse_duration(expires_in)
+        try:
+            check_lifetime(int(lifetime.total_seconds()), settings.enrollment_token_max_seconds)
+        except ValueError as exc:
+            raise ConfigError(str(exc), where="--expires-in", hint="e.g. 7d") from None
+        expires_at = utcnow() + lifetime
+        database = open_database(settings)
         try:
             with database.sessions() as session:
                 issued = create_enrollment_token(session, labels=parsed, expires_at=expires_at)
                 row = issued.row
+                record(
+                    session,
+                    CLI_ACTOR,
+                    "enrollment-token.create",
+                    f"enrollment-token/{row.id}",
+                    labels=parsed or None,
+                    expires_at=expires_at.isoformat(),
+                )
+                session.commit()
         finally:
             database.dispose()
         doc = {
@@ -198,6 +215,41 @@ def enrollment_create_command(
             soft_wrap=True,
         )
         out_console.print(issued.secret, soft_wrap=True)
+
+
+@enrollment_app.command("revoke")
+def enrollment_revoke_command(
+    token_id: Annotated[str, typer.Argument(help="the token's id (enr_...), not its secret")],
+    data: DataOpt,
+    db: DbOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Revoke an enrollment token: enrollments with it are refused from now on (devices it
+    already enrolled keep their credentials)."""
+    with handled(as_json):
+        from slmops.server.api.operator.enrollment import revoke_token
+        from slmops.server.audit import CLI_ACTOR
+        from slmops.server.db.models import as_utc
+        from slmops.server.db.session import open_database
+
+        database = open_database(_settings(data, db))
+        try:
+            with database.sessions() as session:
+                row = revoke_token(session, token_id, CLI_ACTOR)
+                if row is None:
+                    raise ConfigError(
+                        f"no enrollment token {token_id!r}",
+                        where="TOKEN_ID",
+                        hint="give the id (enr_...) printed when it was created",
+                    )
+                session.commit()
+                revoked_at = as_utc(row.revoked_at).isoformat() if row.revoked_at else None
+        finally:
+            database.dispose()
+        if as_json:
+            emit_json({"id": token_id, "revoked_at": revoked_at})
+            return
+        out_console.print(f"enrollment token {token_id} revoked at {revoked_at}")
 
 
 if __name__ == "__main__":

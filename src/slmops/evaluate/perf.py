@@ -13,6 +13,29 @@ Why a subprocess per (variant, profile):
 
 Host numbers are measured; device numbers are projections (host x relative_speed), labelled so.
 Heavy imports (runtimes, numpy, gguf) happen in the child or inside functions.
+
+Why speed figures were noise (gguf-q4_k_m measured 2,348 tok/s under one profile and 1,041 under
+another in one run, both with 2 threads: every built-in profile has >= 4 cores, so on a 2-core
+host all are measured with 2). Not the core count, not first-run effects (each child warms up)
+and not CPU frequency (a VM without cpufreq; the clock is fixed): contention. llama.cpp's threads
+meet at a barrier after every graph node, dozens per token; with as many threads as host CPUs,
+any other runnable process deschedules one of them for a scheduler slice (ms) while the other
+spins, so a token that takes 0.5 ms alone takes several ms. Measured here with other jobs
+running (load ~8 on 2 CPUs): the tiny Q4_K_M at 2 threads 26-415 tok/s between repeats against
+2,900-3,300 at 1 thread; Gemma 3 270M Q4_K_M at 2 threads 1.2-29 tok/s (3 median) against
+10-13 at 1 thread. ONNX Runtime GenAI suffers far less (1,600-2,250 tok/s). A single 64-token
+generation of the demo model lasts ~30 ms, so one preemption moved its figure by 10-50 %.
+
+What the harness does about it (the host's load cannot be removed, only measured and spread):
+- Each timed repeat sums >= min_decode_s (0.3 s) of decoding over several generations
+  (perf_child.timed_repeat), so one preemption costs a few percent, not half the figure.
+- Variants of a profile are interleaved: round r measures every variant once, in the order
+  A B C on even rounds and C B A on odd ones (`interleaved_order`), each round in a fresh
+  child (load, warm-up, one timed repeat), so drift in the host's load hits every variant alike.
+- Every repeat records the CPU share its process got (CPU time / wall / threads); a median
+  below CONTENDED_SHARE marks the result "contended" in its detail, and a spread (max - min) /
+  median above 10 % marks the figure "unstable" (schema.Stat.unstable).
+- Selection decides on medians and ignores misses within the measured noise (select.py).
 """
 
 from __future__ import annotations
@@ -167,6 +190,142 @@ def _mib(n: float) -> str:
     return f"{n / MIB:.0f} MiB"
 
 
+CONTENDED_SHARE = 0.5
+"""Below this median CPU share (CPU time / wall / threads) a measurement was starved of its CPUs."""
+
+DEFAULT_MIN_DECODE_S = 0.3
+"""Decode seconds summed per timed repeat (see perf_child.timed_repeat and the module docstring)."""
+
+
+def interleaved_order(names: Sequence[str], round_index: int) -> list[str]:
+    """The order of one round: as given on even rounds, reversed on odd ones (A B C, C B A, ...).
+
+    Over an even number of rounds every variant's mean position is the same, so a slow drift of
+    the host (another process starting, a neighbour's build) loads every variant alike instead of
+    whichever happened to run last.
+    """
+    return list(names) if round_index % 2 == 0 else list(reversed(names))
+
+
+@dataclass
+class _Pending:
+    """One variant of an interleaved measurement: its base fields, child spec and rounds so far."""
+
+    base: dict[str, Any]
+    spec: dict[str, Any]
+    runs: list[ChildOutcome]
+    order: list[int]
+    done: PerfResult | None = None
+
+
+def _prepare(
+    name: str, variant_dir: Path, profile: DeviceProfile, cpus: list[int], text: str, **knobs: Any
+) -> _Pending:
+    from slmops.evaluate.memory import memory_at_context, runtime_context
+
+    variant_dir = Path(variant_dir)
+    base: dict[str, Any] = {
+        "variant": name,
+        "profile": profile.name,
+        "runtime": _runtime_name(variant_dir),
+        "threads": len(cpus),
+        "repeats": knobs["repeats"],
+        "memory_ceiling_bytes": profile.ram_mb * MIB,
+        "measured_on": f"host ({host_cpu_name()}, {len(cpus)} threads)",
+    }
+    pending = _Pending(base, {}, [], [])
+    try:
+        n_ctx = runtime_context(variant_dir, profile.context_length)
+        base["memory_at_context_bytes"] = memory_at_context(variant_dir, n_ctx)
+    except (SlmopsError, OSError) as exc:
+        pending.done = PerfResult(**base, status="error", detail=str(exc))
+        return pending
+    max_tokens = knobs["max_tokens"]
+    pending.spec = {
+        "variant_dir": str(variant_dir.resolve()),
+        "threads": len(cpus),
+        "n_ctx": n_ctx,
+        "prompt_tokens": max(1, min(profile.prompt_tokens, n_ctx - max_tokens - 1)),
+        "max_tokens": max_tokens,
+        "min_decode_s": knobs["min_decode_s"],
+        "text": text,
+    }
+    return pending
+
+
+def measure_interleaved(
+    variants: Sequence[tuple[str, Path]],
+    profile: DeviceProfile,
+    *,
+    text: str,
+    repeats: int = 3,
+    max_tokens: int = 64,
+    min_decode_s: float = DEFAULT_MIN_DECODE_S,
+    timeout_s: float = 300,
+) -> list[PerfResult]:
+    """Measure several variants on one profile, interleaved; one result per variant, in order.
+
+    With two or more variants, repeat r of every variant is taken in round r, each round in its
+    own freshly started child per variant (load, warm-up, one timed repeat), and the order of the
+    variants alternates between rounds (`interleaved_order`). A variant that does not fit, fails
+    or times out is dropped from the later rounds. With one variant there is nothing to interleave
+    with: one child takes all the repeats after a single load and warm-up.
+    """
+    if repeats < 1 or max_tokens < 2 or min_decode_s < 0:
+        raise UserInputError(
+            f"repeats={repeats}, max_tokens={max_tokens}, min_decode_s={min_decode_s}: "
+            "need at least 1 repeat, 2 tokens and a non-negative decode time",
+            hint="decode speed counts the tokens after the first one",
+        )
+    cpus = pinned_cpus(profile.cores)
+    knobs = {"repeats": repeats, "max_tokens": max_tokens, "min_decode_s": min_decode_s}
+    items = [_prepare(n, d, profile, cpus, text, **knobs) for n, d in variants]
+    live = [p for p in items if p.done is None]
+    rounds, per_child = (repeats, 1) if len(live) > 1 else (1, repeats)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    for r in range(rounds):
+        order = interleaved_order([p.base["variant"] for p in live], r)
+        by_name = {p.base["variant"]: p for p in live}
+        for pos, name in enumerate(order):
+            p = by_name[name]
+            run = run_pinned(
+                {**p.spec, "repeats": per_child}, cpus, p.base["memory_ceiling_bytes"], timeout_s
+            )
+            p.runs.append(run)
+            p.order.append(pos)
+            ok = run.result is not None and run.result.get("status") == "ok"
+            if not ok or run.exceeded or run.timed_out:
+                p.done = _to_result(p.base, profile, run, timeout_s)
+        live = [p for p in live if p.done is None]
+    out = []
+    for p in items:
+        if p.done is None:
+            p.done = _to_result(p.base, profile, _merge(p.runs), timeout_s)
+        out.append(p.done.model_copy(update={"order": p.order, "host_load": load}))
+    return out
+
+
+def _merge(runs: list[ChildOutcome]) -> ChildOutcome:
+    """The rounds of one variant as if one child had taken them all (lists concatenated)."""
+    if len(runs) == 1:
+        return runs[0]
+    results = [r.result or {} for r in runs]
+    merged = dict(results[0])
+    keys = ("load_s", "ttft_s", "decode_tps", "generated", "decode_tokens", "runs", "cpu_share")
+    for key in (*keys, "rss"):
+        merged[key] = [v for res in results for v in res.get(key, [])]
+    last = runs[-1]
+    return ChildOutcome(
+        last.returncode,
+        max(r.peak_rss for r in runs),
+        False,
+        False,
+        last.stderr,
+        sum(r.wall_s for r in runs),
+        merged,
+    )
+
+
 def measure(
     variant_name: str,
     variant_dir: Path,
@@ -175,6 +334,7 @@ def measure(
     text: str,
     repeats: int = 3,
     max_tokens: int = 64,
+    min_decode_s: float = DEFAULT_MIN_DECODE_S,
     timeout_s: float = 300,
 ) -> PerfResult:
     """Measure one variant on one profile (pinned, watched subprocess); never raises for a bad model.
@@ -183,40 +343,15 @@ def measure(
     prompt + max_tokens fit the context; the context is profile.context_length capped to the
     model's own maximum.
     """
-    from slmops.evaluate.memory import memory_at_context, runtime_context
-
-    if repeats < 1 or max_tokens < 2:
-        raise UserInputError(
-            f"repeats={repeats}, max_tokens={max_tokens}: need at least 1 repeat and 2 tokens",
-            hint="decode speed counts the tokens after the first one",
-        )
-    variant_dir = Path(variant_dir)
-    cpus = pinned_cpus(profile.cores)
-    base: dict[str, Any] = {
-        "variant": variant_name,
-        "profile": profile.name,
-        "runtime": _runtime_name(variant_dir),
-        "threads": len(cpus),
-        "repeats": repeats,
-        "memory_ceiling_bytes": profile.ram_mb * MIB,
-        "measured_on": f"host ({host_cpu_name()}, {len(cpus)} threads)",
-    }
-    try:
-        n_ctx = runtime_context(variant_dir, profile.context_length)
-        base["memory_at_context_bytes"] = memory_at_context(variant_dir, n_ctx)
-    except (SlmopsError, OSError) as exc:
-        return PerfResult(**base, status="error", detail=str(exc))
-    spec = {
-        "variant_dir": str(variant_dir.resolve()),
-        "threads": len(cpus),
-        "n_ctx": n_ctx,
-        "prompt_tokens": max(1, min(profile.prompt_tokens, n_ctx - max_tokens - 1)),
-        "max_tokens": max_tokens,
-        "repeats": repeats,
-        "text": text,
-    }
-    run = run_pinned(spec, cpus, base["memory_ceiling_bytes"], timeout_s)
-    return _to_result(base, profile, run, timeout_s)
+    return measure_interleaved(
+        [(variant_name, variant_dir)],
+        profile,
+        text=text,
+        repeats=repeats,
+        max_tokens=max_tokens,
+        min_decode_s=min_decode_s,
+        timeout_s=timeout_s,
+    )[0]
 
 
 def _to_result(
@@ -248,9 +383,24 @@ def _to_result(
     notes = []
     if min(res["generated"]) < res["max_tokens"]:
         notes.append(f"the runtime stopped early: {min(res['generated'])} tokens in one repeat")
+    unstable = [k for k, st in (("decode_tps", tps), ("ttft_ms", ttft)) if st.unstable]
+    if unstable:
+        spreads = ", ".join(
+            f"{k} {st.spread:.0%}"
+            for k, st in (("decode_tps", tps), ("ttft_ms", ttft))
+            if st.unstable
+        )
+        notes.append(f"unstable: spread over repeats {spreads} (> 10 %)")
     fits = rss.max <= ceiling  # the watchdog can miss a spike between two samples; getrusage not
     if not fits:
         notes.insert(0, f"peak RSS {_mib(rss.max)} {over}")
+    decoded, share = res.get("decode_tokens"), res.get("cpu_share")
+    cpu_share = Stat.of(share) if share else None
+    if cpu_share is not None and cpu_share.median < CONTENDED_SHARE:
+        notes.append(
+            f"contended: the measuring process got {cpu_share.median:.0%} of its "
+            f"{base['threads']} CPU(s) (other processes were running): speeds read low"
+        )
     return PerfResult(
         **base,
         status="ok" if fits else "does-not-fit",
@@ -261,6 +411,9 @@ def _to_result(
         peak_rss_bytes=rss,
         projected_ttft_ms=ttft.median / profile.relative_speed,
         projected_decode_tps=tps.median * profile.relative_speed,
+        unstable=unstable,
+        decode_tokens=min(decoded) if decoded else None,
+        cpu_share=cpu_share,
     )
 
 

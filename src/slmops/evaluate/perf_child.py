@@ -5,12 +5,19 @@ its RSS against the device's memory ceiling and kill it, and so that one variant
 state or native crash never leaks into the next measurement.
 
 The model is loaded once (timed), warmed up with one untimed generation of the full length, then
-generated `repeats` times (timed). Why not a fresh load per repeat: a device loads once and then
-serves many requests, so steady-state TTFT and decode rate are the figures that matter; and a
-runtime's first pass through each sequence length pays one-off allocations (ONNX Runtime GenAI
-reads ~3% slower on a fresh load even after a short warm-up), so cold repeats would bias every
-median low. The load time is therefore a single figure (n=1), and the interpreter and runtime
-imports stay outside it (imported before timing, as an agent that is already running would).
+timed `repeats` times. One timed repeat is as many generations of `max_tokens` as it takes to
+decode for at least `min_decode_s` seconds (the tokens and times are summed, TTFT is the median of
+its generations): a 64-token generation of a 7 M-parameter model lasts ~30 ms, about ten
+scheduler time slices, so one preemption by another process moved a single-generation figure by
+10-50 %; summed over >= 0.3 s the same preemption costs a few percent.
+
+Why a warm-up after every load: a device loads once and then serves many requests, so
+steady-state TTFT and decode rate are the figures that matter; and a runtime's first pass
+through each sequence length pays one-off allocations (ONNX Runtime GenAI reads ~3% slower on a
+fresh load even after a short warm-up), so cold repeats would bias every median low. When
+perf.measure_interleaved takes one repeat per child (one round), each child loads and warms up
+again, so the load time gets one figure per round; the interpreter and runtime imports stay
+outside it (imported before timing, as an agent that is already running would).
 
 The child always writes a result (status ok or error with the message) and then leaves with
 os._exit, so runtime teardown at interpreter exit cannot turn a good measurement into a crash.
@@ -68,20 +75,54 @@ def measure_in_process(spec: dict[str, Any]) -> dict[str, Any]:
     try:
         ids = build_prompt(rt, spec["text"], int(spec["prompt_tokens"]))
         rt.generate(ids, max_tokens, stop_at_eos=False)  # warm-up, untimed
-        runs = [
-            rt.generate(ids, max_tokens, stop_at_eos=False) for _ in range(int(spec["repeats"]))
+        min_decode_s = float(spec.get("min_decode_s", 0.0))
+        repeats = [
+            timed_repeat(rt, ids, max_tokens, min_decode_s) for _ in range(int(spec["repeats"]))
         ]
         out["os_threads"] = _thread_count()
     finally:
         rt.close()
     out["prompt_tokens"] = len(ids)
     out["load_s"] = [rt.load_time_s]
-    out["ttft_s"] = [stats.ttft_s for _, stats in runs]
-    out["decode_tps"] = [stats.decode_tokens_per_s for _, stats in runs]
-    out["generated"] = [len(toks) for toks, _ in runs]
+    for key in ("ttft_s", "decode_tps", "generated", "decode_tokens", "runs", "cpu_share"):
+        out[key] = [r[key] for r in repeats]
     # process-lifetime peak (load transients included), the figure a memory ceiling must cover
     out["rss"] = [float(own_peak_rss_bytes())]
     return out
+
+
+def timed_repeat(
+    rt: Runtime, ids: list[int], max_tokens: int, min_decode_s: float, max_runs: int = 1000
+) -> dict[str, Any]:
+    """One timed repeat: generations of `max_tokens` until `min_decode_s` of decoding is summed.
+
+    Decode tok/s is total tokens after the first / total decode time of those generations (a
+    ratio of sums, so short and long generations weigh by their time); TTFT is their median.
+    """
+    import statistics
+    import time
+
+    ttfts: list[float] = []
+    tokens, seconds, generated = 0, 0.0, max_tokens
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    while True:
+        toks, stats = rt.generate(ids, max_tokens, stop_at_eos=False)
+        ttfts.append(stats.ttft_s)
+        tokens += max(0, stats.generated_tokens - 1)
+        seconds += stats.decode_s
+        generated = min(generated, len(toks))
+        if seconds >= min_decode_s or len(ttfts) >= max_runs or stats.generated_tokens < 2:
+            break
+    cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
+    return {
+        # CPU time of the whole process / (wall x threads): the share of its pinned CPUs it got
+        "cpu_share": cpu / (wall * rt.threads) if wall > 0 else 0.0,
+        "ttft_s": statistics.median(ttfts),
+        "decode_tps": tokens / seconds if seconds > 0 else 0.0,
+        "generated": generated,
+        "decode_tokens": tokens,
+        "runs": len(ttfts),
+    }
 
 
 def _thread_count() -> int:

@@ -54,18 +54,25 @@ def _usd(x: float | None) -> str:
 
 
 def _stat(s: Stat | None, spec: str = ".1f") -> str:
+    """median (min–max, n, spread), and "unstable" when the spread exceeds 10 %."""
     if s is None:
         return NA
-    return f"{s.median:{spec}} ({s.min:{spec}}–{s.max:{spec}}, n={s.n})"
+    text = f"{s.median:{spec}} ({s.min:{spec}}–{s.max:{spec}}, n={s.n}"
+    if s.n > 1:
+        text += f", spread {s.spread:.0%}"
+    return text + (") unstable" if s.unstable else ")")
 
 
 def _header(report: EvalReport) -> list[_Block]:
     ref = report.reference
     name = ref.get("name") or ref.get("path") or "reference model"
     pr, h = report.protocol, report.host
+    # A dequantized GGUF as reference is said first and plainly: KLD measures distance from it.
+    note = [_Block("p", f"Note: {ref['note']}.")] if ref.get("note") else []
     return [
         _Block("h1", f"Evaluation report: {name}"),
-        _Block("p", "Reference: " + "; ".join(f"{k}: {v}" for k, v in ref.items())),
+        *note,
+        _Block("p", "Reference: " + "; ".join(f"{k}: {v}" for k, v in ref.items() if k != "note")),
         _Block(
             "p",
             f"Created {report.created_at} by slmops {report.slmops_version}"
@@ -82,7 +89,10 @@ def _header(report: EvalReport) -> list[_Block]:
         ),
         _Block(
             "p",
-            "Performance labelled 'host' was measured on this host (median, min–max over repeats). "
+            "Performance labelled 'host' was measured on this host (median, min–max over repeats, "
+            "the variants of a profile interleaved round by round); a figure whose spread "
+            "(max − min) / median exceeds 10 % is marked unstable. Speed budgets are judged on "
+            "the median and a miss within the figure's noise is not counted. "
             "Figures labelled 'projected (estimate)' are host figures scaled by the profile's "
             "relative speed; costs are estimates built on them.",
         ),
@@ -168,8 +178,8 @@ def _profile_section(report: EvalReport, name: str, images: list[str]) -> list[_
                 label,
                 v.runtime,
                 "yes" if fits else "no",
-                "; ".join(verdict.reasons)
-                if verdict and verdict.reasons
+                "; ".join(verdict.reasons + verdict.notes)
+                if verdict and (verdict.reasons or verdict.notes)
                 else ("" if fits else "not judged"),
                 _f(q.kld_mean if q else None),
                 _pct(q.top1_agreement if q else None),

@@ -20,10 +20,9 @@ from slmops.core.atomic import atomic_directory
 from slmops.core.errors import ConfigError, ModelFormatError
 from slmops.evaluate.profiles import DeviceProfile
 from slmops.evaluate.schema import EvalReport, HostInfo, PerfResult, QualityResult, VariantInfo
-from slmops.model.card import LineageCard, read_card
+from slmops.model.card import read_card
 from slmops.model.handle import ModelFormat, detect_format, hf_parameter_count, weights_bytes
-
-DEPLOYABLE = {ModelFormat.GGUF.value: "llama.cpp", ModelFormat.ONNX.value: "onnxruntime-genai"}
+from slmops.model.variants import DEPLOYABLE, FoundVariant, discover_variants
 
 
 class Listener(Protocol):
@@ -46,6 +45,7 @@ class EvalOptions:
     tasks: Path | None = None
     repeats: int = 3
     max_tokens: int = 64
+    min_decode_s: float = 0.3  # per timed repeat (perf.DEFAULT_MIN_DECODE_S)
     windows: int = 24
     window_tokens: int = 128
     threads: int = 2
@@ -54,45 +54,6 @@ class EvalOptions:
     cloud_usd_per_million: float | None = None
     tie_kld: float = 0.002
     only: list[str] = field(default_factory=list)
-
-
-@dataclass
-class FoundVariant:
-    name: str
-    path: Path
-    card: LineageCard
-
-
-def discover_variants(variants_dir: Path, only: list[str] | None = None) -> list[FoundVariant]:
-    """Deployable variants (GGUF, ONNX GenAI) with lineage cards, in name order."""
-    if not variants_dir.is_dir():
-        raise ConfigError(
-            "variants folder not found",
-            where=variants_dir,
-            hint="pass the --out folder of `slmops optimize`",
-        )
-    candidates = (
-        [variants_dir]
-        if read_card(variants_dir)
-        else sorted(p for p in variants_dir.iterdir() if p.is_dir())
-    )
-    found = []
-    for p in candidates:
-        if p.name.startswith("."):
-            continue
-        card = read_card(p)
-        if card is None or card.format not in DEPLOYABLE:
-            continue
-        if only and card.variant not in only and p.name not in only:
-            continue
-        found.append(FoundVariant(card.variant or p.name, p, card))
-    if not found:
-        raise ConfigError(
-            "no deployable variants (GGUF or ONNX GenAI folders with a slmops card) found",
-            where=variants_dir,
-            hint="run `slmops optimize MODEL --out DIR` first and pass DIR",
-        )
-    return found
 
 
 def _reference_dir(options: EvalOptions, variants: list[FoundVariant]) -> Path:
@@ -109,7 +70,8 @@ def _reference_dir(options: EvalOptions, variants: list[FoundVariant]) -> Path:
         ref = Path(origins.pop())  # type: ignore[arg-type]
     if not ref.exists() or detect_format(ref) is not ModelFormat.HF:
         raise ModelFormatError(
-            "the reference must be the original Hugging Face model folder",
+            "the reference must be a Hugging Face model folder: the original model, or one "
+            "written by `slmops model dequantize` when only a GGUF is at hand",
             where=ref,
             hint="pass --reference MODEL_DIR",
         )
@@ -120,6 +82,14 @@ def _reference_dir(options: EvalOptions, variants: list[FoundVariant]) -> Path:
             hint="evaluate variants of one model at a time (use --variant to pick them)",
         )
     return ref
+
+
+def _reference_facts(ref: Path) -> dict[str, str]:
+    """What the report must say about its reference: a dequantized GGUF is not the original."""
+    from slmops.model.importer import dequantized_note
+
+    note = dequantized_note(read_card(ref))
+    return {"note": note} if note else {}
 
 
 def host_info() -> HostInfo:
@@ -145,10 +115,6 @@ def host_info() -> HostInfo:
 
 
 def _variant_info(v: FoundVariant, origin_params: int | None) -> VariantInfo:
-    from slmops.optimize.passes.base import registry
-
-    passes = registry()
-    kinds = [passes[s.pass_name].kind for s in v.card.chain if s.pass_name in passes]
     params = None
     if v.card.structure and v.card.structure.get("parameters_after"):
         params = int(v.card.structure["parameters_after"])
@@ -160,7 +126,7 @@ def _variant_info(v: FoundVariant, origin_params: int | None) -> VariantInfo:
         format=v.card.format,
         runtime=DEPLOYABLE[v.card.format],
         quantization=v.card.quantization,
-        pruning=sorted({k for k in kinds if k.startswith("prune")}),
+        pruning=v.card.pruning_kinds(),
         weights_bytes=weights_bytes(v.path),
         parameters=params,
         digest=v.card.digest,
@@ -177,7 +143,7 @@ def evaluate(
     from slmops.evaluate import quality as q
     from slmops.evaluate.charts import profile_charts
     from slmops.evaluate.cost import DEFAULT_CLOUD_USD_PER_MILLION, estimate_cost
-    from slmops.evaluate.perf import measure
+    from slmops.evaluate.perf import measure_interleaved
     from slmops.evaluate.render import write_html, write_markdown
     from slmops.evaluate.select import judge, select
     from slmops.runtimes import open_runtime
@@ -231,18 +197,28 @@ def evaluate(
     # performance: every variant x profile in its own pinned, memory-capped child
     infos = [_variant_info(v, origin_params) for v in variants]
     ui.phase("performance", len(variants) * len(profiles))
+    # (interleaved rounds within a profile, so host drift loads every variant alike: perf.py)
     perf: list[PerfResult] = []
     for prof in profiles:
+        runnable = []
         for v, info in zip(variants, infos, strict=True):
             if info.format not in prof.runtimes:
                 ui.advance(f"{v.name} on {prof.name}: runtime not on device, skipped")
-                continue
-            res = measure(
-                v.name, v.path, prof, text=text, repeats=opts.repeats, max_tokens=opts.max_tokens
-            )
+            else:
+                runnable.append((v.name, v.path))
+        results = measure_interleaved(
+            runnable,
+            prof,
+            text=text,
+            repeats=opts.repeats,
+            max_tokens=opts.max_tokens,
+            min_decode_s=opts.min_decode_s,
+        )
+        for res in results:
             perf.append(res)
             tps = f"{res.decode_tps.median:.0f} tok/s" if res.decode_tps else res.status
-            ui.advance(f"{v.name} on {prof.name}: {tps}")
+            flag = " (unstable)" if "decode_tps" in res.unstable else ""
+            ui.advance(f"{res.variant} on {prof.name}: {tps}{flag}")
 
     verdicts = []
     selections = []
@@ -272,7 +248,11 @@ def evaluate(
 
     report = EvalReport(
         slmops_version=__version__,
-        reference={"path": str(ref_dir), "digest": variants[0].card.origin_digest},
+        reference={
+            "path": str(ref_dir),
+            "digest": variants[0].card.origin_digest,
+            **_reference_facts(ref_dir),
+        },
         host=host_info(),
         protocol=windows.protocol,
         profiles=profiles,

@@ -18,21 +18,42 @@ from slmops.protocol.bundle import QualityBaseline
 REPORT_SCHEMA = "slmops.eval-report/v1"
 
 
+UNSTABLE_SPREAD = 0.10
+"""A figure whose spread (max - min) / median over repeats exceeds this is marked "unstable"."""
+
+
 class Stat(StrictModel):
-    """Median and spread over repeats."""
+    """Median and spread over repeats (`values`: the repeats themselves, absent in old reports)."""
 
     median: float
     min: float
     max: float
     n: int
+    values: list[float] = Field(default_factory=list, description="one figure per repeat")
 
     @classmethod
     def of(cls, values: list[float]) -> Stat:
         import statistics
 
         return cls(
-            median=statistics.median(values), min=min(values), max=max(values), n=len(values)
+            median=statistics.median(values),
+            min=min(values),
+            max=max(values),
+            n=len(values),
+            values=list(values),
         )
+
+    @property
+    def spread(self) -> float:
+        """(max - min) / median: 0 for one repeat; inf when the median is 0 and the range is not."""
+        if self.max == self.min:
+            return 0.0
+        return (self.max - self.min) / abs(self.median) if self.median else float("inf")
+
+    @property
+    def unstable(self) -> bool:
+        """More than UNSTABLE_SPREAD apart between repeats: a figure not to decide on alone."""
+        return self.n > 1 and self.spread > UNSTABLE_SPREAD
 
 
 class QualityProtocol(StrictModel):
@@ -86,6 +107,25 @@ class PerfResult(StrictModel):
     projected_ttft_ms: float | None = Field(None, description="estimate: host / relative_speed")
     projected_decode_tps: float | None = Field(None, description="estimate: host x relative_speed")
     measured_on: str = Field("host", description="host numbers; projections are estimates")
+    unstable: list[str] = Field(
+        default_factory=list,
+        description="figures (ttft_ms, decode_tps) whose spread over repeats exceeds 10 %",
+    )
+    decode_tokens: int | None = Field(
+        None, description="tokens decoded (after the first) per timed repeat, summed over its runs"
+    )
+    order: list[int] = Field(
+        default_factory=list,
+        description="position of this variant in each interleaved round (0 = first)",
+    )
+    cpu_share: Stat | None = Field(
+        None,
+        description="per repeat, CPU time / (wall x threads) of the measuring process: well "
+        "below 1 means other processes took its CPUs (contention), so the speeds read low",
+    )
+    host_load: float | None = Field(
+        None, description="1-minute load average when the measurement started (contention)"
+    )
 
 
 class VariantInfo(StrictModel):
@@ -105,6 +145,10 @@ class Verdict(StrictModel):
     profile: str
     fits: bool
     reasons: list[str] = Field(default_factory=list, description="every budget the variant broke")
+    notes: list[str] = Field(
+        default_factory=list,
+        description="budgets missed by less than the figure's noise, hence not counted",
+    )
 
 
 class Selection(StrictModel):

@@ -28,8 +28,8 @@ from slmops.bundle.layout import Index, Manifest, OciLayout, parse_model
 from slmops.bundle.media import ANN_TITLE, ANN_VARIANT, MT_INDEX
 from slmops.core.atomic import write_text_atomic
 from slmops.core.digest import tree_digest
-from slmops.core.errors import SlmopsError, ToolError, UserInputError
-from slmops.model.card import CARD_FILE, LineageCard
+from slmops.core.errors import UserInputError
+from slmops.model.card import CARD_FILE, LineageCard, read_card
 from slmops.optimize.adjust import Direction, adjusted_recipe
 from slmops.protocol.bundle import VariantDescriptor
 
@@ -100,19 +100,18 @@ def improve(
     quiet: bool = True,
 ) -> Candidate:
     """Run the job; the returned Candidate says whether the gate passed and why."""
-    from slmops.bundle.build import build_bundle
+    from slmops.bundle.build import BuildResult
     from slmops.bundle.inspect import inspect_bundle
-    from slmops.bundle.signing import sign_bundle
-    from slmops.cli.evaluate import run_evaluation
     from slmops.evaluate.gate import gate
     from slmops.evaluate.profiles import resolve_profiles
-    from slmops.evaluate.runner import EvalOptions
-    from slmops.optimize.engine import run_recipe
+    from slmops.evaluate.schema import EvalReport
     from slmops.optimize.recipe import compile_recipe
+    from slmops.release import build_release
     from slmops.server.resolve import ram_needed
 
     current, card = running_variant(bundle, variant)
-    origin = tree_digest(model)
+    model_card = read_card(model)  # a dequantized or imported model carries its own origin
+    origin = model_card.origin_digest if model_card else tree_digest(model)
     if origin != card.origin_digest:
         raise UserInputError(
             f"this is not the model {variant} was made from: its digest is {origin}, the "
@@ -127,78 +126,73 @@ def improve(
 
     write_text_atomic(recipe_path, yaml.safe_dump(recipe_file.model_dump(mode="json")))
     recipe = compile_recipe(recipe_file, source=str(recipe_path))
-    # each candidate on its own: one that cannot be built (a pruning ratio the model's shape
-    # refuses, say) is reported, and the others still get their chance
-    failed: dict[str, str] = {}
-    for candidate_name in recipe.variants:
-        try:
-            run_recipe(model, recipe, workdir / "variants", only=[candidate_name])
-        except SlmopsError as exc:
-            failed[candidate_name] = exc.render()
-    if len(failed) == len(recipe.variants):
-        raise ToolError(
-            "no candidate could be built: "
-            + "; ".join(f"{k}: {v.splitlines()[0]}" for k, v in failed.items()),
-            where=workdir,
-        )
     profiles = resolve_profiles([profile])
     target = profiles[0].name  # a YAML path resolves to the profile it defines
-    report = run_evaluation(
-        workdir / "variants", profiles, workdir / "report", EvalOptions(), quiet
-    )
-    result = gate(report, required=[target])
-    checks = list(result.checks)
-    sel = report.selection_for(target)
-    chosen = sel.variant if sel else None
-    selected: dict[str, Any] | None = None
     running = {
         "variant": current.name,
         "kld_mean": current.kld_mean,
         "ram_bytes": ram_needed(current),
     }
-    out = workdir / "bundle"
-    built = None
-    if chosen is not None:
-        # bundle first: the direction check compares descriptors exactly as resolution reads them
-        built = build_bundle(
-            workdir / "variants", workdir / "report", name=name, version=version, out=out
-        )
-        new = next(
-            VariantDescriptor.model_validate(v["descriptor"])
-            for v in inspect_bundle(out)["variants"]
-            if v["name"] == chosen
-        )
-        new_ram, old_ram = ram_needed(new), ram_needed(current)
-        selected = {"variant": chosen, "kld_mean": new.kld_mean, "ram_bytes": new_ram}
-        if direction == "higher-precision":
-            old_kld, new_kld = current.kld_mean, new.kld_mean
-            ok = old_kld is not None and new_kld is not None and new_kld < old_kld
-            detail = (
-                f"{chosen} KLD {new_kld} vs running {current.name} KLD {old_kld} (must be lower)"
+    checks: list[dict[str, Any]] = []
+    selected: dict[str, Any] = {}
+
+    def accept(report: EvalReport, built: BuildResult) -> list[str]:
+        """The gate on the profile, then the asked direction against the running variant
+        (compared on descriptors exactly as resolution reads them)."""
+        checks.extend(gate(report, required=[target]).checks)
+        sel = report.selection_for(target)
+        if sel is not None:
+            new = next(
+                VariantDescriptor.model_validate(v["descriptor"])
+                for v in inspect_bundle(built.path)["variants"]
+                if v["name"] == sel.variant
             )
-        else:
-            ok = new_ram < old_ram
-            detail = (
-                f"{chosen} needs {new_ram / 2**20:.1f} MiB vs running "
-                f"{current.name} {old_ram / 2**20:.1f} MiB (must be less)"
-            )
-        checks.append({"name": f"direction:{direction}", "ok": ok, "detail": detail})
+            new_ram, old_ram = ram_needed(new), ram_needed(current)
+            selected.update(variant=sel.variant, kld_mean=new.kld_mean, ram_bytes=new_ram)
+            if direction == "higher-precision":
+                old_kld, new_kld = current.kld_mean, new.kld_mean
+                ok = old_kld is not None and new_kld is not None and new_kld < old_kld
+                detail = (
+                    f"{sel.variant} KLD {new_kld} vs running {current.name} KLD {old_kld} "
+                    "(must be lower)"
+                )
+            else:
+                ok = new_ram < old_ram
+                detail = (
+                    f"{sel.variant} needs {new_ram / 2**20:.1f} MiB vs running "
+                    f"{current.name} {old_ram / 2**20:.1f} MiB (must be less)"
+                )
+            checks.append({"name": f"direction:{direction}", "ok": ok, "detail": detail})
+        return [c["detail"] for c in checks if not c["ok"]]
+
+    # each candidate on its own: one that cannot be built (a pruning ratio the model's shape
+    # refuses, say) is reported, and the others still get their chance
+    release = build_release(
+        model,
+        recipe,
+        workdir,
+        profiles=profiles,
+        name=name,
+        version=version,
+        private_key=private_key,
+        skip_failed_variants=True,
+        check=accept,
+    )
     checks += [
         {"name": f"build:{k}", "ok": True, "detail": f"not built (skipped): {v.splitlines()[0]}"}
-        for k, v in failed.items()
+        for k, v in release.failed.items()
     ]
-    reasons = [c["detail"] for c in checks if not c["ok"]]
     candidate = Candidate(
-        ok=not reasons,
-        reasons=reasons,
+        ok=release.signed,
+        reasons=release.reasons,
         checks=checks,
         running=running,
-        selected=selected,
+        selected=selected or None,
         recipe=str(recipe_path),
-        report=str(workdir / "report"),
-        variants=[v for v in recipe.variants if v not in failed],
+        report=str(release.report_dir),
+        variants=[v for v in recipe.variants if v not in release.failed],
     )
-    if candidate.ok and built is not None:  # only a candidate that passed is signed
-        sign_bundle(out, private_key)
-        candidate.bundle, candidate.digest, candidate.version = str(out), built.digest, version
+    if release.signed and release.bundle is not None:  # only a candidate that passed is signed
+        candidate.bundle = str(release.bundle_dir)
+        candidate.digest, candidate.version = release.bundle.digest, version
     return candidate

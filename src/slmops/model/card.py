@@ -22,11 +22,29 @@ CARD_FILE = "slmops-card.json"
 CARD_SCHEMA = "slmops.card/v1"
 
 
+# Kinds of the built-in passes, for cards written before StepRecord.kind was recorded.
+_LEGACY_KINDS = {
+    "export-gguf": "export",
+    "export-onnx": "export",
+    "quantize-gguf": "quantize",
+    "prune-magnitude": "prune-unstructured",
+    "prune-wanda": "prune-unstructured",
+    "prune-nm": "prune-semi-structured",
+    "prune-structured": "prune-structured",
+}
+
+
 class StepRecord(StrictModel):
     """One pass application: what went in, what ran, what came out, what it cost."""
 
     pass_name: str
     pass_version: int
+    kind: str | None = Field(
+        None,
+        description="what the step did (export, quantize, prune-unstructured, "
+        "prune-semi-structured, prune-structured, distill, import); recorded so later stages "
+        "never need the pass registry to read a card",
+    )
     config: dict[str, Any]
     input_digest: str
     output_digest: str
@@ -53,9 +71,22 @@ class LineageCard(StrictModel):
     sparsity: dict[str, Any] | None = None
     structure: dict[str, Any] | None = None
     quantization: str | None = None
+    origin: dict[str, Any] | None = Field(
+        None,
+        description="for imported models (slmops import / model dequantize): the file the chain "
+        "started from (name, sha256, format, quantization, architecture, per-tensor types)",
+    )
     created_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat())
 
     model_config = StrictModel.model_config | {"populate_by_name": True}
+
+    def kinds(self) -> list[str]:
+        """Kinds of every step, in chain order (cards written before `kind` existed fall back
+        to the built-in pass names)."""
+        return [s.kind or _LEGACY_KINDS.get(s.pass_name, "unknown") for s in self.chain]
+
+    def pruning_kinds(self) -> list[str]:
+        return sorted({k for k in self.kinds() if k.startswith("prune")})
 
     def write(self, directory: Path) -> None:
         write_json_atomic(directory / CARD_FILE, self.model_dump(mode="json", by_alias=True))

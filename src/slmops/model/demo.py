@@ -221,7 +221,7 @@ def _train_into(
     import torch
     from transformers import AutoTokenizer, LlamaForCausalLM
 
-    from slmops.optimize.passes._hf import quiet_transformers
+    from slmops.model.hf import quiet_transformers
 
     quiet_transformers()
     torch.manual_seed(seed)

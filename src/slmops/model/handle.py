@@ -15,15 +15,9 @@ from typing import Any
 
 from slmops.core.digest import tree_digest, tree_size
 from slmops.core.errors import ModelFormatError
+from slmops.model.arch import ArchInfo, is_causal_lm, read_arch
 from slmops.model.card import LineageCard, read_card
 
-# Llama-family decoder architectures whose HF layout (q/k/v/o, gate/up/down) the passes know.
-SUPPORTED_ARCHITECTURES = {
-    "LlamaForCausalLM": "llama",
-    "Qwen2ForCausalLM": "qwen2",
-    "MistralForCausalLM": "mistral",
-    "Phi3ForCausalLM": "phi3",
-}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 GGUF_MAGIC = b"GGUF"
 
@@ -68,7 +62,12 @@ class ModelHandle:
 
     @property
     def architecture(self) -> str:
-        return SUPPORTED_ARCHITECTURES[self.hf_config()["architectures"][0]]
+        """The config's model_type (llama, qwen3, gemma3_text, ...)."""
+        return str(self.hf_config().get("model_type") or "")
+
+    def arch(self) -> ArchInfo:
+        """Structural facts (layouts, norms, vocabulary, converters) read without loading weights."""
+        return read_arch(self.path)
 
 
 def load_hf_config(path: Path) -> dict[str, Any]:
@@ -119,11 +118,15 @@ def validate_hf_dir(path: Path) -> None:
     cfg = load_hf_config(path)
     archs = cfg.get("architectures") or []
     arch = archs[0] if archs else None
-    if arch not in SUPPORTED_ARCHITECTURES:
+    if not is_causal_lm(cfg):
+        what = "encoder-decoder" if cfg.get("is_encoder_decoder") else "not a *ForCausalLM model"
         raise ModelFormatError(
-            f"unsupported architecture {arch!r}",
+            f"unsupported architecture {arch!r}: slmops optimizes decoder-only causal language "
+            f"models ({what})",
             where=path / "config.json",
-            hint="supported: " + ", ".join(sorted(SUPPORTED_ARCHITECTURES)),
+            hint="use the causal LM checkpoint of the model, i.e. config.json `architectures` "
+            "naming a *ForCausalLM class such as LlamaForCausalLM, Qwen3ForCausalLM or "
+            "Gemma3ForCausalLM",
         )
     weights = sorted(path.glob("*.safetensors"))
     if not weights:

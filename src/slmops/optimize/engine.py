@@ -184,11 +184,41 @@ def run_recipe(
                 f"unknown variant(s) {unknown}", hint="recipe variants: " + ", ".join(names)
             )
         names = [n for n in names if n in only]
+    preflight(model, recipe, names)
     cache = cache_dir or out / CACHE_DIRNAME
     out.mkdir(parents=True, exist_ok=True)
     cache.mkdir(parents=True, exist_ok=True)
     with _exclusive(out):
         return _run_locked(model, recipe, names, out, cache, listener, t0)
+
+
+def preflight(model: ModelHandle, recipe: Recipe, names: list[str]) -> None:
+    """Refuse the recipe before any step runs when a pass cannot handle this model.
+
+    Every HF-input step is checked against the structure it will receive: the model's, as
+    changed by the steps before it (`Pass.predict`). All problems come in one error.
+    """
+    original = model.arch()
+    problems = []
+    for vname in names:
+        arch = original
+        for step in recipe.variants[vname]:
+            if step.pass_.input_format is not ModelFormat.HF:
+                break  # GGUF/ONNX from here on: nothing HF-structural left to check
+            for missing in step.pass_.check_model(arch):
+                problems.append(
+                    f"variant '{vname}': pass '{step.name}' cannot handle "
+                    f"{arch.architecture or '?'} ({arch.model_type}): needs {missing}"
+                )
+            arch = step.pass_.predict(arch)
+    if problems:
+        raise UserInputError(
+            f"{len(problems)} step(s) of recipe '{recipe.name}' cannot run on this model:\n  "
+            + "\n  ".join(problems),
+            where=model.path,
+            hint="drop these variants (or run others with --variant); "
+            "`slmops model info MODEL` shows which passes apply and why not",
+        )
 
 
 def _run_locked(
@@ -203,7 +233,9 @@ def _run_locked(
     clean_stale_temps(out)
     clean_stale_temps(cache)
 
-    origin_digest = model.digest
+    # An input with a card (a dequantized GGUF, an imported folder) keeps its own origin, so every
+    # descendant of one downloaded file is evaluated as one family.
+    origin_digest = model.card.origin_digest if model.card else model.digest
     fp32 = hf_parameter_count(model.path) * 4
     input_weights = weights_bytes(model.path)
     listener.plan(sum(len(recipe.variants[n]) for n in names))
@@ -252,7 +284,7 @@ def _run_variant(
     origin_card = read_card(origin)
     chain: list[StepRecord] = list(origin_card.chain) if origin_card else []
     card: LineageCard | None = origin_card
-    current_digest = origin_digest
+    current_digest = origin_card.digest if origin_card else origin_digest  # the cache key input
     outcomes: list[StepOutcome] = []
     for i, step in enumerate(steps):
         key = step_key(current_digest, step)
@@ -329,6 +361,7 @@ def _execute_step(
         rec = StepRecord(
             pass_name=step.name,
             pass_version=step.pass_.version,
+            kind=step.pass_.kind,
             config=step.options,
             input_digest=src_digest,
             output_digest=digest,
@@ -353,6 +386,7 @@ def _execute_step(
             sparsity=pres.get("sparsity") or (parent.sparsity if parent else None),
             structure=pres.get("structure") or (parent.structure if parent else None),
             quantization=pres.get("quantization") or (parent.quantization if parent else None),
+            origin=parent.origin if parent else None,  # where an imported chain began
         ).write(tmp)
 
 

@@ -12,6 +12,7 @@ from typing import Self
 from pydantic import Field, model_validator
 
 from slmops.core.config import StrictModel
+from slmops.protocol.digest import Digest
 from slmops.protocol.telemetry import BOUNDS
 
 DESCRIPTOR_SCHEMA = "slmops.variant-descriptor/v1"
@@ -65,7 +66,7 @@ class VariantDescriptor(StrictModel):
         default_factory=list, description="device profiles it was chosen for"
     )
     fits: list[str] = Field(default_factory=list, description="device profiles it fits")
-    card_digest: str | None = None
+    card_digest: Digest | None = None
     baseline: QualityBaseline | None = Field(
         None, description="evaluation baseline of the field's quality proxies (drift detection)"
     )

@@ -7,50 +7,80 @@ the server (API), and by nothing heavier than pydantic.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import Field, StringConstraints
 
 from slmops.core.config import StrictModel
+from slmops.protocol.digest import Digest
 from slmops.protocol.fleet import DeviceActionState
 from slmops.protocol.telemetry import TelemetryPolicy
 
 PROTOCOL_VERSION = "slmops.device/v1"
 
 
-class Inventory(StrictModel):
-    """Hardware facts the agent reports, and what it may give the model (set in its config)."""
+MAX_LABELS = 64
+LabelKey = Annotated[str, StringConstraints(min_length=1, max_length=63)]
+LabelValue = Annotated[str, StringConstraints(max_length=128)]
+Count = Annotated[int, Field(strict=True)]
+"""Strict ints: JSON ``false`` or ``1.5`` is refused where a byte or core count is due."""
 
-    arch: str
-    cores: int = Field(gt=0)
-    ram_bytes: int = Field(gt=0)
-    free_disk_bytes: int = Field(ge=0)
-    runtimes: list[Literal["gguf", "onnx-genai"]] = Field(default_factory=list)
-    agent_version: str
-    model_ram_bytes: int = Field(gt=0, description="RAM the device leaves for the model")
-    model_cores: int = Field(gt=0, description="cores the device leaves for the model")
-    profile: str | None = Field(None, description="hardware class (device profile name) if known")
-    labels: dict[str, str] = Field(default_factory=dict)
+
+class Inventory(StrictModel):
+    """Hardware facts the agent reports, and what it may give the model (set in its config).
+
+    Every field is bounded (labels: at most ``MAX_LABELS``, keys 63 and values 128 characters)
+    because it is stored on the device row and shown to operators."""
+
+    arch: str = Field(max_length=64)
+    cores: Count = Field(gt=0, le=1 << 16)
+    ram_bytes: Count = Field(gt=0, le=1 << 60)
+    free_disk_bytes: Count = Field(ge=0, le=1 << 62)
+    runtimes: list[Literal["gguf", "onnx-genai"]] = Field(default_factory=list, max_length=8)
+    agent_version: str = Field(max_length=64)
+    model_ram_bytes: Count = Field(
+        gt=0, le=1 << 60, description="RAM the device leaves for the model"
+    )
+    model_cores: Count = Field(
+        gt=0, le=1 << 16, description="cores the device leaves for the model"
+    )
+    profile: str | None = Field(
+        None, max_length=128, description="hardware class (device profile name) if known"
+    )
+    labels: dict[LabelKey, LabelValue] = Field(default_factory=dict, max_length=MAX_LABELS)
 
 
 class EnrollRequest(StrictModel):
     schema_: str = Field(PROTOCOL_VERSION, alias="schema")
-    enrollment_token: str = Field(min_length=8, max_length=512)
+    enrollment_token: str | None = Field(
+        None, min_length=8, max_length=512, description="needed unless `credential` proves the id"
+    )
     device_id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
     inventory: Inventory
+    credential: str | None = Field(
+        None,
+        max_length=512,
+        description="the device's current (or pending) credential, when it has one: re-enrolling "
+        "an existing id without it waits for an operator's approval",
+    )
     model_config = StrictModel.model_config | {"populate_by_name": True}
 
 
 class EnrollResponse(StrictModel):
     device_id: str
     credential: str = Field(description="per-device secret; the server stores only its hash")
+    status: Literal["enrolled", "pending"] = Field(
+        "enrolled", description="pending: works only once an operator approves `request_id`"
+    )
+    request_id: str | None = None
+    detail: str | None = None
 
 
 class ActiveModel(StrictModel):
     name: str
     version: str
     variant: str
-    digest: str = Field(description="variant manifest digest")
+    digest: Digest = Field(description="variant manifest digest")
 
 
 class ActionStatus(StrictModel):
@@ -79,8 +109,14 @@ class CheckIn(StrictModel):
 class GenerationDefaults(StrictModel):
     temperature: float = Field(0.7, ge=0, le=2)
     top_p: float = Field(0.95, gt=0, le=1)
-    max_tokens: int = Field(256, gt=0, le=8192)
+    max_tokens: Count = Field(256, gt=0, le=8192)
     system_prompt: str | None = None
+    api_key: str | None = Field(
+        None,
+        min_length=16,
+        max_length=256,
+        description="when set, the agent's local API requires Authorization: Bearer <key>",
+    )
 
 
 class DesiredModel(StrictModel):
@@ -89,8 +125,8 @@ class DesiredModel(StrictModel):
     name: str
     version: str
     variant: str
-    bundle_digest: str
-    manifest_digest: str
+    bundle_digest: Digest
+    manifest_digest: Digest
     repository: str = Field(description="OCI repository on the control plane's registry")
     rollout_id: str | None = None
     revert: bool = Field(False, description="true when this is a rollback to the kept version")

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Iterable
-from typing import Literal, Self
+from typing import Annotated, Literal, Self, get_args
 
-from pydantic import Field, model_validator
+from pydantic import ConfigDict, Field, StrictInt, model_validator
 
 from slmops.core.config import StrictModel
 
@@ -35,7 +35,23 @@ BOUNDS: dict[str, tuple[float, ...]] = {
 }
 HISTOGRAMS = tuple(BOUNDS)
 
-ERROR_KINDS = ("bad_request", "no_model", "runtime", "timeout", "overloaded", "other")
+ErrorKind = Literal["bad_request", "no_model", "runtime", "timeout", "overloaded", "other"]
+ERROR_KINDS: tuple[ErrorKind, ...] = get_args(ErrorKind)
+
+MAX_COUNT = 1e12
+"""Upper bound of any count in a window: far above a real device's, low enough that sums over
+a fleet and a year stay finite (a device sending 1e308 must not turn a merge into +Inf)."""
+Count = Annotated[float, Field(ge=0, le=MAX_COUNT, strict=True)]
+"""A count: finite (NaN and Infinity are refused), non-negative, bounded; a JSON bool is not a
+number here (strict: ``true`` is refused, ints and floats pass)."""
+Finite = Annotated[float, Field(ge=-MAX_COUNT, le=MAX_COUNT, strict=True)]
+INT64_MAX = (1 << 63) - 1
+
+
+class _Finite(StrictModel):
+    """Wire models of numbers: NaN and +/-Infinity are refused (they poison every merge)."""
+
+    model_config = StrictModel.model_config | ConfigDict(allow_inf_nan=False)
 
 
 def bucket_counts(metric: str, values: Iterable[float]) -> list[float]:
@@ -61,49 +77,63 @@ class TelemetryPolicy(StrictModel):
         None, gt=0, le=10, description="Laplace noise on counts and buckets per window; null: off"
     )
     samples: bool = Field(False, description="opt in to redacted prompt/response samples")
-    max_samples_per_day: int = Field(20, ge=0, le=1000)
-    daily_byte_budget: int = Field(100_000, ge=1000, description="compressed bytes per day")
-    buffer_max_windows: int = Field(2000, ge=1, description="windows kept on disk while offline")
+    max_samples_per_day: StrictInt = Field(20, ge=0, le=1000)
+    daily_byte_budget: StrictInt = Field(
+        100_000, ge=1000, le=1 << 40, description="compressed bytes per day"
+    )
+    buffer_max_windows: StrictInt = Field(
+        2000, ge=1, le=1 << 20, description="windows kept on disk while offline"
+    )
 
 
-class Histogram(StrictModel):
+class Histogram(_Finite):
     """Counts per bucket over the shared bounds of its metric; ``sum`` and ``count`` of values."""
 
-    counts: list[float] = Field(description="len(bounds) + 1 buckets; floats once DP-noised")
-    sum: float = 0.0
-    count: float = 0.0
+    counts: list[Count] = Field(
+        max_length=64, description="len(bounds) + 1 buckets; floats once DP-noised"
+    )
+    sum: Finite = 0.0
+    count: Count = 0.0
 
 
-class Feedback(StrictModel):
-    up: float = 0
-    down: float = 0
+class Feedback(_Finite):
+    up: Count = 0
+    down: Count = 0
 
 
-class WindowAggregate(StrictModel):
+class WindowAggregate(_Finite):
     """One window of one device's serving, for the model that was active in it."""
 
-    start: float = Field(description="epoch seconds, inclusive")
-    end: float = Field(description="epoch seconds, exclusive")
-    model: str | None = None
-    version: str | None = None
-    variant: str | None = None
-    rollout_id: str | None = None
-    requests: float = 0
-    errors: dict[str, float] = Field(default_factory=dict, description="by kind (ERROR_KINDS)")
-    prompt_tokens: float = 0
-    output_tokens: float = 0
+    start: float = Field(ge=0, le=1e11, strict=True, description="epoch seconds, inclusive")
+    end: float = Field(ge=0, le=1e11, strict=True, description="epoch seconds, exclusive")
+    model: str | None = Field(None, max_length=255)
+    version: str | None = Field(None, max_length=128)
+    variant: str | None = Field(None, max_length=128)
+    rollout_id: str | None = Field(None, max_length=64)
+    requests: Count = 0
+    errors: dict[ErrorKind, Count] = Field(
+        default_factory=dict, description="by kind (ERROR_KINDS)"
+    )
+    prompt_tokens: Count = 0
+    output_tokens: Count = 0
     histograms: dict[str, Histogram] = Field(
         default_factory=dict, description="by metric name (keys of BOUNDS)"
     )
-    logprob_mean: float | None = Field(None, description="mean token log-probability")
-    entropy_mean: float | None = Field(None, description="mean next-token entropy (nats)")
-    quality_tokens: float = Field(0, description="tokens behind logprob/entropy means")
-    peak_rss_bytes: int = 0
-    health_ok: float = 0
-    health_failed: float = 0
+    logprob_mean: float | None = Field(
+        None, ge=-1000, le=0, description="mean token log-probability"
+    )
+    entropy_mean: float | None = Field(
+        None, ge=0, le=1000, description="mean next-token entropy (nats)"
+    )
+    quality_tokens: Count = Field(0, description="tokens behind logprob/entropy means")
+    peak_rss_bytes: StrictInt = Field(0, ge=0, le=1 << 60)
+    health_ok: Count = 0
+    health_failed: Count = 0
     feedback: Feedback = Field(default_factory=Feedback)
-    noised: list[str] = Field(default_factory=list, description="figures with DP noise added")
-    epsilon: float | None = Field(None, gt=0, description="DP budget spent on this window")
+    noised: list[str] = Field(
+        default_factory=list, max_length=64, description="figures with DP noise added"
+    )
+    epsilon: float | None = Field(None, gt=0, le=1e6, description="DP budget spent on this window")
 
     @model_validator(mode="after")
     def _shape(self) -> Self:
@@ -120,13 +150,13 @@ class WindowAggregate(StrictModel):
         return self
 
 
-class Sample(StrictModel):
+class Sample(_Finite):
     """An opted-in prompt/response pair, already redacted on the device."""
 
-    at: float
+    at: float = Field(ge=0, le=1e11, strict=True)
     prompt: str = Field(max_length=4000)
     response: str = Field(max_length=4000)
-    redactions: int = Field(0, ge=0, description="how many spans were replaced")
+    redactions: StrictInt = Field(0, ge=0, le=1 << 20, description="how many spans were replaced")
 
 
 class TelemetryBatch(StrictModel):
@@ -134,8 +164,11 @@ class TelemetryBatch(StrictModel):
     batch_id: str = Field(pattern=r"^[A-Za-z0-9._-]{8,64}$")
     windows: list[WindowAggregate] = Field(default_factory=list, max_length=500)
     samples: list[Sample] = Field(default_factory=list, max_length=50)
-    dropped_windows: int = Field(
-        0, ge=0, description="windows dropped on the device since the last delivered batch"
+    dropped_windows: StrictInt = Field(
+        0,
+        ge=0,
+        le=INT64_MAX,
+        description="windows dropped on the device since the last delivered batch",
     )
     dropped_reason: str | None = Field(None, max_length=200)
     model_config = StrictModel.model_config | {"populate_by_name": True}

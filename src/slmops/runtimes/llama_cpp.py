@@ -1,4 +1,11 @@
-"""llama.cpp through llama-cpp-python: GGUF models, CPU threads, all-position logits for scoring."""
+"""llama.cpp through llama-cpp-python: GGUF models, CPU threads, all-position logits for scoring.
+
+All-position logits (llama-cpp-python's logits_all) are switched on only when a caller scores
+text (`logits`): with them every prompt token also runs the output layer and copies a vocabulary
+row, which on a 262k-vocabulary model (Gemma 3) costs about as much as the rest of the network
+per prompt token and 1 MiB of RAM per token of context. Serving and speed runs never need them:
+the per-token statistics read the last row straight from the context.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +23,8 @@ class LlamaCppRuntime(Runtime):
     name = "llama.cpp"
     format = "gguf"
 
+    _logits_all = False
+
     def _load(self) -> None:
         import llama_cpp
 
@@ -29,7 +38,7 @@ class LlamaCppRuntime(Runtime):
                 n_batch=min(512, self.n_ctx),
                 n_threads=self.threads,
                 n_threads_batch=self.threads,
-                logits_all=True,
+                logits_all=self._logits_all,
                 verbose=False,
             )
         except (ValueError, RuntimeError) as exc:
@@ -69,6 +78,10 @@ class LlamaCppRuntime(Runtime):
 
         if len(ids) > self.n_ctx:
             raise ValueError(f"{len(ids)} tokens exceed the context of {self.n_ctx}")
+        if not self._logits_all:  # first scoring call: reload once with all-position logits
+            self._llm.close()
+            self._logits_all = True
+            self._load()
         self._llm.reset()
         self._llm.eval(list(ids))
         return np.array(self._llm.scores[: len(ids)], dtype=np.float32, copy=True)
@@ -87,13 +100,22 @@ class LlamaCppRuntime(Runtime):
         gen = llm.generate(list(ids), temp=temperature, top_k=top_k, reset=True)
         for n, tok in enumerate(gen, 1):
             if stats is not None:
-                # logits_all=True (set for scoring) already copies every decoded position's
-                # logits into `scores`; when a token is yielded it is not evaluated yet, so the
-                # row it was sampled from is the last evaluated one: no extra native call.
-                stats.add(llm.scores[llm.n_tokens - 1], int(tok))
+                # when a token is yielded it is not evaluated yet, so the row it was sampled
+                # from is the last evaluated one
+                stats.add(self._last_row(), int(tok))
             yield int(tok)
             if n >= max_tokens or len(ids) + n >= self.n_ctx:
                 return
+
+    def _last_row(self) -> np.ndarray:
+        """Logits of the last evaluated position, without all-position logits."""
+        import numpy as np
+
+        llm = self._llm
+        if self._logits_all:
+            return np.asarray(llm.scores[llm.n_tokens - 1])
+        ptr = llm._ctx.get_logits_ith(-1)
+        return np.ctypeslib.as_array(ptr, shape=(self.vocab_size,))
 
     def close(self) -> None:
         llm = getattr(self, "_llm", None)

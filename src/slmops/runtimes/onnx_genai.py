@@ -47,6 +47,10 @@ class OnnxGenAIRuntime(Runtime):
         eos = model_cfg.get("eos_token_id", [])
         self._eos = {int(e) for e in (eos if isinstance(eos, list) else [eos])}
         self._ctx_max = int(model_cfg.get("context_length", self.n_ctx))
+        # Sliding-window models (Gemma 2/3) keep a windowed KV cache that ORT refuses to size
+        # below the window: every generator gets at least that much room.
+        window = (model_cfg.get("decoder") or {}).get("sliding_window") or {}
+        self._min_length = int(window.get("window_size", 0)) if isinstance(window, dict) else 0
         opts = (
             genai.setdefault("model", {})
             .setdefault("decoder", {})
@@ -77,6 +81,7 @@ class OnnxGenAIRuntime(Runtime):
         return str(self._tok.decode(list(ids)))
 
     def _generator(self, max_length: int, temperature: float) -> Any:
+        max_length = min(self._ctx_max, max(max_length, self._min_length))
         params = self._og.GeneratorParams(self._model)
         if temperature > 0:
             params.set_search_options(

@@ -19,7 +19,7 @@ class TransformersRuntime(Runtime):
         import torch
         from transformers import AutoTokenizer
 
-        from slmops.optimize.passes._hf import load_causal_lm
+        from slmops.model.hf import load_causal_lm
 
         torch.set_num_threads(self.threads)
         self._torch: Any = torch

@@ -21,8 +21,13 @@ from slmops import __version__
 from slmops.server import dashboard
 from slmops.server.api import device, operator
 from slmops.server.api.device.checkin_cache import CheckinCache
+from slmops.server.api.operator import audit as audit_api
+from slmops.server.body_limit import BodyLimitMiddleware
 from slmops.server.db.session import open_database
 from slmops.server.errors import envelope, install_error_handlers
+from slmops.server.feedback import webhooks
+from slmops.server.openapi import errors
+from slmops.server.openapi import install as install_openapi
 from slmops.server.registry.api import router as registry_router
 from slmops.server.registry.store import BlobStore
 from slmops.server.rollouts import Ticker
@@ -62,15 +67,22 @@ def create_app(settings: ServerSettings) -> FastAPI:
         generate_unique_id_function=operation_id,
     )
     app.state.settings = settings
+    webhooks.configure(settings.webhook_allow)  # private webhook targets allowed anyway
     app.state.checkin_cache = CheckinCache(settings.checkin_cache_seconds)
     install_error_handlers(app)
+    install_openapi(app)  # errors, bodies and ids the document would miss (openapi.py)
+    # Outside every route: bodies are bounded before auth or parsing (server/body_limit.py).
+    app.add_middleware(
+        BodyLimitMiddleware, default=settings.max_body_bytes, uploads=settings.max_upload_bytes
+    )
     app.include_router(operator.router)
+    app.include_router(audit_api.router, prefix="/api/v1")
     app.include_router(device.router)
     app.include_router(registry_router)
     app.include_router(metrics_router)
     dashboard.install(app)  # /ui/: the operator dashboard
 
-    @app.get("/healthz", tags=["health"])
+    @app.get("/healthz", tags=["health"], responses=errors(503))
     def healthz() -> JSONResponse:
         """Liveness and database reachability; no authentication."""
         try:

@@ -30,7 +30,7 @@ from slmops.protocol.device import GenerationDefaults
 from slmops.protocol.telemetry import TelemetryPolicy
 from slmops.server.rollout.policy import RolloutPolicy
 
-NAME = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?$")
+NAME = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?\Z")
 
 
 class GenerationOverrides(StrictModel):
@@ -38,8 +38,14 @@ class GenerationOverrides(StrictModel):
 
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    max_tokens: int | None = Field(None, gt=0, le=8192)
+    max_tokens: int | None = Field(None, gt=0, le=8192, strict=True)
     system_prompt: str | None = Field(None, max_length=8000)
+    api_key: str | None = Field(
+        None,
+        min_length=16,
+        max_length=256,
+        description="Bearer key the agent's local OpenAI API requires (none: no key)",
+    )
 
 
 class ModelRef(StrictModel):

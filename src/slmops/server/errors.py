@@ -57,6 +57,20 @@ def api_error(
     )
 
 
+_OCI_CODES = {404: "NAME_UNKNOWN", 405: "UNSUPPORTED", 413: "SIZE_INVALID"}
+
+
+def in_registry(path: str) -> bool:
+    """Paths of the OCI registry, whose clients parse the OCI error shape, not the envelope."""
+    return path == "/v2" or path.startswith("/v2/")
+
+
+def oci_body(status: int, message: str) -> dict[str, Any]:
+    """The OCI Distribution error body (``{"errors": [{"code", "message", "detail"}]}``)."""
+    code = _OCI_CODES.get(status, "UNAUTHORIZED" if status == 401 else "UNSUPPORTED")
+    return {"errors": [{"code": code, "message": message, "detail": None}]}
+
+
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     if not isinstance(exc, StarletteHTTPException):  # registered for this type only
         raise exc
@@ -65,6 +79,8 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     else:
         code = _DEFAULT_CODES.get(exc.status_code, f"http_{exc.status_code}")
         body = envelope(code, str(exc.detail), where=request.url.path)
+    if in_registry(request.url.path):  # an unrouted /v2 path, or a body over the limit
+        body = oci_body(exc.status_code, str(body["error"]["message"]))
     return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
 
 

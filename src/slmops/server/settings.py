@@ -9,6 +9,8 @@ in clear text by accident.
 
 from __future__ import annotations
 
+import ipaddress
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,32 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from slmops.core.config import config_error_from_validation
 
 PUBLIC_HOSTS = frozenset({"0.0.0.0", "::", "[::]", ""})
+
+
+def listens_everywhere(host: str) -> bool:
+    """Whether binding ``host`` means every interface, however it is spelled.
+
+    ``0``, ``0.0``, ``0x0`` (inet_aton forms), ``0.0.0.0.`` (a trailing root dot), ``::0``,
+    ``[::]`` and ``::ffff:0.0.0.0`` all bind the wildcard address; a set of spellings missed
+    some of them.
+    """
+    h = host.strip().lower()
+    if h.startswith("[") and h.endswith("]"):
+        h = h[1:-1]
+    h = h.rstrip(".")
+    if h in PUBLIC_HOSTS or h in ("*", "any"):
+        return True
+    try:
+        addr = ipaddress.ip_address(h.split("%", 1)[0])
+    except ValueError:
+        try:
+            return socket.inet_aton(h) == b"\0\0\0\0"
+        except OSError:
+            return False
+    mapped = getattr(addr, "ipv4_mapped", None)
+    return addr.is_unspecified or (mapped is not None and mapped.is_unspecified)
+
+
 DB_FILENAME = "slmops.db"
 
 
@@ -45,10 +73,26 @@ class ServerSettings(BaseSettings):
     drift_check_seconds: float = Field(
         600.0, gt=0, description="how often field telemetry is checked for drift"
     )
+    max_body_bytes: int = Field(
+        1 << 20, ge=64 << 10, description="request body limit of every route but blob uploads"
+    )
+    max_upload_bytes: int = Field(
+        64 << 30, ge=1 << 20, description="body limit of a registry blob upload (operators)"
+    )
+    enrollment_token_max_seconds: int = Field(
+        30 * 86400,
+        gt=0,
+        le=366 * 86400,
+        description="longest lifetime an enrollment token may be created with (default 30 days)",
+    )
+    webhook_allow: list[str] = Field(
+        default_factory=list,
+        description="private/loopback webhook targets allowed anyway: host, host:port or CIDR",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> ServerSettings:
-        if self.host in PUBLIC_HOSTS and not self.allow_public:
+        if listens_everywhere(self.host) and not self.allow_public:
             raise ValueError(
                 f"host {self.host!r} listens on every interface; put a TLS proxy in front and "
                 "pass --allow-public (SLMOPS_ALLOW_PUBLIC=1) if that is really meant"

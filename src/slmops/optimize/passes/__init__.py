@@ -8,4 +8,5 @@ BUILTIN = (
     "prune_nm",
     "prune_wanda",
     "prune_structured",
+    "distill",
 )

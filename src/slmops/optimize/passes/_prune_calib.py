@@ -17,7 +17,7 @@ from pydantic import Field
 
 from slmops.core.digest import sha256_file
 from slmops.model.handle import ModelHandle
-from slmops.optimize.passes._hf import calibration_windows, decoder_layers, read_calibration_text
+from slmops.model.hf import calibration_windows, decoder_layers, read_calibration_text
 from slmops.optimize.passes.base import PassConfig
 
 if TYPE_CHECKING:
@@ -139,36 +139,49 @@ class _Captured(Exception):
 
 def capture_first_layer_inputs(
     model: Any, ids: torch.Tensor
-) -> tuple[list[torch.Tensor], dict[str, Any]]:
+) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
     """Hidden states entering decoder layer 0, one [1, seqlen, hidden] tensor per window, plus
-    the keyword arguments the model passes to its layers (mask, rotary embeddings, positions).
+    for every layer the keyword arguments the model passes to it (mask, rotary embeddings,
+    positions).
 
-    Every window has the same length and batch size 1, so one set of kwargs serves them all.
+    The keyword arguments are recorded per layer because they differ between layers in models
+    with sliding-window layers (Gemma 2/3: a windowed mask and local rotary embeddings on the
+    sliding layers). Every window has the same length and batch size 1, so one set per layer
+    serves all windows: the first window runs through the whole stack to record them, the others
+    stop at layer 0.
     """
     import torch
 
-    first = decoder_layers(model)[0]
+    layers = list(decoder_layers(model))
     inputs: list[torch.Tensor] = []
-    shared: dict[str, Any] = {}
+    per_layer: dict[int, dict[str, Any]] = {}
 
-    def hook(_m: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        kw = dict(kwargs)
-        hidden = args[0] if args else kw.pop("hidden_states")
-        inputs.append(hidden.detach())
-        if not shared:
-            shared.update(kw)
-        raise _Captured
+    def make_hook(index: int) -> Any:
+        def hook(_m: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            kw = dict(kwargs)
+            hidden = args[0] if args else kw.pop("hidden_states")
+            if index == 0:
+                inputs.append(hidden.detach())
+            per_layer.setdefault(index, kw)
+            if index == 0 and len(per_layer) == len(layers) and len(inputs) > 1:
+                raise _Captured
+
+        return hook
 
     body = getattr(model, "model", model)
-    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+    handles = [
+        layer.register_forward_pre_hook(make_hook(i), with_kwargs=True)
+        for i, layer in enumerate(layers)
+    ]
     try:
         with torch.no_grad():
             for row in ids:
                 with suppress(_Captured):
                     body(input_ids=row.unsqueeze(0), use_cache=False)
     finally:
-        handle.remove()
-    return inputs, shared
+        for h in handles:
+            h.remove()
+    return inputs, [per_layer[i] for i in range(len(layers))]
 
 
 def run_layer(

@@ -13,7 +13,7 @@ from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from slmops.core.errors import ConfigError, ToolError
-from slmops.optimize.passes._hf import decoder_linears, tensor_sparsity_report
+from slmops.model.hf import decoder_linears, tensor_sparsity_report
 
 if TYPE_CHECKING:
     import torch

@@ -4,15 +4,16 @@ Surgery happens in place on the loaded model (no second copy of the weights): pr
 replaced by smaller nn.Linear modules holding the kept rows/columns, the module attributes the
 forward pass reads (intermediate_size, num_key_value_heads, layer_idx) are updated, and the
 shared config is rewritten so save_pretrained writes a config that reloads to the same shapes.
-Knows the Llama-family layout (separate q/k/v and gate/up, with or without biases) and Phi-3's
-fused qkv_proj / gate_up_proj.
+Knows the separate q/k/v/o and gate/up/down layout (with or without biases) and Phi-3's fused
+qkv_proj / gate_up_proj, per-head and full-width (OLMo 2) q/k norms, explicit head_dim, and
+per-layer config lists (Gemma 3's layer_types, SmolLM3's no_rope_layers).
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from slmops.optimize.passes._hf import decoder_layers
+from slmops.model.hf import decoder_layers
 
 if TYPE_CHECKING:
     import torch
@@ -155,6 +156,8 @@ def cut_kv_groups(model: Any, keep: list[list[int]]) -> None:
             attn.k_proj = _sliced_linear(attn.k_proj, rows=kv_rows)
             attn.v_proj = _sliced_linear(attn.v_proj, rows=kv_rows)
         attn.o_proj = _sliced_linear(attn.o_proj, cols=q_rows)
+        _slice_full_width_norm(attn, "q_norm", q_rows, nq * hd)
+        _slice_full_width_norm(attn, "k_norm", kv_rows, nkv * hd)
         for attr, value in (
             ("num_key_value_heads", len(groups)),
             ("num_heads", len(groups) * per_group),
@@ -165,6 +168,20 @@ def cut_kv_groups(model: Any, keep: list[list[int]]) -> None:
     model.config.num_attention_heads = kept * per_group
     model.config.num_key_value_heads = kept
     model.config.head_dim = hd
+
+
+def _slice_full_width_norm(attn: Any, name: str, rows: torch.Tensor, width: int) -> None:
+    """OLMo 2 normalises the whole q (or k) projection: keep the kept heads' weights. Per-head
+    norms (Qwen3, Gemma 3: weight of size head_dim) are shared by every head and stay as they are."""
+    import torch
+
+    norm: Any = getattr(attn, name, None)
+    weight = getattr(norm, "weight", None)
+    if norm is None or weight is None or weight.numel() != width or width == rows.numel():
+        return
+    norm.weight = torch.nn.Parameter(weight.detach().index_select(0, rows).clone())
+    if hasattr(norm, "normalized_shape"):
+        norm.normalized_shape = (int(rows.numel()),)
 
 
 # ---- whole layers ---------------------------------------------------------------------------

@@ -16,7 +16,8 @@ from typing import Any, ClassVar, Generic, TypeVar
 from pydantic import ValidationError
 
 from slmops.core.config import StrictModel, config_error_from_validation
-from slmops.core.errors import UnknownPassError
+from slmops.core.errors import ModelFormatError, UnknownPassError
+from slmops.model.arch import ArchInfo
 from slmops.model.handle import ModelFormat, ModelHandle
 
 
@@ -66,6 +67,39 @@ class Pass(ABC, Generic[ConfigT]):
     @abstractmethod
     def run(self, model: ModelHandle, out_dir: Path) -> PassResult:
         """Write the new model into `out_dir` (empty, already created)."""
+
+    @classmethod
+    def check(cls, arch: ArchInfo) -> list[str]:
+        """What this pass needs and `arch` lacks, in words (empty: the pass applies).
+
+        Read from structure (tensor names and shapes, config, tokenizer files, the converters'
+        architecture lists), never from an allow-list of names. Passes that take GGUF or ONNX
+        input have nothing to check on the HF side.
+        """
+        return []
+
+    def check_model(self, arch: ArchInfo) -> list[str]:
+        """`check` plus what this configuration needs (widths divisible by m, a target, ...)."""
+        return type(self).check(arch)
+
+    def refuse_if_unfit(self, model: ModelHandle) -> None:
+        """Raise ModelFormatError (exit 2) naming what is missing, before a tool fails obscurely
+        (the engine checks whole recipes up front; this covers a pass called on its own)."""
+        if self.input_format is not ModelFormat.HF:
+            return
+        arch = model.arch()
+        missing = self.check_model(arch)
+        if missing:
+            raise ModelFormatError(
+                f"pass '{self.name}' cannot handle {arch.architecture}: needs "
+                + "; ".join(missing),
+                where=model.path,
+            )
+
+    def predict(self, arch: ArchInfo) -> ArchInfo:
+        """The structure of this pass's output, so the next steps of a chain can be checked
+        before anything runs (most passes keep it; structured pruning changes the numbers)."""
+        return arch
 
     def estimate_output_bytes(self, model: ModelHandle) -> int:
         """Upper bound used to refuse early when the disk is too small."""
@@ -160,3 +194,8 @@ def build_pass(name: str, options: dict[str, Any] | None, *, where: str | None =
     except ValidationError as exc:
         raise config_error_from_validation(exc, source=where or f"pass {name}") from None
     return cls(config)
+
+
+def applicability(arch: ArchInfo) -> dict[str, list[str]]:
+    """Per registered pass: what it needs and this model lacks (empty list: it applies)."""
+    return {name: cls.check(arch) for name, cls in registry().items()}

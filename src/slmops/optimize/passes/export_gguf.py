@@ -18,7 +18,9 @@ from typing import Any, Literal
 from pydantic import Field
 
 from slmops.core.errors import ModelFormatError, ToolError
+from slmops.model.arch import ArchInfo
 from slmops.model.handle import ModelFormat, ModelHandle
+from slmops.optimize.passes import _needs
 from slmops.optimize.passes._llama_cpp_tools import CONVERTER, llama_cpp_dir
 from slmops.optimize.passes.base import Pass, PassConfig, PassResult
 
@@ -53,7 +55,18 @@ class ExportGguf(Pass[ExportGgufConfig]):
         import torch  # noqa: F401
         import transformers  # noqa: F401
 
+    @classmethod
+    def check(cls, arch: ArchInfo) -> list[str]:
+        return [
+            *_needs.causal_lm(arch),
+            *_needs.converter_knows(arch, arch.llama_cpp_converter, "llama.cpp converter"),
+            *_needs.tokenizer_fits(arch),
+            *_needs.llama_cpp_vocab(arch),
+            *_needs.llama_cpp_attention_width(arch),
+        ]
+
     def run(self, model: ModelHandle, out_dir: Path) -> PassResult:
+        self.refuse_if_unfit(model)
         cfg = self.config
         tool_dir = llama_cpp_dir()
         outfile = out_dir / GGUF_NAME

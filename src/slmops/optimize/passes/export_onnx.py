@@ -17,7 +17,9 @@ from pydantic import Field
 
 from slmops.core.errors import ModelFormatError, ToolError
 from slmops.core.process import die_with_parent
+from slmops.model.arch import ArchInfo
 from slmops.model.handle import ModelFormat, ModelHandle
+from slmops.optimize.passes import _needs
 from slmops.optimize.passes.base import Pass, PassConfig, PassResult
 
 
@@ -53,7 +55,15 @@ class ExportOnnx(Pass[ExportOnnxConfig]):
     Config = ExportOnnxConfig
     tools = ("onnxruntime-genai", "onnxruntime", "onnx", "onnx-ir", "torch", "transformers")
 
+    @classmethod
+    def check(cls, arch: ArchInfo) -> list[str]:
+        return [
+            *_needs.causal_lm(arch),
+            *_needs.converter_knows(arch, arch.onnx_genai_builder, "onnxruntime-genai builder"),
+        ]
+
     def run(self, model: ModelHandle, out_dir: Path) -> PassResult:
+        self.refuse_if_unfit(model)
         cfg = self.config
         extra = []
         if cfg.precision in ("int4", "int8"):
@@ -68,7 +78,7 @@ class ExportOnnx(Pass[ExportOnnxConfig]):
             cmd = [
                 sys.executable,
                 "-m",
-                "onnxruntime_genai.models.builder",
+                "slmops.optimize.passes._onnx_builder",  # the builder, with config fixes
                 "-i",
                 str(model.path),
                 "-o",

@@ -22,8 +22,10 @@ from typing import ClassVar, Literal
 
 from pydantic import Field
 
+from slmops.model.arch import ArchInfo
 from slmops.model.handle import ModelFormat, ModelHandle
-from slmops.optimize.passes._hf import decoder_linears, load_causal_lm, save_causal_lm
+from slmops.model.hf import decoder_linears, load_causal_lm, save_causal_lm
+from slmops.optimize.passes import _needs
 from slmops.optimize.passes._prune_common import (
     kth_smallest_abs,
     sparsity_result,
@@ -56,6 +58,10 @@ class PruneMagnitude(Pass[PruneMagnitudeConfig]):
     def prepare(self) -> None:
         import torch  # noqa: F401
         import transformers  # noqa: F401
+
+    @classmethod
+    def check(cls, arch: ArchInfo) -> list[str]:
+        return _needs.decoder_blocks(arch)
 
     def run(self, model: ModelHandle, out_dir: Path) -> PassResult:
         import torch

@@ -14,8 +14,10 @@ from typing import ClassVar, Self
 
 from pydantic import Field, model_validator
 
+from slmops.model.arch import ArchInfo
 from slmops.model.handle import ModelFormat, ModelHandle
-from slmops.optimize.passes._hf import decoder_linears, load_causal_lm, save_causal_lm
+from slmops.model.hf import decoder_linears, load_causal_lm, save_causal_lm
+from slmops.optimize.passes import _needs
 from slmops.optimize.passes._prune_common import (
     check_nm_divisible,
     prune_nm_by_score_,
@@ -49,6 +51,13 @@ class PruneNM(Pass[PruneNMConfig]):
     def prepare(self) -> None:
         import torch  # noqa: F401
         import transformers  # noqa: F401
+
+    @classmethod
+    def check(cls, arch: ArchInfo) -> list[str]:
+        return _needs.decoder_blocks(arch)
+
+    def check_model(self, arch: ArchInfo) -> list[str]:
+        return [*self.check(arch), *_needs.nm_widths(arch, self.config.m)]
 
     def run(self, model: ModelHandle, out_dir: Path) -> PassResult:
         import torch

@@ -21,14 +21,17 @@ is saved, then written with the new config by save_pretrained.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Self
 
 from pydantic import Field, model_validator
 
 from slmops.core.errors import ConfigError, ToolError
+from slmops.model.arch import ArchInfo
 from slmops.model.handle import ModelFormat, ModelHandle
-from slmops.optimize.passes._hf import decoder_layers, load_causal_lm, save_causal_lm
+from slmops.model.hf import decoder_layers, load_causal_lm, save_causal_lm
+from slmops.optimize.passes import _needs
 from slmops.optimize.passes._prune_calib import (
     CalibrationOptions,
     ColumnNorms,
@@ -94,6 +97,35 @@ class PruneStructured(Pass[PruneStructuredConfig]):
     def estimate_output_bytes(self, model: ModelHandle) -> int:
         return model.size_bytes  # the output is never larger than the input
 
+    @classmethod
+    def check(cls, arch: ArchInfo) -> list[str]:
+        """Every target's needs, each prefixed with its target (one may apply, another not)."""
+        return [
+            f"target {t}: {m}" for t in ("ffn", "heads", "layers") for m in _target_needs(arch, t)
+        ]
+
+    def check_model(self, arch: ArchInfo) -> list[str]:
+        missing = _target_needs(arch, self.config.target)
+        if not missing:
+            try:
+                _plan(self.config, _arch_dims(arch))
+            except ConfigError as exc:
+                missing.append(exc.message)
+        return [f"target {self.config.target}: {m}" for m in missing]
+
+    def predict(self, arch: ArchInfo) -> ArchInfo:
+        try:
+            keep = _plan(self.config, _arch_dims(arch))
+        except ConfigError:
+            return arch
+        if self.config.target == "ffn":
+            return replace(arch, intermediate_size=keep)
+        if self.config.target == "heads":
+            per_group = arch.num_attention_heads // max(arch.num_key_value_heads, 1)
+            return replace(arch, num_key_value_heads=keep, num_attention_heads=keep * per_group)
+        types = arch.layer_types[:keep] if arch.layer_types else None
+        return replace(arch, num_layers=keep, layer_types=types)
+
     def run(self, model: ModelHandle, out_dir: Path) -> PassResult:
         import torch
 
@@ -145,6 +177,26 @@ class PruneStructured(Pass[PruneStructuredConfig]):
             "parameters_after": _count(lm),
         }
         return PassResult(report={**structure, **calib}, structure=structure)
+
+
+def _target_needs(arch: ArchInfo, target: str) -> list[str]:
+    missing = _needs.decoder_blocks(arch)
+    if target == "heads":
+        missing += _needs.kv_groups(arch)
+    elif target == "layers" and arch.num_layers < 2:
+        missing.append(f"at least 2 decoder layers (has {arch.num_layers})")
+    return missing
+
+
+def _arch_dims(arch: ArchInfo) -> dict[str, int]:
+    return {
+        "hidden_size": arch.hidden_size,
+        "intermediate_size": arch.intermediate_size or 0,
+        "num_hidden_layers": arch.num_layers,
+        "num_attention_heads": arch.num_attention_heads,
+        "num_key_value_heads": arch.num_key_value_heads,
+        "head_dim": arch.head_dim,
+    }
 
 
 class _Config:

@@ -24,8 +24,10 @@ from typing import ClassVar, Self
 from pydantic import Field, field_validator, model_validator
 
 from slmops.core.errors import ToolError
+from slmops.model.arch import ArchInfo
 from slmops.model.handle import ModelFormat, ModelHandle
-from slmops.optimize.passes._hf import PROJECTIONS, decoder_layers, load_causal_lm, save_causal_lm
+from slmops.model.hf import PROJECTIONS, decoder_layers, load_causal_lm, save_causal_lm
+from slmops.optimize.passes import _needs
 from slmops.optimize.passes._prune_calib import (
     CalibrationOptions,
     ColumnNorms,
@@ -96,6 +98,14 @@ class PruneWanda(Pass[PruneWandaConfig]):
         import torch  # noqa: F401
         import transformers  # noqa: F401
 
+    @classmethod
+    def check(cls, arch: ArchInfo) -> list[str]:
+        return _needs.decoder_blocks(arch)
+
+    def check_model(self, arch: ArchInfo) -> list[str]:
+        nm = parse_pattern(self.config.pattern)
+        return [*self.check(arch), *(_needs.nm_widths(arch, nm[1]) if nm else [])]
+
     def run(self, model: ModelHandle, out_dir: Path) -> PassResult:
         import torch
 
@@ -114,7 +124,7 @@ class PruneWanda(Pass[PruneWandaConfig]):
             }
             stats = ColumnNorms(linears)
             with stats.watching():
-                run_layer(layer, hidden, layer_kwargs)
+                run_layer(layer, hidden, layer_kwargs[index])
             with torch.no_grad():
                 for name, mod in linears.items():
                     try:
@@ -125,7 +135,9 @@ class PruneWanda(Pass[PruneWandaConfig]):
                         prune_nm_by_score_(mod.weight, score, *nm)
                     else:
                         prune_rows_by_score_(mod.weight, score, cfg.sparsity)
-            hidden = run_layer(layer, hidden, layer_kwargs)  # pruned outputs feed the next layer
+            hidden = run_layer(
+                layer, hidden, layer_kwargs[index]
+            )  # pruned outputs feed the next layer
         extra = {"method": "wanda", "pattern": cfg.pattern, "sequential": True}
         if nm:
             extra |= verify_nm(lm, *nm) | {"kind": "prune-semi-structured"}

@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable
 from typing import Annotated
 
-from fastapi import Depends, HTTPException, Request
+from fastapi import Depends, HTTPException, Path, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import Field, StringConstraints
@@ -143,3 +143,9 @@ def device_secret(authorization: str | None) -> str:
     scheme, _, secret = (authorization or "").partition(" ")
     secret = secret.strip() if scheme.lower() == "bearer" else ""
     return checked_secret(secret, TokenKind.DEVICE, "device credential")
+
+
+INT64_MAX = 2**63 - 1
+IdPath = Annotated[int, Path(ge=1, le=INT64_MAX, description="row id (int64)")]
+"""A database row id in a path: past int64 is a 422, not an OverflowError from the driver."""
+IdQuery = Annotated[int | None, Query(ge=1, le=INT64_MAX, description="row id (int64)")]

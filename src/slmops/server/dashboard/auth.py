@@ -101,9 +101,15 @@ UserDep = Annotated[UiUser, Depends(current_user)]
 
 async def form_data(request: Request) -> dict[str, str]:
     """The url-encoded form body (first value of each field); no multipart needed."""
-    body = await request.body()
-    if len(body) > MAX_FORM_BYTES:
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_FORM_BYTES:
         raise Forbidden("form too large")
+    buf = bytearray()
+    async for piece in request.stream():  # counted as it arrives, never buffered past the limit
+        buf += piece
+        if len(buf) > MAX_FORM_BYTES:
+            raise Forbidden("form too large")
+    body = bytes(buf)
     parsed = parse_qs(body.decode("utf-8", "replace"), keep_blank_values=True)
     return {k: v[0] for k, v in parsed.items()}
 

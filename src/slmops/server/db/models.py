@@ -68,6 +68,7 @@ class EnrollmentToken(Base):
     created_at: Mapped[datetime] = mapped_column(Tz, default=utcnow)
     expires_at: Mapped[datetime] = mapped_column(Tz)
     uses: Mapped[int] = mapped_column(Integer, default=0)
+    revoked_at: Mapped[datetime | None] = mapped_column(Tz, nullable=True)
 
 
 class Device(Base):
@@ -88,6 +89,8 @@ class Device(Base):
     previous: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     desired: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     desired_etag: Mapped[str | None] = mapped_column(String(80), nullable=True)
+    # "active", or "revoked" (credential replaced by an unknown one; back only by approval)
+    status: Mapped[str] = mapped_column(String(16), default="active", server_default="active")
 
     @property
     def effective_labels(self) -> dict[str, str]:
@@ -137,7 +140,9 @@ class Rollout(Base):
     updated_at: Mapped[datetime] = mapped_column(Tz, default=utcnow)
 
 
+from slmops.server import audit as _audit  # noqa: E402, F401
 from slmops.server import blueprints_table as _blueprints_table  # noqa: E402, F401
+from slmops.server import identity_tables as _identity_tables  # noqa: E402, F401
 from slmops.server.feedback import tables as _feedback_tables  # noqa: E402, F401
 from slmops.server.registry import tables as _registry_tables  # noqa: E402, F401  (Base.metadata)
 from slmops.server.telemetry import tables as _telemetry_tables  # noqa: E402, F401

@@ -20,7 +20,14 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from slmops.core.config import StrictModel
-from slmops.server.api.deps import OperatorDep, SessionDep, SettingsDep, ViewerDep
+from slmops.server.api.deps import (
+    IdPath,
+    IdQuery,
+    OperatorDep,
+    SessionDep,
+    SettingsDep,
+    ViewerDep,
+)
 from slmops.server.blueprint import Blueprint
 from slmops.server.blueprints_table import BlueprintRow
 from slmops.server.db.models import as_utc, utcnow
@@ -29,9 +36,12 @@ from slmops.server.errors import api_error
 from slmops.server.feedback.engine import next_version
 from slmops.server.feedback.rules import FeedbackRules
 from slmops.server.feedback.tables import AlertAction, FeedbackRulesRow, ImprovementJob
+from slmops.server.feedback.webhooks import public_detail
+from slmops.server.openapi import errors
 from slmops.server.registry.store import BlobStore
 from slmops.server.registry.tables import RegistryTag
 from slmops.server.rollouts import Context, reconcile, settle
+from slmops.server.security import Role
 
 router = APIRouter(tags=["feedback"])
 
@@ -138,7 +148,7 @@ def read_rules(session: SessionDep, _caller: ViewerDep) -> list[RulesPublic]:
     return [_rules_public(r) for r in session.scalars(select(FeedbackRulesRow))]
 
 
-@router.delete("/feedback-rules/{name}", status_code=204)
+@router.delete("/feedback-rules/{name}", status_code=204, responses=errors(404))
 def delete_rules(name: str, session: SessionDep, _caller: OperatorDep) -> Response:
     row = session.get(FeedbackRulesRow, name)
     if row is None:
@@ -150,8 +160,10 @@ def delete_rules(name: str, session: SessionDep, _caller: OperatorDep) -> Respon
 
 @router.get("/alert-actions")
 def read_alert_actions(
-    session: SessionDep, _caller: ViewerDep, alert_id: int | None = None
+    session: SessionDep, caller: ViewerDep, alert_id: IdQuery = None
 ) -> ActionList:
+    """What rules did; a viewer sees a webhook's outcome (sent/failed), an operator its answer."""
+    full = Role(caller.role).allows(Role.OPERATOR)
     query = select(AlertAction).order_by(AlertAction.id.desc()).limit(500)
     if alert_id is not None:
         query = query.where(AlertAction.alert_id == alert_id)
@@ -162,7 +174,7 @@ def read_alert_actions(
                 rule=a.rule,
                 action=a.action,
                 ok=a.ok,
-                detail=a.detail,
+                detail=a.detail if full else public_detail(a.action, a.ok, a.detail),
                 job_id=a.job_id,
                 created_at=as_utc(a.created_at),
             )
@@ -186,8 +198,8 @@ def _job_or_404(session: Session, job_id: int) -> ImprovementJob:
     return job
 
 
-@router.get("/jobs/{job_id}")
-def read_job(job_id: int, session: SessionDep, _caller: ViewerDep) -> JobPublic:
+@router.get("/jobs/{job_id}", responses=errors(404))
+def read_job(job_id: IdPath, session: SessionDep, _caller: ViewerDep) -> JobPublic:
     return _job_public(_job_or_404(session, job_id))
 
 
@@ -221,9 +233,9 @@ def claim_job(body: ClaimBody, session: SessionDep, _caller: OperatorDep) -> Res
     return Response(status_code=204)
 
 
-@router.post("/jobs/{job_id}/result")
+@router.post("/jobs/{job_id}/result", responses=errors(404, 409))
 def job_result(
-    job_id: int,
+    job_id: IdPath,
     body: ResultBody,
     session: SessionDep,
     settings: SettingsDep,

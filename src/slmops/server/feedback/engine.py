@@ -4,7 +4,8 @@ Runs from the periodic loop of every API process. Each (alert, rule, action) is 
 inserting its ``alert_actions`` row first (unique key), so with several processes every action
 still happens once; an alert no rule matches gets one ``none`` row so it is not looked at again.
 Actions: ``pause`` running rollouts of the alert's version, ``notify`` a webhook (a POST with the
-alert and the rule, short timeout, the outcome recorded), ``improve`` (queue an improvement job for
+alert and the rule, sent by the webhook worker within its time budget to allowed targets only,
+the outcome recorded: ``webhooks.py``), ``improve`` (queue an improvement job for
 the version and profile, with the variant the profile's devices run and the blueprint governing
 them; a worker runs it, see ``api.py``).
 """
@@ -16,13 +17,13 @@ import re
 from collections import Counter
 from typing import Any
 
-import httpx
-from sqlalchemy import select
+from sqlalchemy import Engine, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from slmops.server.db.models import Device, Rollout
 from slmops.server.desired import governing, load_blueprints
+from slmops.server.feedback import webhooks
 from slmops.server.feedback.rules import Action, FeedbackRules, matches
 from slmops.server.feedback.tables import AlertAction, FeedbackRulesRow, ImprovementJob
 from slmops.server.registry.tables import RegistryTag
@@ -113,13 +114,18 @@ def _act(
         if action.pause is not None:
             row.detail = _pause(session, alert, rule, action.pause.reason or why, ctx)
         elif action.notify is not None:
-            # the claim is committed before the call: a flushed insert holds SQLite's write
-            # lock, which must not wait on a webhook (up to 60 s); a crash leaves "sending"
-            row.detail = f"webhook {action.notify.url}: sending"
+            # the claim is committed before the webhook worker (webhooks.py) sends it and
+            # records the outcome on this row; the ticker never waits on a remote server
+            row.ok, row.detail = False, f"webhook {action.notify.url}: sending"
             session.commit()
-            row.ok, row.detail = _notify(
-                action.notify.url, action.notify.timeout_seconds, alert, rule
+            body = {"source": "slmops", "rule": rule, "alert": alert_doc(alert)}
+            bind = session.get_bind()
+            engine = bind if isinstance(bind, Engine) else bind.engine
+            hook = webhooks.Job(
+                engine, row.id, action.notify.url, action.notify.timeout_seconds, body
             )
+            if not webhooks.enqueue(hook):
+                row.ok, row.detail = False, f"webhook {action.notify.url}: queue full, not sent"
         elif action.improve is not None:
             job = _improve(session, alert, rule, action.improve.direction, action.improve.start)
             if isinstance(job, str):
@@ -167,15 +173,6 @@ def _pause(session: Session, alert: AlertRow, rule: str, reason: str, ctx: Conte
         except InvalidTransition:
             continue
     return f"paused {', '.join(paused)}" if paused else f"no running rollout of {alert.version}"
-
-
-def _notify(url: str, timeout: float, alert: AlertRow, rule: str) -> tuple[bool, str]:
-    body = {"source": "slmops", "rule": rule, "alert": alert_doc(alert)}
-    try:
-        r = httpx.post(url, json=body, timeout=timeout)
-    except httpx.HTTPError as exc:
-        return False, f"webhook {url} unreachable: {type(exc).__name__}"
-    return r.is_success, f"webhook {url} answered {r.status_code}"
 
 
 def _improve(

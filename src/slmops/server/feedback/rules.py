@@ -28,7 +28,7 @@ from pydantic import Field, model_validator
 from slmops.core.config import StrictModel
 from slmops.optimize.adjust import Direction
 
-NAME = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?$")
+NAME = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?\Z")
 
 
 class Match(StrictModel):
@@ -48,7 +48,7 @@ class Pause(StrictModel):
 
 class Notify(StrictModel):
     url: str = Field(pattern=r"^https?://", max_length=2000)
-    timeout_seconds: float = Field(5.0, gt=0, le=60)
+    timeout_seconds: float = Field(5.0, gt=0, le=60, strict=True)
 
 
 class Improve(StrictModel):

@@ -8,8 +8,9 @@ at incomplete content. ``Accept`` is not enforced: we only store OCI types.
 
 Errors use the OCI shape ``{"errors": [{"code", "message", "detail"}]}`` rather than the slmops
 envelope, because distribution clients parse that; ``OciRoute`` renders them before the app's
-handlers see anything. Reads accept an operator token of any role or a device credential
-(devices pull their variant); writes need an operator or admin token.
+handlers see anything. Reads accept an operator token of any role or a device credential,
+the device reading only what its own desired or active bundle reaches (``scope.py``); writes need
+an operator or admin token, checked before an upload's body is read.
 """
 
 from __future__ import annotations
@@ -28,13 +29,21 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from slmops.bundle.media import MAX_MANIFEST_BYTES, MT_INDEX, MT_MANIFEST
+from slmops.bundle.media import (
+    ANN_BUNDLE_NAME,
+    ANN_VERSION,
+    MAX_MANIFEST_BYTES,
+    MT_INDEX,
+    MT_MANIFEST,
+)
 from slmops.bundle.oci_ref import _REPO_RE, _TAG_RE, DIGEST_RE, Desc, OciContentError
 from slmops.bundle.oci_ref import load_manifest as parse_manifest
 from slmops.server.api.deps import SessionDep
 from slmops.server.db import find_api_token, find_device_by_credential
 from slmops.server.db.models import ApiToken, Device, utcnow
+from slmops.server.openapi import oci_errors, raw_body
 from slmops.server.registry import models_api
+from slmops.server.registry.scope import device_scope
 from slmops.server.registry.store import PIECE, BlobStore, StoreError
 from slmops.server.registry.tables import RegistryTag
 from slmops.server.security import Role, TokenKind, looks_like
@@ -115,9 +124,19 @@ def repo_name(name: str) -> str:
 
 
 v2 = APIRouter(prefix="/v2", tags=["registry"], route_class=OciRoute)
+BLOB_READ: dict[int | str, Any] = {
+    200: {"description": "the blob", "content": {"application/octet-stream": {}}},
+    206: {"description": "the requested range", "content": {"application/octet-stream": {}}},
+}
+MANIFEST_READ: dict[int | str, Any] = {
+    200: {
+        "description": "the manifest or index, byte for byte",
+        "content": {MT_MANIFEST: {}, MT_INDEX: {}},
+    }
+}
 
 
-@v2.get("/")
+@v2.get("/", responses=oci_errors(401))
 def base(caller: Reader) -> JSONResponse:
     """API version check; 401 tells clients to authenticate."""
     return JSONResponse({})
@@ -138,12 +157,36 @@ def _byte_range(header: str | None, size: int) -> tuple[int, int] | None:
     return start, end
 
 
-@v2.api_route("/{name:path}/blobs/{digest}", methods=["GET", "HEAD"])
-def get_blob(name: str, digest: str, request: Request, caller: Reader, store: Store) -> Response:
+def check_scope(
+    session: Session, store: BlobStore, caller: ApiToken | Device, name: str, digest: str | None
+) -> None:
+    """Devices read only their own bundles (registry/scope.py); operators read everything.
+    The repository is checked before the digest, so a refusal says nothing about existence."""
+    if isinstance(caller, ApiToken):
+        return
+    scope = device_scope(session, store, caller)
+    if not scope.allows(name) or (digest is not None and not scope.allows(name, digest)):
+        what = name if digest is None else f"{name}@{digest}"
+        raise OciError(
+            403, "DENIED", f"{what} is not part of this device's desired or active bundle"
+        )
+
+
+@v2.get("/{name:path}/blobs/{digest}", responses=BLOB_READ | oci_errors(400, 401, 403, 404, 416))
+@v2.head(
+    "/{name:path}/blobs/{digest}",
+    operation_id="registry-head_blob",
+    responses=BLOB_READ | oci_errors(400, 401, 403, 404),
+)
+def get_blob(
+    name: str, digest: str, request: Request, caller: Reader, session: SessionDep, store: Store
+) -> Response:
     repo_name(name)
+    check_scope(session, store, caller, name, None)
     size = store.size(digest)
     if size is None:
         raise OciError(404, "BLOB_UNKNOWN", f"blob {digest} not found")
+    check_scope(session, store, caller, name, digest)
     headers = {"Docker-Content-Digest": digest, "Accept-Ranges": "bytes"}
     rng = None if request.method == "HEAD" else _byte_range(request.headers.get("Range"), size)
     start, end = rng or (0, size - 1)
@@ -183,7 +226,15 @@ def _created(name: str, digest: str) -> Response:
     return Response(status_code=201, headers=headers)
 
 
-@v2.post("/{name:path}/blobs/uploads/")
+@v2.post(
+    "/{name:path}/blobs/uploads/",
+    status_code=202,
+    response_class=Response,
+    responses={201: {"description": "blob stored"}, **oci_errors(400, 401, 403, 404, 413)},
+    openapi_extra=raw_body(
+        "application/octet-stream", required=False, description="the blob, with ?digest="
+    ),
+)
 async def start_upload(
     name: str,
     request: Request,
@@ -205,13 +256,23 @@ async def start_upload(
     return Response(status_code=202, headers=_session_headers(name, upload_id, 0))
 
 
-@v2.get("/{name:path}/blobs/uploads/{upload_id}")
+@v2.get(
+    "/{name:path}/blobs/uploads/{upload_id}",
+    status_code=204,
+    responses=oci_errors(400, 401, 403, 404),
+)
 def upload_status(name: str, upload_id: str, caller: Pusher, store: Store) -> Response:
     size = store.upload_size(upload_id)
     return Response(status_code=204, headers=_session_headers(repo_name(name), upload_id, size))
 
 
-@v2.patch("/{name:path}/blobs/uploads/{upload_id}")
+@v2.patch(
+    "/{name:path}/blobs/uploads/{upload_id}",
+    status_code=202,
+    response_class=Response,
+    responses=oci_errors(400, 401, 403, 404, 413, 416),
+    openapi_extra=raw_body("application/octet-stream", description="the next chunk"),
+)
 async def upload_chunk(
     name: str, upload_id: str, request: Request, caller: Pusher, store: Store
 ) -> Response:
@@ -226,7 +287,15 @@ async def upload_chunk(
     return Response(status_code=202, headers=_session_headers(name, upload_id, size))
 
 
-@v2.put("/{name:path}/blobs/uploads/{upload_id}")
+@v2.put(
+    "/{name:path}/blobs/uploads/{upload_id}",
+    status_code=201,
+    response_class=Response,
+    responses=oci_errors(400, 401, 403, 404, 413),
+    openapi_extra=raw_body(
+        "application/octet-stream", required=False, description="a last chunk, if any"
+    ),
+)
 async def finish_upload(
     name: str,
     upload_id: str,
@@ -244,7 +313,11 @@ async def finish_upload(
     return _created(name, digest)
 
 
-@v2.delete("/{name:path}/blobs/uploads/{upload_id}")
+@v2.delete(
+    "/{name:path}/blobs/uploads/{upload_id}",
+    status_code=204,
+    responses=oci_errors(400, 401, 403, 404),
+)
 def cancel_upload(name: str, upload_id: str, caller: Pusher, store: Store) -> Response:
     store.cancel(upload_id)
     return Response(status_code=204)
@@ -264,29 +337,48 @@ def resolve(session: Session, store: BlobStore, name: str, reference: str) -> tu
     return digest, media
 
 
-@v2.api_route("/{name:path}/manifests/{reference}", methods=["GET", "HEAD"])
+@v2.get(
+    "/{name:path}/manifests/{reference}",
+    responses=MANIFEST_READ | oci_errors(400, 401, 403, 404),
+)
+@v2.head(
+    "/{name:path}/manifests/{reference}",
+    operation_id="registry-head_manifest",
+    responses=MANIFEST_READ | oci_errors(400, 401, 403, 404),
+)
 def get_manifest(
     name: str, reference: str, request: Request, caller: Reader, session: SessionDep, store: Store
 ) -> Response:
-    digest, media = resolve(session, store, repo_name(name), reference)
+    check_scope(session, store, caller, repo_name(name), None)
+    digest, media = resolve(session, store, name, reference)
+    check_scope(session, store, caller, name, digest)
     data = store.read_small(digest, MAX_MANIFEST_BYTES)
     headers = {"Docker-Content-Digest": digest, "Content-Length": str(len(data))}
     body = b"" if request.method == "HEAD" else data
     return Response(body, status_code=200, headers=headers, media_type=media)
 
 
-def check_manifest(store: BlobStore, data: bytes, content_type: str) -> tuple[str, str]:
-    """(media type, digest) of an acceptable manifest; raises the OCI error otherwise."""
+def check_manifest(
+    store: BlobStore, data: bytes, content_type: str, name: str = "", tag: str | None = None
+) -> tuple[str, str]:
+    """(media type, digest) of an acceptable manifest; raises the OCI error otherwise.
+
+    An slmops bundle index (it names itself in its annotations) is accepted only under its own
+    name and version: pushed as another repository or tag, every agent would fail to verify it."""
     try:
         obj = json.loads(data)
     except ValueError:
         raise OciError(400, "MANIFEST_INVALID", "manifest is not JSON") from None
+    if not isinstance(obj, dict):
+        raise OciError(400, "MANIFEST_INVALID", "manifest is not a JSON object")
     media = obj.get("mediaType") if isinstance(obj, dict) else None
     media = media or content_type
     if media not in (MT_INDEX, MT_MANIFEST) or content_type not in ("", media):
         raise OciError(400, "MANIFEST_INVALID", f"unsupported or conflicting type {media!r}")
     if obj.get("schemaVersion") != 2:
         raise OciError(400, "MANIFEST_INVALID", "schemaVersion must be 2")
+    if media == MT_INDEX:
+        check_bundle_name(obj, name, tag)
     desc = Desc(media, "sha256:" + "0" * 64, len(data))
     try:
         _, children, blobs = parse_manifest(data, desc)
@@ -303,6 +395,23 @@ def check_manifest(store: BlobStore, data: bytes, content_type: str) -> tuple[st
     return media, store.put_manifest(data, media)
 
 
+def check_bundle_name(obj: dict[str, Any], name: str, tag: str | None) -> None:
+    """A bundle index whose signed name or version differs from repository:tag -> 400."""
+    notes = obj.get("annotations")
+    if not isinstance(notes, dict) or tag is None or SIGNATURE_TAG.match(tag):
+        return
+    signed_name, signed_version = notes.get(ANN_BUNDLE_NAME), notes.get(ANN_VERSION)
+    if signed_name is None:
+        return  # not an slmops bundle index (they name themselves): nothing to compare
+    if (signed_name, signed_version) != (name, tag):
+        raise OciError(
+            400,
+            "MANIFEST_INVALID",
+            f"the bundle is signed as {signed_name}:{signed_version} but was pushed as "
+            f"{name}:{tag}; push it under its own name and version",
+        )
+
+
 def tag_manifest(session: Session, name: str, tag: str, digest: str, media: str) -> None:
     query = select(RegistryTag).where(RegistryTag.repository == name, RegistryTag.tag == tag)
     row = session.scalar(query) or RegistryTag(repository=name, tag=tag)
@@ -311,7 +420,7 @@ def tag_manifest(session: Session, name: str, tag: str, digest: str, media: str)
     session.commit()
 
 
-SIGNATURE_TAG = re.compile(r"^sha256-[0-9a-f]{64}$")
+SIGNATURE_TAG = re.compile(r"^sha256-[0-9a-f]{64}\Z")
 
 
 def version_signed(request: Request, session: Session, name: str, reference: str) -> None:
@@ -328,7 +437,13 @@ def version_signed(request: Request, session: Session, name: str, reference: str
         reconcile_pushed(session, name, version, ctx=ctx)
 
 
-@v2.put("/{name:path}/manifests/{reference}")
+@v2.put(
+    "/{name:path}/manifests/{reference}",
+    status_code=201,
+    response_class=Response,
+    responses=oci_errors(400, 401, 403, 413),
+    openapi_extra=raw_body(MT_MANIFEST, MT_INDEX, description="an OCI manifest or index"),
+)
 async def put_manifest(
     name: str, reference: str, request: Request, caller: Pusher, session: SessionDep, store: Store
 ) -> Response:
@@ -344,7 +459,10 @@ async def put_manifest(
         raise OciError(400, "TAG_INVALID", f"invalid tag {reference!r}")
     if by_digest and reference != "sha256:" + hashlib.sha256(data).hexdigest():
         raise OciError(400, "DIGEST_INVALID", f"manifest content does not match {reference}")
-    media, digest = await run_in_threadpool(check_manifest, store, bytes(data), content_type)
+    tag = None if by_digest else reference
+    media, digest = await run_in_threadpool(
+        check_manifest, store, bytes(data), content_type, name, tag
+    )
     if not by_digest:
         await run_in_threadpool(tag_manifest, session, name, reference, digest, media)
         if SIGNATURE_TAG.match(reference):
@@ -353,15 +471,17 @@ async def put_manifest(
     return Response(status_code=201, headers=headers)
 
 
-@v2.get("/{name:path}/tags/list")
+@v2.get("/{name:path}/tags/list", responses=oci_errors(400, 401, 403, 404))
 def list_tags(
     name: str,
     caller: Reader,
     session: SessionDep,
+    store: Store,
     n: Annotated[int | None, Query(ge=0)] = None,
     last: str | None = None,
 ) -> JSONResponse:
-    query = select(RegistryTag.tag).where(RegistryTag.repository == repo_name(name))
+    check_scope(session, store, caller, repo_name(name), None)
+    query = select(RegistryTag.tag).where(RegistryTag.repository == name)
     tags = sorted(session.scalars(query))
     if not tags:
         raise OciError(404, "NAME_UNKNOWN", f"repository {name!r} has no tags")

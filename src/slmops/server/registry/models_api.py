@@ -33,11 +33,12 @@ from slmops.protocol.bundle import BundleInfo, VariantDescriptor
 from slmops.server.api.deps import OperatorDep, SessionDep, SettingsDep, ViewerDep
 from slmops.server.db.models import utcnow
 from slmops.server.errors import api_error
+from slmops.server.openapi import errors
 from slmops.server.registry.store import BlobStore, StoreError
 from slmops.server.registry.tables import RegistryChannel, RegistryTag
 
 router = APIRouter(prefix="/api/v1/models", tags=["models"])
-_REFERRERS_TAG = re.compile(r"^sha256-[0-9a-f]{64}$")
+_REFERRERS_TAG = re.compile(r"^sha256-[0-9a-f]{64}\Z")
 
 
 class VersionRef(StrictModel):
@@ -193,7 +194,7 @@ def describe(
     return out
 
 
-@router.get("/{name:path}/versions/{version}")
+@router.get("/{name:path}/versions/{version}", responses=errors(404))
 def read_version(
     name: str, version: str, session: SessionDep, settings: SettingsDep, caller: ViewerDep
 ) -> VersionPublic:
@@ -228,7 +229,7 @@ def _channel_public(name: str, ch: RegistryChannel, digest: str) -> ChannelPubli
     )
 
 
-@router.put("/{name:path}/channels/{channel}")
+@router.put("/{name:path}/channels/{channel}", responses=errors(400, 404))
 def set_channel(
     name: str,
     channel: str,
@@ -264,7 +265,7 @@ def set_channel(
     return _channel_public(name, ch, tag.digest)
 
 
-@router.get("/{name:path}/channels/{channel}")
+@router.get("/{name:path}/channels/{channel}", responses=errors(404))
 def read_channel(name: str, channel: str, session: SessionDep, caller: ViewerDep) -> ChannelPublic:
     ch = session.scalar(
         select(RegistryChannel).where(

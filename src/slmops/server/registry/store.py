@@ -31,7 +31,7 @@ from slmops.core.atomic import write_bytes_atomic
 
 PIECE = 1 << 20
 UPLOAD_MAX_AGE_S = 24 * 3600  # abandoned upload sessions are removed after this long
-_UUID_RE = re.compile(r"^[0-9a-f]{32}$")
+_UUID_RE = re.compile(r"^[0-9a-f]{32}\Z")
 
 
 class StoreError(Exception):

@@ -43,9 +43,15 @@ class MetricGate(RolloutModel):
 
     metric: str = Field(min_length=1, description="e.g. error_rate, latency_p95_ms, tokens_per_s")
     better: Literal["lower", "higher"]
-    tolerance: float = Field(0.1, ge=0, description="relative slack against the baseline")
-    abs_tolerance: float = Field(0.0, ge=0, description="absolute slack, in the metric's unit")
-    min_samples: int = Field(100, ge=1, description="in each cohort, per hardware class")
+    tolerance: float = Field(
+        0.1, ge=0, strict=True, description="relative slack against the baseline"
+    )
+    abs_tolerance: float = Field(
+        0.0, ge=0, strict=True, description="absolute slack, in the metric's unit"
+    )
+    min_samples: int = Field(
+        100, ge=1, le=1 << 40, strict=True, description="in each cohort, per hardware class"
+    )
 
 
 class WaveGates(RolloutModel):
@@ -56,23 +62,33 @@ class WaveGates(RolloutModel):
     """
 
     min_reported: float = Field(
-        0.9, ge=0, le=1, description="fraction of the wave's devices in a final state"
+        0.9, ge=0, le=1, strict=True, description="fraction of the wave's devices in a final state"
     )
     min_success_rate: float = Field(
-        0.95, ge=0, le=1, description="active / devices in a final state"
+        0.95, ge=0, le=1, strict=True, description="active / devices in a final state"
     )
     max_health_failures: int | None = Field(
-        None, ge=0, description="health-check failures allowed (a count); null: no count limit"
+        None,
+        ge=0,
+        le=1 << 40,
+        strict=True,
+        description="health-check failures allowed (a count); null: no count limit",
     )
     max_health_failure_rate: float | None = Field(
         0.05,
         ge=0,
         le=1,
+        strict=True,
         description="health-check failures allowed as a fraction of the wave; null: no limit",
     )
-    min_soak_seconds: float = Field(600.0, ge=0, description="time from wave start to passing")
+    min_soak_seconds: float = Field(
+        600.0, ge=0, strict=True, description="time from wave start to passing"
+    )
     timeout_seconds: float = Field(
-        86400.0, gt=0, description="time without a decision before on_timeout (restarts on resume)"
+        86400.0,
+        gt=0,
+        strict=True,
+        description="time without a decision before on_timeout (restarts on resume)",
     )
     metrics: list[MetricGate] = Field(default_factory=list)
     on_failure: FailureAction = FailureAction.ROLLBACK
@@ -91,12 +107,12 @@ class WaveGates(RolloutModel):
 class GateOverrides(RolloutModel):
     """Per-wave changes to the policy's gates: only the keys given replace the policy's values."""
 
-    min_reported: float | None = Field(None, ge=0, le=1)
-    min_success_rate: float | None = Field(None, ge=0, le=1)
-    max_health_failures: int | None = Field(None, ge=0)
+    min_reported: float | None = Field(None, ge=0, le=1, strict=True)
+    min_success_rate: float | None = Field(None, ge=0, le=1, strict=True)
+    max_health_failures: int | None = Field(None, ge=0, le=1 << 40, strict=True)
     max_health_failure_rate: float | None = Field(None, ge=0, le=1)
-    min_soak_seconds: float | None = Field(None, ge=0)
-    timeout_seconds: float | None = Field(None, gt=0)
+    min_soak_seconds: float | None = Field(None, ge=0, strict=True)
+    timeout_seconds: float | None = Field(None, gt=0, strict=True)
     metrics: list[MetricGate] | None = None
     on_failure: FailureAction | None = None
     on_timeout: FailureAction | None = None
@@ -111,8 +127,8 @@ class GateOverrides(RolloutModel):
 class WaveStep(RolloutModel):
     """One wave's cumulative target: ``percent`` of the devices or an absolute ``count``."""
 
-    percent: float | None = Field(None, gt=0, le=100)
-    count: int | None = Field(None, ge=1)
+    percent: float | None = Field(None, gt=0, le=100, strict=True)
+    count: int | None = Field(None, ge=1, le=1 << 40, strict=True)
     gates: GateOverrides | None = None
 
     @model_validator(mode="after")

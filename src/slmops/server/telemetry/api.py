@@ -17,8 +17,9 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel
 from sqlalchemy import select
 
-from slmops.server.api.deps import OperatorDep, SessionDep, ViewerDep
+from slmops.server.api.deps import IdPath, OperatorDep, SessionDep, ViewerDep
 from slmops.server.errors import api_error
+from slmops.server.openapi import errors
 from slmops.server.telemetry.query import summarize
 from slmops.server.telemetry.tables import AlertRow
 
@@ -92,8 +93,8 @@ def read_alerts(
     return AlertList(data=rows, count=len(rows))
 
 
-@router.post("/alerts/{alert_id}/ack", response_model=AlertPublic)
-def acknowledge_alert(session: SessionDep, _token: OperatorDep, alert_id: int) -> AlertPublic:
+@router.post("/alerts/{alert_id}/ack", response_model=AlertPublic, responses=errors(404))
+def acknowledge_alert(session: SessionDep, _token: OperatorDep, alert_id: IdPath) -> AlertPublic:
     row = session.get(AlertRow, alert_id)
     if row is None:
         raise api_error(404, "not_found", f"no alert {alert_id}", where="alert_id")

@@ -9,7 +9,9 @@ Per hardware class:
   rollout running the same model at one of the versions the rollout's devices of that class came
   from. Those run the same model and version on the same hardware at the same time, which is what
   a baseline is for; and without them the last wave (100%) would have no baseline at all.
-  Devices reverted or skipped belong to neither cohort.
+  Devices reverted or skipped belong to neither cohort, and so do windows a rollout device
+  delivered as another hardware class than the one the rollout matched it in (a device cannot
+  move its figures into another class's comparison by changing its reported profile).
 
 Figures (``CohortFigure``), named as ``MetricGate.metric`` names them: ``error_rate``,
 ``latency_p95_ms``, ``ttft_p95_ms``, ``tokens_per_s`` (samples: requests) and ``logprob_mean``
@@ -64,6 +66,8 @@ def classifier(state: RolloutState, model: str | None) -> Classifier:
         if record is not None:
             if record.skipped or record.reverted_at is not None:
                 return None
+            if (profile or UNKNOWN_CLASS) != record.hardware_class:
+                return None  # delivered as another hardware class than the rollout matched
             if record.wave is not None:
                 return Cohort.CANARY if version == state.target_version else None
             if version is not None and version == record.from_version:

@@ -8,7 +8,13 @@ inflating at most ``MAX_JSON`` bytes, never held whole in memory. Bad gzip answe
 the API's error envelope. The answer is 200 ``{"batch_id", "accepted", "duplicate"}``; a retried
 ``batch_id`` answers ``duplicate: true`` and stores nothing (``store.py``).
 
-The hardware class of every window is the device's profile at the time of delivery.
+Values are validated by the schema (finite, non-negative counts, known error kinds: NaN or
+Infinity is a 422, never a 500 or a ``+Inf`` on /metrics). Windows outside a bounded clock skew
+of the server's time (started over 24 h ago, or ending over 5 min ahead: ``store.MAX_AGE_S``,
+``store.MAX_AHEAD_S``) are not stored and are counted in the answer's ``skipped``. Each window
+is attributed from the server's record of what the device runs (``store.attribute``), never
+from the model, version or rollout the device claims. The hardware class of every window is
+the device's profile at the time of delivery.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, Request
 from fastapi.concurrency import run_in_threadpool
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, Field, ValidationError
 from sqlalchemy import select
 
 from slmops.protocol.telemetry import TelemetryBatch
@@ -26,6 +32,7 @@ from slmops.server.api.deps import UNKNOWN_DEVICE, device_secret, unauthorized
 from slmops.server.db.models import Device
 from slmops.server.db.session import Database
 from slmops.server.errors import api_error
+from slmops.server.openapi import DEVICE_SECURITY, errors, json_body
 from slmops.server.security import TokenKind, hash_secret
 from slmops.server.telemetry.store import Stored, store_batch
 
@@ -40,6 +47,7 @@ class TelemetryAccepted(BaseModel):
     batch_id: str
     accepted: int
     duplicate: bool
+    skipped: int = Field(0, description="windows outside the clock-skew bounds, not stored")
 
 
 def _too_large(what: str, limit: int) -> Exception:
@@ -100,10 +108,20 @@ def _store(db: Database, key: str, batch: TelemetryBatch) -> Stored:
         return store_batch(session, device, batch)
 
 
-@router.post("/telemetry", response_model=TelemetryAccepted)
+@router.post(
+    "/telemetry",
+    response_model=TelemetryAccepted,
+    responses=errors(400, 415),
+    openapi_extra=json_body(
+        TelemetryBatch,
+        description="a slmops.telemetry/v1 batch as JSON, gzip-compressed with "
+        "`Content-Encoding: gzip` (agents always compress; plain JSON is accepted too)",
+    )
+    | DEVICE_SECURITY,
+)
 async def post_telemetry(
     request: Request,
-    authorization: Annotated[str | None, Header()] = None,
+    authorization: Annotated[str | None, Header(include_in_schema=False)] = None,
     content_encoding: Annotated[str | None, Header()] = None,
 ) -> TelemetryAccepted:
     """Store a batch of telemetry windows (idempotent per ``batch_id``). The credential's
@@ -134,5 +152,8 @@ async def post_telemetry(
         ) from None
     stored = await run_in_threadpool(_store, request.app.state.db, key, batch)
     return TelemetryAccepted(
-        batch_id=stored.batch_id, accepted=stored.windows, duplicate=stored.duplicate
+        batch_id=stored.batch_id,
+        accepted=stored.windows,
+        duplicate=stored.duplicate,
+        skipped=stored.skipped,
     )

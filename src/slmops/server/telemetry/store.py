@@ -16,15 +16,17 @@ device merged first), so concurrent API processes never lose a window.
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 from sqlalchemy import delete, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from slmops.protocol.telemetry import TelemetryBatch, WindowAggregate
-from slmops.server.db.models import Device, utcnow
+from slmops.server.db.models import Device, DeviceAction, utcnow
 from slmops.server.telemetry import aggregate
 from slmops.server.telemetry.tables import (
     TelemetryBatchRow,
@@ -36,6 +38,12 @@ from slmops.server.telemetry.tables import (
 HOUR = 3600.0
 MAX_MERGE_ATTEMPTS = 20
 UNKNOWN_CLASS = "unknown"  # as server/rollouts.py names a device without a profile
+MAX_AGE_S = 24 * 3600.0
+"""Windows that started longer ago than this (server clock) are not stored: a device cannot
+backfill the figures of a rollout wave or a drift check that were already read."""
+MAX_AHEAD_S = 300.0
+"""Windows starting later than this in the server's future are not stored (clock skew bound)."""
+MAX_WINDOW_S = 86400.0  # the longest window a policy allows (TelemetryPolicy.window_seconds)
 
 
 @dataclass(frozen=True)
@@ -43,6 +51,7 @@ class Stored:
     batch_id: str
     windows: int
     duplicate: bool
+    skipped: int = 0
 
 
 def hour_of(ts: float) -> float:
@@ -89,15 +98,33 @@ def flush_counters(session: Session) -> None:
         raise
 
 
-def store_batch(session: Session, device: Device, batch: TelemetryBatch) -> Stored:
-    """Store ``batch`` for ``device`` and commit; a batch already stored changes nothing."""
+def in_time(window: WindowAggregate, now: float) -> bool:
+    """Whether a window lies within the bounded clock skew (``MAX_AGE_S``, ``MAX_AHEAD_S``)."""
+    if window.end - window.start > MAX_WINDOW_S:
+        return False
+    return now - MAX_AGE_S <= window.start <= now + MAX_AHEAD_S
+
+
+def store_batch(
+    session: Session, device: Device, batch: TelemetryBatch, *, now: float | None = None
+) -> Stored:
+    """Store ``batch`` for ``device`` and commit; a batch already stored changes nothing.
+
+    Windows outside the clock-skew bounds are skipped (counted in ``Stored.skipped``), and each
+    stored window is attributed from the server's record of the device (``attribute``)."""
     device_id = device.device_id
     profile = device.profile or UNKNOWN_CLASS
+    now = time.time() if now is None else now
+    windows = [w for w in batch.windows if in_time(w, now)]
+    skipped = len(batch.windows) - len(windows)
+    known = running(session, device) if windows else []
+    desired = (device.desired or {}).get("model") or {}
+    desired = desired if isinstance(desired, dict) else {}
     row = TelemetryBatchRow(
         device_id=device_id,
         batch_id=batch.batch_id,
         received_at=utcnow(),
-        windows=len(batch.windows),
+        windows=len(windows),
         dropped_windows=batch.dropped_windows,
         samples=[s.model_dump(mode="json") for s in batch.samples] or None,
     )
@@ -108,9 +135,11 @@ def store_batch(session: Session, device: Device, batch: TelemetryBatch) -> Stor
         session.rollback()
         bump("duplicate_batches", 1)
         return Stored(batch.batch_id, 0, duplicate=True)
-    for window in batch.windows:
-        dims = _dims(window, profile)
-        doc = window.model_dump(mode="json")
+    for window in windows:
+        dims = _dims(attribute(known, desired, window), profile)
+        doc = window.model_dump(mode="json") | {
+            k: dims[k] or None for k in ("model", "version", "variant", "rollout_id")
+        }
         session.add(
             TelemetryWindowRow(
                 batch_pk=row.id,
@@ -124,9 +153,57 @@ def store_batch(session: Session, device: Device, batch: TelemetryBatch) -> Stor
         _roll_up(session, device_id, hour_of(window.start), dims, aggregate.from_window(doc))
     session.commit()
     bump("batches", 1)
-    bump("windows", len(batch.windows))
+    bump("windows", len(windows))
     bump("dropped_windows", batch.dropped_windows)
-    return Stored(batch.batch_id, len(batch.windows), duplicate=False)
+    return Stored(batch.batch_id, len(windows), duplicate=False, skipped=skipped)
+
+
+def running(session: Session, device: Device) -> list[dict[str, str]]:
+    """What the server knows the device runs or ran last: its check-in's active and previous
+    models, and its desired model once an action report said it became active there."""
+    known = [
+        {k: str(m.get(k)) for k in ("name", "version", "variant")}
+        for m in (device.active, device.previous)
+        if isinstance(m, dict) and m.get("name") and m.get("version")
+    ]
+    want = (device.desired or {}).get("model") or {}
+    if isinstance(want, dict) and want.get("name") and want.get("version"):
+        reported = session.scalar(
+            select(DeviceAction.state)
+            .where(
+                DeviceAction.device_id == device.device_id, DeviceAction.version == want["version"]
+            )
+            .order_by(DeviceAction.updated_at.desc())
+            .limit(1)
+        )
+        if reported == "active":
+            known.append({k: str(want.get(k)) for k in ("name", "version", "variant")})
+    return known
+
+
+def attribute(
+    known: list[dict[str, str]], desired: dict[str, Any], window: WindowAggregate
+) -> WindowAggregate:
+    """The window labelled from the server's own record of what the device runs (``running``).
+
+    Model, version and variant are kept only when they name a model the server knows the
+    device runs or ran (a window may predate a switch); anything else is stored unattributed
+    (no model, version or rollout), so it counts in fleet totals but in no model's, version's or
+    rollout's figures. The rollout id is always the server's: that of the desired model when the
+    window's model and version are the desired ones."""
+    claim = {"name": window.model, "version": window.version, "variant": window.variant}
+    if claim not in known:
+        return window.model_copy(
+            update={"model": None, "version": None, "variant": None, "rollout_id": None}
+        )
+    rollout = None
+    if (desired.get("name"), desired.get("version")) == (window.model, window.version):
+        rollout = _text(desired.get("rollout_id"))
+    return window.model_copy(update={"rollout_id": rollout})
+
+
+def _text(value: object) -> str | None:
+    return None if value is None else str(value)
 
 
 def _dims(window: WindowAggregate, profile: str) -> dict[str, str]:

@@ -42,6 +42,7 @@ from slmops.server.db.models import Device, DeviceAction, as_utc, utcnow
 from slmops.server.db.session import Database
 from slmops.server.desired import CHANGES, Refresher, canonical, etag_of
 from slmops.server.errors import api_error
+from slmops.server.openapi import DEVICE_SECURITY, errors, json_body
 from slmops.server.registry.store import BlobStore
 from slmops.server.rollouts import Context, join_if_matching, record_reports
 from slmops.server.security import TokenKind, hash_secret
@@ -190,17 +191,15 @@ def _full_checkin(
 @router.post(
     "/checkin",
     response_model=DesiredState,
-    responses={304: {"description": "desired state unchanged since the If-None-Match ETag"}},
-    openapi_extra={
-        "requestBody": {
-            "required": True,
-            "content": {"application/json": {"schema": CheckIn.model_json_schema()}},
-        }
+    responses={
+        304: {"description": "desired state unchanged since the If-None-Match ETag"},
+        **errors(400),
     },
+    openapi_extra=json_body(CheckIn) | DEVICE_SECURITY,
 )
 async def check_in(
     request: Request,
-    authorization: Annotated[str | None, Header()] = None,
+    authorization: Annotated[str | None, Header(include_in_schema=False)] = None,
     if_none_match: Annotated[str | None, Header()] = None,
 ) -> Response:
     """Idle polls are answered from the check-in cache in the event loop; the rest run the

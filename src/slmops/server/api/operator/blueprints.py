@@ -27,6 +27,7 @@ from slmops.server.blueprints_table import BlueprintRow
 from slmops.server.db.models import as_utc, utcnow
 from slmops.server.desired import governed, to_blueprint
 from slmops.server.errors import api_error
+from slmops.server.openapi import errors
 from slmops.server.registry.store import BlobStore
 from slmops.server.rollouts import Context, reconcile, settle, stop_for_blueprint
 from slmops.server.settings import ServerSettings
@@ -129,12 +130,12 @@ def _get_or_404(session: Session, name: str) -> BlueprintRow:
     return row
 
 
-@router.get("/{name}")
+@router.get("/{name}", responses=errors(404))
 def read_blueprint(name: str, session: SessionDep, _caller: ViewerDep) -> BlueprintPublic:
     return _public(_get_or_404(session, name))
 
 
-@router.delete("/{name}", status_code=204)
+@router.delete("/{name}", status_code=204, responses=errors(404))
 def delete_blueprint(
     name: str, session: SessionDep, settings: SettingsDep, caller: OperatorDep
 ) -> None:

@@ -22,6 +22,7 @@ from slmops.core.config import StrictModel
 from slmops.server.api.deps import OperatorDep, SessionDep, SettingsDep, ViewerDep
 from slmops.server.db.models import Rollout, as_utc
 from slmops.server.errors import api_error
+from slmops.server.openapi import errors
 from slmops.server.registry.store import BlobStore
 from slmops.server.rollout import (
     InvalidTransition,
@@ -87,7 +88,11 @@ class RolloutList(StrictModel):
 class ActionBody(StrictModel):
     reason: str | None = Field(None, max_length=500)
     wave: int | None = Field(
-        None, ge=0, description="the wave you saw; refused if the rollout has moved on"
+        None,
+        ge=0,
+        le=1 << 20,
+        strict=True,
+        description="the wave you saw; refused if the rollout has moved on",
     )
 
 
@@ -178,12 +183,12 @@ def read_rollouts(
     return RolloutList(data=[summary(r, RolloutState.from_json(r.state_json)) for r in rows])
 
 
-@router.get("/{rollout_id}")
+@router.get("/{rollout_id}", responses=errors(404))
 def read_rollout(rollout_id: str, session: SessionDep, _caller: ViewerDep) -> RolloutDetail:
     return detail(_get_or_404(session, rollout_id))
 
 
-@router.post("/{rollout_id}/{action}")
+@router.post("/{rollout_id}/{action}", responses=errors(404, 409))
 def act_on_rollout(
     rollout_id: str,
     action: OperatorAction,

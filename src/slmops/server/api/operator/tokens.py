@@ -13,6 +13,7 @@ from slmops.server.api.deps import AdminDep, SessionDep
 from slmops.server.db import create_api_token
 from slmops.server.db.models import ApiToken, as_utc
 from slmops.server.errors import api_error
+from slmops.server.openapi import errors
 from slmops.server.security import Role
 
 router = APIRouter(prefix="/tokens", tags=["tokens"])
@@ -62,7 +63,7 @@ def read_tokens(session: SessionDep, _caller: AdminDep) -> TokensPublic:
     return TokensPublic(data=[TokenPublic.of(r) for r in rows], count=len(rows))
 
 
-@router.delete("/{token_id}")
+@router.delete("/{token_id}", responses=errors(404))
 def revoke_token(token_id: str, session: SessionDep, _caller: AdminDep) -> TokenPublic:
     row = session.get(ApiToken, token_id)
     if row is None:

@@ -100,7 +100,18 @@ def decoder_linears(model: Any) -> Iterator[tuple[str, torch.nn.Linear]]:
 
 
 def decoder_layers(model: Any) -> Any:
-    return model.model.layers
+    """The decoder blocks: `model.model.layers` for every *ForCausalLM we handle, else the first
+    ModuleList named `layers` (a wrapped text model, e.g. language_model.layers)."""
+    import torch
+
+    body = getattr(model, "model", None)
+    layers = getattr(body, "layers", None)
+    if isinstance(layers, torch.nn.ModuleList):
+        return layers
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] == "layers" and isinstance(module, torch.nn.ModuleList):
+            return module
+    raise ModelFormatError("no decoder layers (a ModuleList named `layers`) in this model")
 
 
 def read_calibration_text(path: Path | None, model_dir: Path) -> tuple[str, Path]:
