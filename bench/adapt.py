@@ -86,8 +86,9 @@ def bench_distill(model: Path, minutes: float, threads: int) -> dict[str, Any]:
         "teacher": str(model),
         "steps": None,
         "minutes": minutes,
+        "windows": 512,
         "threads": threads,
-        "lr": float(os.environ.get("BENCH_DISTILL_LR", "3e-4")),
+        "lr": float(os.environ.get("BENCH_DISTILL_LR", "3e-5")),
         "cache_dir": str(WORK / "teacher-cache"),
     }
     t0 = time.perf_counter()

@@ -114,6 +114,19 @@ def evaluate(work: Path, out: Path, reference: Path, quiet: bool) -> tuple[dict[
     return json.loads((out / "report.json").read_text()), wall
 
 
+def tensor_types(variant_dir: Path) -> dict[str, int] | None:
+    """Tensor count per ggml type, as the card records what llama.cpp wrote (or imported)."""
+    from slmops.model.card import read_card
+
+    card = read_card(variant_dir)
+    if card is None:
+        return None
+    for step in reversed(card.chain):
+        if "tensor_types" in step.report:
+            return dict(step.report["tensor_types"])
+    return dict((card.origin or {}).get("tensor_types") or {}) or None
+
+
 def table(report: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
     for v in report["variants"]:
@@ -132,9 +145,14 @@ def table(report: dict[str, Any]) -> list[dict[str, Any]]:
                 "decode_tps": tps.get("median"),
                 "decode_tps_min": tps.get("min"),
                 "decode_tps_max": tps.get("max"),
-                "ttft_ms": (host or {}).get("ttft_ms"),
-                "peak_rss_mb": round((host or {}).get("peak_rss_bytes", 0) / 2**20, 1) or None,
+                "ttft_ms": ((host or {}).get("ttft_ms") or {}).get("median"),
+                "peak_rss_mb": round(
+                    (((host or {}).get("peak_rss_bytes") or {}).get("max") or 0) / 2**20, 1
+                )
+                or None,
                 "profile": (host or {}).get("profile"),
+                "unstable": (host or {}).get("unstable"),
+                "tensor_types": tensor_types(Path(v["path"])),
             }
         )
     return rows
@@ -399,6 +417,13 @@ def show(r: dict[str, Any]) -> None:
             f"{f(v['kld'], '.4f'):>7} {f(v['top1'], '.3f'):>6} {f(v['perplexity'], '.2f'):>8} "
             f"{tps:>20} {f(v['ttft_ms'], '.0f'):>8} {f(v['peak_rss_mb'], '.0f'):>7}"
         )
+    print("\ntensor types per variant (count per ggml type, as written):")
+    for v in r["variants"]:
+        if v.get("tensor_types"):
+            print(
+                f"  {v['variant']:22} "
+                + ", ".join(f"{k} x{n}" for k, n in v["tensor_types"].items())
+            )
     print(f"\npicks: {r['picks']}  (second run: {r['picks_second_run']})")
     print("\npass memory (beyond baseline, x fp32):")
     for m in r["pass_memory"]:

@@ -1,4 +1,5 @@
-"""Tiny random-weight models of every architecture family, for tests/optimize/test_architectures.
+"""Tiny random-weight models of every architecture family, for tests/optimize/test_architectures
+and the conftest fixtures (`build_random` is the one builder both use).
 
 Each model is built from its architecture's config (hidden 64, 2 layers, 4 heads, 2 KV heads,
 intermediate 128) with the tiny trained model's tokenizer and a padded vocabulary (640 embedding
@@ -72,12 +73,14 @@ def train_sentencepiece(text_file: Path, out: Path) -> Path:
     return prefix.with_suffix(".model")
 
 
-def build_family(out: Path, model_type: str, tokenizer_from: Path, spm_model: Path | None) -> Path:
-    """Save a tiny random `model_type` model into `out` with the shared tokenizer files."""
+def build_random(
+    out: Path, model_type: str, tokenizer_from: Path, overrides: dict[str, Any]
+) -> Path:
+    """Save a tiny random `model_type` model (`COMMON` + `overrides`) into `out`, with the tiny
+    model's tokenizer, calibration and held-out files copied from `tokenizer_from`."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    overrides, needs_spm = FAMILIES[model_type]
     torch.manual_seed(0)
     cfg = AutoConfig.for_model(model_type, **{**COMMON, **overrides})
     model = AutoModelForCausalLM.from_config(cfg)
@@ -91,15 +94,24 @@ def build_family(out: Path, model_type: str, tokenizer_from: Path, spm_model: Pa
     ):
         if (tokenizer_from / name).exists():
             shutil.copy2(tokenizer_from / name, out / name)
-    if needs_spm:
-        if spm_model is None:
-            raise ValueError(f"{model_type} needs a SentencePiece model")
-        shutil.copy2(spm_model, out / "tokenizer.model")
     tok_cfg = json.loads((out / "tokenizer_config.json").read_text())
-    # The generic fast tokenizer reads tokenizer.json as is (an architecture's own class would add
-    # special tokens beyond the tiny vocabulary); Phi-4-style byte-level BPE is GPT2Tokenizer.
+    # The generic fast tokenizer reads tokenizer.json as is (an architecture's own class, e.g.
+    # Qwen2Tokenizer, would add special tokens beyond the tiny vocabulary); Phi-4-style byte-level
+    # BPE is declared as GPT2Tokenizer, which llama.cpp's Phi-3 converter reads as a BPE
+    # vocabulary (Phi-3-mini itself ships a SentencePiece tokenizer.model).
     tok_cfg["tokenizer_class"] = (
         "GPT2Tokenizer" if model_type == "phi3" else "PreTrainedTokenizerFast"
     )
     (out / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
+    return out
+
+
+def build_family(out: Path, model_type: str, tokenizer_from: Path, spm_model: Path | None) -> Path:
+    """Save a tiny random `model_type` model into `out` with the shared tokenizer files."""
+    overrides, needs_spm = FAMILIES[model_type]
+    if needs_spm and spm_model is None:
+        raise ValueError(f"{model_type} needs a SentencePiece model")
+    build_random(out, model_type, tokenizer_from, overrides)
+    if spm_model is not None and needs_spm:
+        shutil.copy2(spm_model, out / "tokenizer.model")
     return out

@@ -25,47 +25,11 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _random_model(out: Path, arch: str, tokenizer_from: Path) -> Path:
     """A randomly initialised model of another Llama-family architecture sharing the tiny tokenizer."""
-    import shutil
+    from arch_models import build_random
 
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    common: dict[str, int] = dict(
-        vocab_size=640,  # padded beyond the tokenizer, as real Qwen2/Phi-3 checkpoints are
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=2,
-    )
-    if arch == "phi3":
-        # A short-context Phi-3 (as Phi-3-mini-4k is): no LongRoPE scaling.
-        common["original_max_position_embeddings"] = common["max_position_embeddings"]
-    cfg = AutoConfig.for_model(arch, **common)
-    model = AutoModelForCausalLM.from_config(cfg)
-    model.save_pretrained(out, safe_serialization=True)
-    for name in (
-        "tokenizer.json",
-        "tokenizer_config.json",
-        "chat_template.jinja",
-        "calibration.txt",
-        "heldout.txt",
-    ):
-        if (tokenizer_from / name).exists():
-            shutil.copy2(tokenizer_from / name, out / name)
-    # Keep the generic fast tokenizer: without this AutoTokenizer picks the architecture's own
-    # tokenizer class (e.g. Qwen2Tokenizer), which adds special tokens beyond the tiny vocab.
-    tok_cfg = json.loads((out / "tokenizer_config.json").read_text())
-    # Phi-4-style byte-level BPE is declared as GPT2Tokenizer, which llama.cpp's Phi-3 converter
-    # reads as a BPE vocabulary (Phi-3-mini itself ships a SentencePiece tokenizer.model).
-    tok_cfg["tokenizer_class"] = "GPT2Tokenizer" if arch == "phi3" else "PreTrainedTokenizerFast"
-    (out / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
-    return out
+    # A short-context Phi-3 (as Phi-3-mini-4k is): no LongRoPE scaling.
+    overrides = {"original_max_position_embeddings": 256} if arch == "phi3" else {}
+    return build_random(out, arch, tokenizer_from, overrides)
 
 
 @pytest.fixture(scope="session")

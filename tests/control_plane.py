@@ -193,3 +193,21 @@ def immediate_rollout(**gates: Any) -> dict[str, Any]:
     """One wave of every device, no soak: the rollout moves at once."""
     base = {"min_soak_seconds": 0, "timeout_seconds": 120, "min_reported": 1.0}
     return {"waves": [{"percent": 100}], "gates": base | gates}
+
+
+def inventory(**over: Any) -> dict[str, Any]:
+    """The inventory a hand-made device enrolls and checks in with (a Pi 5-class box), with
+    `over` replacing fields; a fresh dict each call, so a test may change it."""
+    inv: dict[str, Any] = {
+        "arch": "aarch64",
+        "cores": 4,
+        "ram_bytes": 8 * 2**30,
+        "free_disk_bytes": 20 * 2**30,
+        "runtimes": ["gguf"],
+        "agent_version": "0.1.0",
+        "model_ram_bytes": 2 * 2**30,
+        "model_cores": 2,
+        "profile": "rpi5",
+        "labels": {},
+    }
+    return inv | over

@@ -181,7 +181,7 @@ def test_manifest_get_sends_oci_accept_and_token_and_checks_digests() -> None:
         source.get_referrers_tag("lie")
     assert source.get_referrers_tag("missing") is None
     with pytest.raises(RegistryError, match="MANIFEST_UNKNOWN: no"):
-        source.reg.manifest("missing", "sha256:" + "3" * 64)  # by digest: a 404 is an error
+        source.manifest("missing", "sha256:" + "3" * 64)  # by digest: a 404 is an error
 
 
 def test_blob_range_resume_and_registry_ignoring_range(tmp_path: Path) -> None:

@@ -18,7 +18,13 @@ def test_default_recipe_is_valid_and_covers_every_pass() -> None:
 
     recipe = load_recipe(default_recipe_path())
     used = {s.name for steps in recipe.variants.values() for s in steps}
-    assert used == set(registry()), "edge-default must exercise every built-in pass"
+    # distill trains for minutes, so the default recipe leaves it to prune-distill.yaml
+    assert used == set(registry()) - {"distill"}, "edge-default must exercise every other pass"
+    examples = Path(__file__).parents[2] / "examples" / "recipes"
+    for path in sorted(examples.glob("*.yaml")):
+        load_recipe(path)  # every example recipe is valid
+    distilled = load_recipe(examples / "prune-distill.yaml")
+    assert "distill" in {s.name for steps in distilled.variants.values() for s in steps}
     example = Path(__file__).parents[2] / "examples" / "recipes" / "edge-default.yaml"
     assert example.read_text() == default_recipe_path().read_text()
 

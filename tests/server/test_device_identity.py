@@ -22,7 +22,7 @@ import httpx
 import pytest
 from sqlalchemy import select
 
-from control_plane import ControlPlane, start_agent, status, stop_agent, wait_for
+from control_plane import ControlPlane, inventory, start_agent, status, stop_agent, wait_for
 from helpers import free_port
 from slmops.protocol.fleet import DeviceActionState
 from slmops.server import identity
@@ -45,22 +45,6 @@ from slmops.server.settings import load_settings
 
 SERVER_CLI = [sys.executable, "-m", "slmops.cli.server"]
 MAIN_CLI = [sys.executable, "-m", "slmops.cli.main"]
-
-
-def inventory(**over: Any) -> dict[str, Any]:
-    inv: dict[str, Any] = {
-        "arch": "aarch64",
-        "cores": 4,
-        "ram_bytes": 8 * 2**30,
-        "free_disk_bytes": 20 * 2**30,
-        "runtimes": ["gguf"],
-        "agent_version": "0.1.0",
-        "model_ram_bytes": 2 * 2**30,
-        "model_cores": 2,
-        "profile": "rpi5",
-        "labels": {},
-    }
-    return inv | over
 
 
 class Plane:

@@ -23,7 +23,7 @@ import psutil
 import pytest
 from test_blueprints import MODEL, make_inputs
 
-from control_plane import ControlPlane, wait_for
+from control_plane import ControlPlane, inventory, wait_for
 from helpers import free_port
 from slmops.bundle.build import build_bundle
 from slmops.bundle.media import ANN_BUNDLE_NAME, ANN_VERSION, MT_INDEX
@@ -36,18 +36,7 @@ from slmops.server.telemetry.tables import AlertRow
 
 MiB = 1 << 20
 FAKE_DEVICE = "slmd_" + "x" * 43
-INVENTORY: dict[str, Any] = {
-    "arch": "aarch64",
-    "cores": 4,
-    "ram_bytes": 8 << 30,
-    "free_disk_bytes": 20 << 30,
-    "runtimes": ["gguf"],
-    "agent_version": "0.1.0",
-    "model_ram_bytes": 2 << 30,
-    "model_cores": 2,
-    "profile": "pi",
-    "labels": {},
-}
+INVENTORY = inventory(profile="pi")
 
 
 @pytest.fixture(scope="module")

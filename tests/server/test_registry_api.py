@@ -17,6 +17,7 @@ import httpx
 import pytest
 from test_server_api import _server
 
+from control_plane import inventory
 from slmops.bundle.media import MT_MANIFEST
 from slmops.bundle.registry import pull, push
 
@@ -78,18 +79,7 @@ def device_credential(server: Server) -> str:
     return str(r.json()["credential"])
 
 
-INVENTORY = {
-    "arch": "aarch64",
-    "cores": 4,
-    "ram_bytes": 8 << 30,
-    "free_disk_bytes": 20 << 30,
-    "runtimes": ["gguf"],
-    "agent_version": "0.1.0",
-    "model_ram_bytes": 2 << 30,
-    "model_cores": 2,
-    "profile": "rpi5",
-    "labels": {},
-}
+INVENTORY = inventory()
 
 
 def oci_error(r: httpx.Response, status: int, code: str) -> None:

@@ -20,6 +20,7 @@ from typing import Any
 import httpx
 import pytest
 
+from control_plane import inventory  # also imported from here by the other server suites
 from helpers import free_port
 from slmops.protocol.device import DesiredState, EnrollResponse
 from slmops.server.db import create_enrollment_token, find_device
@@ -108,23 +109,6 @@ def _server(
         proc.terminate()
         proc.wait(timeout=15)
         log.close()
-
-
-def inventory(**over: Any) -> dict[str, Any]:
-    inv: dict[str, Any] = {
-        "arch": "aarch64",
-        "cores": 4,
-        "ram_bytes": 8 * 2**30,
-        "free_disk_bytes": 20 * 2**30,
-        "runtimes": ["gguf"],
-        "agent_version": "0.1.0",
-        "model_ram_bytes": 2 * 2**30,
-        "model_cores": 2,
-        "profile": "rpi5",
-        "labels": {},
-    }
-    inv.update(over)
-    return inv
 
 
 def make_token(server: Server, role: str) -> str:

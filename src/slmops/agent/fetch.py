@@ -24,7 +24,6 @@ from typing import BinaryIO, Protocol
 
 from slmops.agent import crash_point
 from slmops.agent.oci_client import OciClient
-from slmops.agent.transport import Transport
 from slmops.agent.verify_variant import VariantCheckError, sha256_hex
 from slmops.bundle.layout import (
     BundleFormatError,
@@ -220,42 +219,21 @@ class LayoutSource:
         return FetchStats(1, written, have)
 
 
-class RegistrySource:
+class RegistrySource(OciClient):
     """One repository on an OCI registry (`HOST:PORT`); http only for loopback or when allowed.
 
-    Reads go through the agent's one transport (transport.py); tests pass a FakeTransport."""
-
-    def __init__(
-        self,
-        base: str,
-        repository: str,
-        *,
-        allow_http: bool = False,
-        timeout: float = 60.0,
-        token: str | None = None,
-        transport: Transport | None = None,
-    ) -> None:
-        self.reg = OciClient(
-            base,
-            repository,
-            allow_http=allow_http,
-            timeout=timeout,
-            token=token,
-            transport=transport,
-        )
-
-    def close(self) -> None:
-        self.reg.close()
+    The `OciClient` (its constructor: base, repository, allow_http, timeout, token, transport)
+    with the `BlobSource` methods on top; tests pass a FakeTransport."""
 
     def get_manifest(self, digest_or_tag: str) -> bytes:
         expect = digest_or_tag if digest_or_tag.startswith("sha256:") else None
-        got = self.reg.manifest(digest_or_tag, expect)
+        got = self.manifest(digest_or_tag, expect)
         if got is None:
-            raise UserInputError(f"no bundle tagged {digest_or_tag!r}", where=self.reg.where)
+            raise UserInputError(f"no bundle tagged {digest_or_tag!r}", where=self.where)
         return got
 
     def get_referrers_tag(self, tag: str) -> bytes | None:
-        return self.reg.manifest(tag)
+        return self.manifest(tag)
 
     def fetch_blob(self, desc: Descriptor, dest: Path, *, resume: bool = True) -> FetchStats:
         if dest.is_file() and dest.stat().st_size == desc.size:
@@ -263,7 +241,7 @@ class RegistrySource:
         have, h = _resume_part(dest.with_name(dest.name + ".part"), desc.size, resume)
         if have == desc.size:  # complete but not renamed (killed just before): check it
             return FetchStats(0, _write_stream(iter(()), desc, dest, have, h), have)
-        with self.reg.blob(check_digest(desc.digest), have) as resp:
+        with self.blob(check_digest(desc.digest), have) as resp:
             if resp.status != 206:  # the registry ignored the Range: start over
                 have, h = 0, hashlib.sha256()
             written = _write_stream(resp.iter_bytes(), desc, dest, have, h)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -65,6 +65,17 @@ def print_result(res: ImportResult) -> None:
         out_console.print(f"  [yellow]{note}[/]")
 
 
+def run_and_print(as_json: bool, work: Callable[[ProgressFn], ImportResult]) -> None:
+    """Run an import (`slmops import`, `slmops model dequantize`) under the phase spinner, then
+    print its result: one JSON document with --json, else the human summary."""
+    with phases(as_json) as say:
+        res = work(say)
+    if as_json:
+        emit_json(res.to_dict())
+    else:
+        print_result(res)
+
+
 def import_command(
     source: Annotated[
         Path,
@@ -82,9 +93,4 @@ def import_command(
     with handled(as_json):
         from slmops.model.importer import import_model
 
-        with phases(as_json) as say:
-            res = import_model(source, out, name=name, progress=say)
-        if as_json:
-            emit_json(res.to_dict())
-        else:
-            print_result(res)
+        run_and_print(as_json, lambda say: import_model(source, out, name=name, progress=say))

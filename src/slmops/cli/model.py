@@ -177,12 +177,7 @@ def dequantize_command(
 ) -> None:
     """Write a Hugging Face folder (safetensors + tokenizer) from a GGUF, to serve as reference."""
     with handled(as_json):
-        from slmops.cli.importer import phases, print_result
+        from slmops.cli.importer import run_and_print
         from slmops.model.importer import dequantize_gguf
 
-        with phases(as_json) as say:
-            res = dequantize_gguf(gguf, out, dtype=dtype, progress=say)
-        if as_json:
-            emit_json(res.to_dict())
-        else:
-            print_result(res)
+        run_and_print(as_json, lambda say: dequantize_gguf(gguf, out, dtype=dtype, progress=say))

@@ -48,11 +48,11 @@ def _gguf_file(path: Path) -> Path:
 
 
 def _gguf_dims(path: Path) -> ModelDims:
-    from gguf import GGUFReader
+    from slmops.model.gguf_info import gguf_reader
 
     file = _gguf_file(path)
     try:
-        fields = GGUFReader(file, "r").fields
+        fields = gguf_reader(file).fields
     except Exception as exc:  # the reader raises ValueError/IndexError/struct errors on bad files
         raise ModelFormatError(f"cannot read GGUF metadata: {exc}", where=file) from None
 

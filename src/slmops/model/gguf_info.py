@@ -274,6 +274,13 @@ def _reader(path: Path) -> Any:
     return _Checked(path, "r")
 
 
+def gguf_reader(path: Path) -> Any:
+    """A GGUFReader that opens a 262k-vocabulary file in ~2 s instead of ~40 s (long tokenizer
+    arrays are read in one step or skipped) and reports truncation plainly; scalar metadata
+    reads as with the stock reader (`reader.fields[key].contents()`)."""
+    return _reader(path)
+
+
 def _scalar(reader: Any, key: str) -> Any:
     f = reader.get_field(key)
     if f is None:

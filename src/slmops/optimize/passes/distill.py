@@ -49,7 +49,13 @@ class DistillConfig(PassConfig):
     minutes: float | None = Field(
         10.0, gt=0, description="wall-clock budget for training (null: only `steps`)"
     )
-    lr: float = Field(3e-4, gt=0, lt=1, description="AdamW learning rate (10-step warmup)")
+    lr: float = Field(
+        3e-5,
+        gt=0,
+        lt=1,
+        description="AdamW learning rate (10-step warmup); small: a pruned student starts close "
+        "to its teacher and larger steps add more noise than they remove",
+    )
     batch: int = Field(8, ge=1, le=1024, description="windows per optimizer step")
     seqlen: int = Field(
         128, ge=8, le=32768, description="tokens per window (clamped to max_position_embeddings)"

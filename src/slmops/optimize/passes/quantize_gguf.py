@@ -82,6 +82,7 @@ class QuantizeGgufConfig(PassConfig):
 
 class QuantizeGguf(Pass[QuantizeGgufConfig]):
     name = "quantize-gguf"
+    version = 2  # 2: the card lists the tensor types llama.cpp wrote
     summary = "Quantize a GGUF model with llama.cpp's quantizer (Q8_0 ... Q4_0, k-quants)"
     kind = "quantize"
     input_format = ModelFormat.GGUF
@@ -125,11 +126,20 @@ class QuantizeGguf(Pass[QuantizeGgufConfig]):
                 where=src,
                 hint="an already quantized input needs allow_requantize: true; see the step log",
             )
+        from slmops.model.gguf_info import read_gguf_info
+
+        # What llama.cpp really wrote, tensor by tensor: k-quants fall back to legacy types for
+        # rows whose width is not a multiple of 256 (Gemma 3 270M's 640), and the embedding
+        # may stay wider, so the requested type alone does not explain a file's size.
+        info = read_gguf_info(dst, check_architecture=False)
         return PassResult(
             report={
                 "type": cfg.type,
                 "input_bytes": src.stat().st_size,
                 "output_bytes": dst.stat().st_size,
+                "tensor_types": info.tensor_types,
+                "tensor_type_bytes": info.tensor_type_bytes,
+                "tensors": info.tensors,
             },
             quantization=cfg.type,
         )
