@@ -83,8 +83,9 @@ class Release:
         return [v.name for run in self.runs for v in run.variants]
 
 
-# A check sees the report and the built bundle and returns the reasons to refuse signing.
-Check = Callable[["EvalReport", "BuildResult"], list[str]]
+# A check sees the report and the built bundle (None when `bundle_if` said no) and returns the
+# reasons to refuse signing.
+Check = Callable[["EvalReport", "BuildResult | None"], list[str]]
 
 
 def build_release(
@@ -101,6 +102,7 @@ def build_release(
     skip_failed_variants: bool = False,
     replace_bundle: bool = False,
     check: Check | None = None,
+    bundle_if: Callable[[EvalReport], bool] | None = None,
     ui: ReleaseUI | None = None,
 ) -> Release:
     """Optimize `model` with `recipe` into WORKDIR/variants, evaluate on `profiles` into
@@ -111,7 +113,9 @@ def build_release(
     of failing the release (the improvement job tries several candidates; one whose shape a
     pruning ratio refuses should not sink the others). replace_bundle: a bundle an earlier run
     left at WORKDIR/bundle under the same name:version with other content is replaced rather
-    than refused (for workdirs the caller owns, like the demo's).
+    than refused (for workdirs the caller owns, like the demo's). bundle_if: build the bundle
+    only when this says the report is worth shipping (the improvement job builds nothing when
+    its profile got no fitting variant); the check still runs, with no bundle.
     """
     from slmops.bundle.build import build_bundle
     from slmops.bundle.signing import sign_bundle
@@ -153,15 +157,18 @@ def build_release(
     ui.stage_done("evaluate", rel)
 
     args = (rel.variants_dir, rel.report_dir)
-    try:
-        rel.bundle = build_bundle(*args, name=name, version=version, out=rel.bundle_dir)
-    except UserInputError:
-        if not replace_bundle:
-            raise
-        shutil.rmtree(rel.bundle_dir, ignore_errors=True)
-        rel.bundle = build_bundle(*args, name=name, version=version, out=rel.bundle_dir)
+    if bundle_if is None or bundle_if(rel.report):
+        try:
+            rel.bundle = build_bundle(*args, name=name, version=version, out=rel.bundle_dir)
+        except UserInputError:
+            if not replace_bundle:
+                raise
+            shutil.rmtree(rel.bundle_dir, ignore_errors=True)
+            rel.bundle = build_bundle(*args, name=name, version=version, out=rel.bundle_dir)
     rel.reasons = check(rel.report, rel.bundle) if check is not None else []
-    if private_key is not None and not rel.reasons:
+    if rel.bundle is None and not rel.reasons:
+        rel.reasons = ["nothing was bundled"]
+    if private_key is not None and rel.bundle is not None and not rel.reasons:
         sign_bundle(rel.bundle_dir, private_key)
         rel.signed = True
     ui.stage_done("bundle", rel)

@@ -192,7 +192,10 @@ def test_dequantize_matches_llama_cpp_and_joins_the_family(
     assert r.returncode == 0, r.stdout + r.stderr
     rep = json.loads((tmp_path / "report" / "report.json").read_text())
     assert {v["name"] for v in rep["variants"]} == {"f16", "tiny-q4_k_m"}
-    assert rep["reference"]["note"] == note
+    assert rep["reference"]["note"].startswith(note)
+    # and says why a variant on the file's own grid can beat a higher-precision one
+    assert "lands near the file's own grid" in rep["reference"]["note"]
+    assert rep["reference"]["source_quantization"] == "Q4_K_M"
     assert rep["reference"]["path"] == str(ref.resolve())
     md = (tmp_path / "report" / "report.md").read_text().splitlines()
     assert any(note in line for line in md[:4]), md[:4]

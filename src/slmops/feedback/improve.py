@@ -136,12 +136,16 @@ def improve(
     checks: list[dict[str, Any]] = []
     selected: dict[str, Any] = {}
 
-    def accept(report: EvalReport, built: BuildResult) -> list[str]:
+    def has_pick(report: EvalReport) -> bool:
+        sel = report.selection_for(target)
+        return sel is not None and sel.variant is not None
+
+    def accept(report: EvalReport, built: BuildResult | None) -> list[str]:
         """The gate on the profile, then the asked direction against the running variant
         (compared on descriptors exactly as resolution reads them)."""
         checks.extend(gate(report, required=[target]).checks)
         sel = report.selection_for(target)
-        if sel is not None:
+        if built is not None and sel is not None and sel.variant is not None:
             new = next(
                 VariantDescriptor.model_validate(v["descriptor"])
                 for v in inspect_bundle(built.path)["variants"]
@@ -177,6 +181,7 @@ def improve(
         private_key=private_key,
         skip_failed_variants=True,
         check=accept,
+        bundle_if=has_pick,
     )
     checks += [
         {"name": f"build:{k}", "ok": True, "detail": f"not built (skipped): {v.splitlines()[0]}"}
