@@ -560,7 +560,8 @@ def endpoint_tps(port: int, tokens: int) -> tuple[float, int]:
     with socket.create_connection(("127.0.0.1", port)) as s:
         payload = json.dumps(body).encode()
         s.sendall(
-            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n".encode()
+            + b"Content-Type: application/json\r\n"
             + f"Content-Length: {len(payload)}\r\n\r\n".encode()
             + payload
         )

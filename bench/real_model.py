@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,6 +40,10 @@ CALIBRATION_TEXT = Path("/usr/share/common-licenses/GPL-2")
 PROFILES = "rpi5-8gb,arm-gateway-2gb"
 LADDER = ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q3_K_M", "Q2_K")
 BUDGET_MINUTES = 25.0
+COMPLETION_PROMPTS = (
+    "The GNU General Public License is",
+    "The capital of France is",
+)
 
 
 def recipe_text(calibration: Path) -> str:
@@ -210,16 +215,33 @@ def fleet(work: Path, bundle: Path, keys: Path, quiet: bool) -> dict[str, Any]:
         rollout = apply_and_wait(f, name, version, True)
         devices = devices_table(f)
         answers = []
-        for _ in range(3):
+        # Gemma 3 270M is the pretrained model: it continues text rather than chats, so the
+        # useful call is a completion (a chat through the fallback template is shown too).
+        port = f.agent_ports["gemma-box-1"]
+        for prompt in COMPLETION_PROMPTS:
             t1 = time.perf_counter()
-            answer = chat(f, "gemma-box-1")
+            body = {"model": "default", "prompt": prompt, "max_tokens": 32, "temperature": 0}
+            r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=120)
+            r.raise_for_status()
+            doc = r.json()
             answers.append(
                 {
                     "seconds": round(time.perf_counter() - t1, 2),
-                    "text": answer["choices"][0]["message"]["content"],
-                    "usage": answer.get("usage"),
+                    "prompt": prompt,
+                    "text": doc["choices"][0]["text"],
+                    "usage": doc.get("usage"),
                 }
             )
+        t1 = time.perf_counter()
+        answer = chat(f, "gemma-box-1")
+        answers.append(
+            {
+                "seconds": round(time.perf_counter() - t1, 2),
+                "prompt": "(chat) Return the list of",
+                "text": answer["choices"][0]["message"]["content"],
+                "usage": answer.get("usage"),
+            }
+        )
     return {
         "rollout": rollout.get("status"),
         "devices": devices,
@@ -441,7 +463,7 @@ def show(r: dict[str, Any]) -> None:
         fl = r["fleet"]
         print(f"\nfleet: rollout {fl['rollout']}; chat answers:")
         for a in fl["chat"]:
-            print(f"  {a['seconds']} s: {a['text'][:100]!r}")
+            print(f"  {a['seconds']} s: {a['prompt']!r} -> {a['text'][:100]!r}")
     e = r["endpoint"]
     print(
         f"\nendpoint {e['endpoint_decode_tps']} tok/s vs direct {e['direct_decode_tps']} "
