@@ -331,6 +331,10 @@ def dequantize_gguf(
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from slmops.model.hf import quiet_transformers
+
+    quiet_transformers()  # its own bars would interleave with ours
+
     torch_dtype = getattr(torch, target_dtype)
     with _alone(src) as folder, atomic_directory(out) as tmp:
         say(f"dequantizing {info.file_type} to {target_dtype} (transformers)")
