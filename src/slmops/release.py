@@ -13,6 +13,7 @@ accepted".
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -151,7 +152,8 @@ def build_release(
 
     opts = options or EvalOptions()
     if opts.only == [] and (only or rel.failed):
-        opts.only = rel.variants  # evaluate exactly what this release built
+        # evaluate exactly what this release built, without changing the caller's options
+        opts = dataclasses.replace(opts, only=rel.variants)
     with ui.evaluating() as eval_listener:
         rel.report = evaluate(rel.variants_dir, profiles, rel.report_dir, opts, eval_listener)
     ui.stage_done("evaluate", rel)

@@ -74,7 +74,7 @@ def demo_command(
             private_key=private,
             options=prepared.eval_options,
             replace_bundle=True,  # the demo owns its workdir: a stale bundle is replaced
-            ui=DemoUI(as_json, workdir),
+            ui=DemoUI(as_json),
         )
         bundled = verified_bundle(release, public)
         run, report = release.runs[0], release.report
@@ -199,8 +199,8 @@ def first_existing(paths: tuple[Path, ...]) -> Path:
 class DemoUI:
     """Progress bars for the long stages and the demo's numbered headings between them."""
 
-    def __init__(self, quiet: bool, workdir: Path) -> None:
-        self.quiet, self.workdir = quiet, workdir
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
 
     def optimizing(self) -> AbstractContextManager[Any]:
         from slmops.cli.optimize import optimize_progress
