@@ -47,8 +47,8 @@ def test_markdown_and_html_contain_choice_reasons_and_images(tmp_path: Path) -> 
         assert "no variant fits gw" in text
         assert "projected (estimate)" in text and "host" in text
         assert "$0.167" in text and "$0.60" in text  # device vs cloud per million tokens
-    assert "memory at context 1024: 950 MB > 700 MB" in md
-    assert "memory at context 1024: 950 MB &gt; 700 MB" in page
+    assert "memory at context 1024: 950 MiB > 700 MiB" in md
+    assert "memory at context 1024: 950 MiB &gt; 700 MiB" in page
     srcs = re.findall(r'<img src="([^"]+)"', page)
     md_srcs = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
     assert len(srcs) == 4 and srcs == md_srcs

@@ -162,8 +162,8 @@ def test_variant_breaking_several_budgets_lists_all_of_them() -> None:
         "runtime: onnxruntime-genai (onnx-genai) not available on this device (has: gguf)"
         in reasons
     )
-    assert "memory: peak RSS 750 MB > 700 MB available" in reasons
-    assert "memory at context 1024: 950 MB > 700 MB" in reasons
+    assert "memory: peak RSS 750 MiB > 700 MiB available" in reasons
+    assert "memory at context 1024: 950 MiB > 700 MiB" in reasons
     assert "time to first token: 3333 ms (projected) > 3000 ms" in reasons
     assert "quality: KLD 0.35 > 0.25" in text
     assert len(reasons) == 5
@@ -176,7 +176,7 @@ def test_does_not_fit_and_speed_and_storage_reasons() -> None:
     slow.budgets = slow.budgets.model_copy(update={"min_decode_tps": 12})
     f16 = report.variants[0]
     v = judge(slow, f16, report.quality["f16"], report.perf_for("f16", "pi"))
-    assert v.reasons == ["storage: 2.0 GB > 1.0 GB", "decode: 10 tok/s (projected) < 12 tok/s"]
+    assert v.reasons == ["storage: 2.0 GiB > 1.0 GiB", "decode: 10 tok/s (projected) < 12 tok/s"]
     missing = judge(slow, report.variants[1], None, None)
     assert "perf: not measured for this profile" in missing.reasons
     assert "quality: not measured" in missing.reasons
@@ -193,7 +193,7 @@ def test_tie_goes_to_the_smaller_variant() -> None:
     sel = make_report().selection_for("pi")
     assert sel is not None and sel.variant == "q8"
     assert (
-        "q8 (KLD 0.0015) ties with f16 within 0.002 and is smaller (1.1 GB vs 2.0 GB)" in sel.reason
+        "q8 (KLD 0.0015) ties with f16 within 0.002 and is smaller (1.1 GiB vs 2.0 GiB)" in sel.reason
     )
 
 

@@ -17,6 +17,7 @@ import typer
 from rich.console import Console
 
 from slmops.core.errors import SlmopsError
+from slmops.core.units import fmt_bytes
 
 
 def _console(stderr: bool) -> Console:
@@ -79,9 +80,4 @@ def run_command(as_json: bool, fn: Callable[[], T]) -> T:
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1000 or unit == "GB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1000
-    return f"{n:.1f} GB"
+human_bytes = fmt_bytes  # one byte formatter for the CLI, reports and dashboard (core/units)

@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from slmops.core.atomic import write_bytes_atomic
+from slmops.core.units import MIB
 from slmops.evaluate.schema import EvalReport
-from slmops.evaluate.select import MIB, device_decode_tps, pareto_front
+from slmops.evaluate.select import device_decode_tps, pareto_front
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -147,7 +148,7 @@ def profile_charts(report: EvalReport, profile_name: str, out_dir: Path) -> list
 
     out: list[Path] = []
     specs = [
-        ("size", size_pts, False, "weights size (MB)", f"{profile_name}: quality vs size"),
+        ("size", size_pts, False, "weights size (MiB)", f"{profile_name}: quality vs size"),
         (
             "speed",
             speed_pts,

@@ -54,10 +54,10 @@ from pathlib import Path
 from typing import Any
 
 from slmops.core.errors import SlmopsError, UserInputError
+from slmops.core.units import MIB, fmt_bytes
 from slmops.evaluate.profiles import DeviceProfile
 from slmops.evaluate.schema import PerfResult, Stat
 
-MIB = 1024 * 1024
 SAMPLE_INTERVAL_S = 0.015
 CHILDREN_SCAN_EVERY = 33  # samples between scans for grandchildren: a /proc walk costs ~1 ms
 STDERR_TAIL = 600
@@ -187,7 +187,7 @@ def _runtime_name(variant_dir: Path) -> str:
 
 
 def _mib(n: float) -> str:
-    return f"{n / MIB:.0f} MiB"
+    return fmt_bytes(n)
 
 
 CONTENDED_SHARE = 0.5

@@ -17,8 +17,9 @@ from pathlib import Path
 from urllib.parse import quote
 
 from slmops.core.atomic import write_text_atomic
+from slmops.core.units import fmt_bytes
 from slmops.evaluate.schema import EvalReport, Stat
-from slmops.evaluate.select import device_decode_tps, device_ttft_ms, fmt_bytes, fmt_num
+from slmops.evaluate.select import device_decode_tps, device_ttft_ms, fmt_num
 
 NA = "—"
 

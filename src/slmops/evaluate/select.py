@@ -30,6 +30,7 @@ import math
 from collections import Counter
 from collections.abc import Sequence
 
+from slmops.core.units import MIB, fmt_bytes
 from slmops.evaluate.profiles import DeviceProfile
 from slmops.evaluate.schema import (
     UNSTABLE_SPREAD,
@@ -42,18 +43,6 @@ from slmops.evaluate.schema import (
 )
 
 DEFAULT_TIE_KLD = 0.002
-MIB = 2**20
-
-
-def fmt_bytes(n: float) -> str:
-    """Human size in binary units (the profile's ram_mb/storage_mb are MiB), e.g. '812 MB'."""
-    if n >= 2**30:
-        return f"{n / 2**30:.1f} GB"
-    if n >= 10 * MIB:
-        return f"{n / MIB:.0f} MB"
-    if n >= MIB:
-        return f"{n / MIB:.1f} MB"
-    return f"{n / 1024:.0f} KB"
 
 
 def fmt_num(x: float) -> str:

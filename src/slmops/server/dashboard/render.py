@@ -12,6 +12,7 @@ from fastapi.responses import HTMLResponse
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
 from slmops import __version__
+from slmops.core.units import fmt_bytes
 from slmops.server.dashboard.auth import UiUser
 
 HERE = Path(__file__).parent
@@ -43,15 +44,7 @@ def age(seconds: float | None) -> str:
     return f"{s / 86400:.0f} d"
 
 
-def size(n: int | None) -> str:
-    if n is None:
-        return "n/a"
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{n} B"
+size = fmt_bytes  # the one byte formatter (core/units), so the dashboard agrees with reports
 
 
 def num(value: float | None) -> str:
