@@ -88,7 +88,7 @@ def test_report_files_and_selection(evaluated: dict[str, Path]) -> None:
         assert sum(base["logprob"]) == base["tokens"] <= 8 * 64
     sel = {s["profile"]: s["variant"] for s in data["selections"]}
     assert sel["rpi5-8gb"] in {"f16", "q8", "onnx-int4"}
-    assert sel["tiny-mcu"] is None, "nothing fits 20 MB"
+    assert sel["tiny-mcu"] is None, "nothing fits 20 MiB"
     tiny = [p for p in data["perf"] if p["profile"] == "tiny-mcu"]
     assert tiny and all(p["status"] == "does-not-fit" for p in tiny)
     assert not any(
