@@ -281,6 +281,36 @@ def gguf_reader(path: Path) -> Any:
     return _reader(path)
 
 
+def string_array(reader: Any, key: str) -> list[str] | None:
+    """The strings of a metadata string array (e.g. ``tokenizer.ggml.tokens``), or None.
+
+    ``gguf_reader`` skips long string arrays while opening (262k tokens as numpy views cost
+    ~40 s); this walks the one array asked for straight from the memory map (~0.3 s).
+    """
+    from gguf.constants import GGUFValueType
+
+    field = reader.get_field(key)
+    if field is None or not field.types or field.types[0] != GGUFValueType.ARRAY:
+        return None
+    if field.types[-1] != GGUFValueType.STRING:
+        return None
+    if field.data:  # a short array the reader parsed itself
+        return [str(v) for v in field.contents()]
+    order: Literal["little", "big"] = "big" if reader.byte_order == "S" else "little"
+    buf = reader.data.data
+    klen, kdata = field.parts[0], field.parts[1]
+    o = int(field.offset) + int(klen.nbytes) + int(kdata.nbytes) + 4  # key, value type
+    o += 4  # item type
+    n = int.from_bytes(buf[o : o + 8], order)
+    o += 8
+    out: list[str] = []
+    for _ in range(n):
+        size = int.from_bytes(buf[o : o + 8], order)
+        out.append(bytes(buf[o + 8 : o + 8 + size]).decode("utf-8", "replace"))
+        o += 8 + size
+    return out
+
+
 def _scalar(reader: Any, key: str) -> Any:
     f = reader.get_field(key)
     if f is None:

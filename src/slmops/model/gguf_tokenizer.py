@@ -20,6 +20,7 @@ from typing import Any
 
 from slmops.core.atomic import write_bytes_atomic, write_text_atomic
 from slmops.core.errors import ModelFormatError
+from slmops.model.gguf_info import gguf_reader, string_array
 
 # GGUF token types and SentencePiece piece types share numbering (NORMAL=1 ... BYTE=6).
 _VALID_TYPES = {1, 2, 3, 4, 5, 6}
@@ -35,15 +36,14 @@ def sentencepiece_from_gguf(gguf_path: Path, out: Path) -> bool:
 
     Returns False (and writes nothing) for other tokenizer models.
     """
-    from gguf import GGUFReader
     from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 
     sp: Any = sp_pb2  # generated protobuf code: no type information
 
-    reader = GGUFReader(gguf_path)
+    reader = gguf_reader(gguf_path)
     if _field(reader, "tokenizer.ggml.model") != "llama":
         return False
-    tokens = _field(reader, "tokenizer.ggml.tokens")
+    tokens = string_array(reader, "tokenizer.ggml.tokens")
     scores = _field(reader, "tokenizer.ggml.scores")
     types = _field(reader, "tokenizer.ggml.token_type")
     if (
