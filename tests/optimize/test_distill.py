@@ -86,3 +86,31 @@ def test_distill_needs_a_teacher_with_the_same_tokenizer(
 def test_example_recipes_are_valid(path: Path) -> None:
     recipe = load_recipe(path)  # unknown passes, options or bad values fail here
     assert recipe.variants
+
+
+def test_teacher_cache_keeps_to_its_size_by_least_recent_use(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+
+    from slmops.core.errors import UserInputError
+    from slmops.optimize.passes import _distill_targets as dt
+
+    entries = []
+    for i in range(4):
+        f = tmp_path / f"e{i}.safetensors"
+        f.write_bytes(b"x" * 1000)
+        os.utime(f, (1000 + i, 1000 + i))  # e0 is the least recently used
+        entries.append(f)
+    os.utime(entries[0], (2000, 2000))  # ... until it is read again
+    removed = dt.prune_cache(tmp_path, keep=entries[3], max_bytes=2500)
+    assert removed == [entries[1], entries[2]]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e0.safetensors", "e3.safetensors"]
+    # the entry in use stays even when it alone is over the limit
+    assert dt.prune_cache(tmp_path, keep=entries[3], max_bytes=0) == [entries[0]]
+    assert entries[3].exists()
+    monkeypatch.setenv("SLMOPS_DISTILL_CACHE_MAX_GB", "0.5")
+    assert dt.cache_max_bytes() == 1 << 29
+    monkeypatch.setenv("SLMOPS_DISTILL_CACHE_MAX_GB", "lots")
+    with pytest.raises(UserInputError, match="SLMOPS_DISTILL_CACHE_MAX_GB"):
+        dt.cache_max_bytes()

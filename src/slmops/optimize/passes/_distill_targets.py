@@ -20,13 +20,56 @@ from typing import TYPE_CHECKING, Any
 
 from slmops.core.atomic import write_bytes_atomic
 from slmops.core.digest import sha256_json
-from slmops.core.errors import ConfigError
+from slmops.core.errors import ConfigError, UserInputError
 
 if TYPE_CHECKING:
     import torch
 
 CACHE_VERSION = 1
 BATCH = 4  # teacher windows per forward pass: bounds activation memory on larger models
+
+
+DEFAULT_CACHE_MAX_BYTES = 4 << 30
+"""Teacher targets kept on disk before the least recently used are removed: held-out targets are
+full-vocabulary log-probabilities, ~1 GB per entry for a 262k-vocabulary teacher. Override with
+SLMOPS_DISTILL_CACHE_MAX_GB."""
+
+
+def cache_max_bytes() -> int:
+    raw = os.environ.get("SLMOPS_DISTILL_CACHE_MAX_GB")
+    if not raw:
+        return DEFAULT_CACHE_MAX_BYTES
+    try:
+        value = float(raw)
+    except ValueError:
+        raise UserInputError(
+            f"SLMOPS_DISTILL_CACHE_MAX_GB={raw!r} is not a number",
+            hint="set it to the gigabytes of teacher targets to keep, e.g. 4",
+        ) from None
+    return max(0, int(value * (1 << 30)))
+
+
+def prune_cache(folder: Path, *, keep: Path, max_bytes: int) -> list[Path]:
+    """Remove the least recently used entries until the folder fits ``max_bytes``; ``keep``
+    (the entry just written or read) always stays. Returns what was removed."""
+    entries = []
+    for f in folder.glob("*.safetensors"):
+        try:
+            st = f.stat()
+        except FileNotFoundError:  # another run removed it
+            continue
+        entries.append((st.st_mtime, st.st_size, f))
+    total = sum(size for _, size, _ in entries)
+    removed = []
+    for _, size, f in sorted(entries):
+        if total <= max_bytes:
+            break
+        if f == keep:
+            continue
+        f.unlink(missing_ok=True)
+        total -= size
+        removed.append(f)
+    return removed
 
 
 def default_cache_dir() -> Path:
@@ -97,6 +140,7 @@ def load_cached(path: Path) -> Targets | None:
         t = load_file(path)
     except (SafetensorError, OSError):
         return None  # a damaged cache entry is recomputed, never trusted
+    os.utime(path)  # recently used: the last entry pruning removes
     return Targets(
         t["train_ids"],
         t["held_ids"],
@@ -121,6 +165,7 @@ def save_cached(path: Path, targets: Targets) -> None:
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     write_bytes_atomic(path, data)
+    prune_cache(path.parent, keep=path, max_bytes=cache_max_bytes())
 
 
 def _index_dtype() -> Any:
