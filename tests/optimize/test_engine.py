@@ -149,3 +149,24 @@ def test_concurrent_run_on_same_out_is_refused(tiny_model: Path, tmp_path: Path)
         fcntl.flock(fh, fcntl.LOCK_EX)
         with pytest.raises(UserInputError, match="another slmops optimize"):
             run_recipe(tiny_model, load_recipe(_recipe(tmp_path)), out)
+
+
+def test_step_cache_keys_on_the_content_of_files_options_name(tmp_path: Path) -> None:
+    """Editing calibration text in place must miss the cache; steps without such options keep
+    the key they always had."""
+    from slmops.optimize.engine import step_key
+
+    text = tmp_path / "calib.txt"
+    text.write_text("first version of the domain text", encoding="utf-8")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "name: r\nvariants:\n  w:\n"
+        f"    - prune-wanda: {{sparsity: 0.5, calibration: {text}}}\n"
+        "  g:\n    - export-gguf: {outtype: f16}\n"
+    )
+    wanda, gguf = (load_recipe(recipe).variants[v][0] for v in ("w", "g"))
+    before, plain = step_key("sha256:" + "0" * 64, wanda), step_key("sha256:" + "0" * 64, gguf)
+    text.write_text("second version of the domain text", encoding="utf-8")
+    assert step_key("sha256:" + "0" * 64, wanda) != before
+    assert step_key("sha256:" + "0" * 64, gguf) == plain
+    assert gguf.pass_.config.content_digests() == {}

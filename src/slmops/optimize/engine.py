@@ -152,14 +152,16 @@ class OptimizeRun:
 
 
 def step_key(input_digest: str, step: Step) -> str:
-    return sha256_json(
-        {
-            "input": input_digest,
-            "pass": step.name,
-            "version": step.pass_.version,
-            "options": step.options,
-        }
-    )[7:39]
+    doc: dict[str, object] = {
+        "input": input_digest,
+        "pass": step.name,
+        "version": step.pass_.version,
+        "options": step.options,
+    }
+    content = step.pass_.config.content_digests()
+    if content:  # only then: keys of steps without such options stay what they were
+        doc["content"] = content
+    return sha256_json(doc)[7:39]
 
 
 def run_recipe(

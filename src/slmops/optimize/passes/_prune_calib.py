@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import Field
 
@@ -28,6 +28,8 @@ BATCH = 4  # calibration windows per forward pass: bounds activation memory on l
 
 class CalibrationOptions(PassConfig):
     """Options of passes that look at activations on calibration text."""
+
+    content_fields: ClassVar[tuple[str, ...]] = ("calibration",)
 
     calibration: Path | None = Field(
         None,

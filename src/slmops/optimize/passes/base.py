@@ -16,13 +16,35 @@ from typing import Any, ClassVar, Generic, TypeVar
 from pydantic import ValidationError
 
 from slmops.core.config import StrictModel, config_error_from_validation
+from slmops.core.digest import sha256_file, tree_digest
 from slmops.core.errors import ModelFormatError, UnknownPassError
 from slmops.model.arch import ArchInfo
+from slmops.model.card import read_card
 from slmops.model.handle import ModelFormat, ModelHandle
 
 
 class PassConfig(StrictModel):
     """Base for pass options; unknown options are refused."""
+
+    content_fields: ClassVar[tuple[str, ...]] = ()
+    """Options naming a file or folder whose content the output depends on (calibration text, a
+    teacher model): the step cache keys on their digests, so a file edited in place is a miss."""
+
+    def content_digests(self) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for name in self.content_fields:
+            value = getattr(self, name, None)
+            if value is None:
+                continue
+            path = Path(value)
+            if path.is_file():
+                out[name] = sha256_file(path)
+            elif path.is_dir():
+                card = read_card(path)  # a model folder with a lineage card: its content digest
+                out[name] = card.digest if card is not None else tree_digest(path)
+            else:
+                out[name] = "missing"  # the pass itself reports it
+        return out
 
 
 @dataclass

@@ -36,6 +36,8 @@ log = logging.getLogger("slmops.optimize.distill")
 
 
 class DistillConfig(PassConfig):
+    content_fields: ClassVar[tuple[str, ...]] = ("teacher", "text")
+
     teacher: Path | None = Field(
         None,
         description="Hugging Face folder of the teacher (default: the model the recipe started "
