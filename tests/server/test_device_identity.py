@@ -27,6 +27,7 @@ from helpers import free_port
 from slmops.protocol.fleet import DeviceActionState
 from slmops.server import identity
 from slmops.server.audit import Actor
+from slmops.server.context import Context
 from slmops.server.db.models import Device, Rollout
 from slmops.server.db.session import open_database
 from slmops.server.registry.store import BlobStore
@@ -40,7 +41,6 @@ from slmops.server.rollout import (
     create_rollout,
     step,
 )
-from slmops.server.rollouts import Context
 from slmops.server.settings import load_settings
 
 SERVER_CLI = [sys.executable, "-m", "slmops.cli.server"]

@@ -391,10 +391,10 @@ def test_a_failing_action_is_recorded_and_the_next_ones_still_run(
 ) -> None:
     """In process: a pause that fails after committing (as run_event does) is recorded on its
     claimed row, and the notify after it still runs."""
+    from slmops.server.context import Context
     from slmops.server.feedback import engine
     from slmops.server.feedback.tables import AlertAction, FeedbackRulesRow
     from slmops.server.registry.store import BlobStore
-    from slmops.server.rollouts import Context
 
     def broken_pause(session: Any, *args: Any) -> str:
         session.commit()

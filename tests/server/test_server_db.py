@@ -17,7 +17,7 @@ from slmops.cli.server import parse_duration, parse_labels
 from slmops.core.errors import ConfigError
 from slmops.server.api.device.checkin import etag_matches
 from slmops.server.api.operator.devices import matches, parse_selector
-from slmops.server.db.models import Base
+from slmops.server.db.metadata import metadata
 from slmops.server.db.session import open_database, upgrade
 from slmops.server.security import Role, TokenKind, hash_secret, looks_like, new_secret
 from slmops.server.settings import load_settings
@@ -28,13 +28,14 @@ def test_migrations_match_the_models_and_are_idempotent(tmp_path: Path) -> None:
     upgrade(db.engine)  # a second run is a no-op
     with db.engine.connect() as conn:
         diff = compare_metadata(
-            MigrationContext.configure(conn, opts={"compare_type": True}), Base.metadata
+            MigrationContext.configure(conn, opts={"compare_type": True}), metadata
         )
         version = conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
     assert diff == []
-    assert version == "0007"
+    assert version == "0008"
     tables = set(inspect(db.engine).get_table_names())
     assert {"api_tokens", "enrollment_tokens", "devices", "device_actions", "rollouts"} <= tables
+    assert "rollout_devices" in tables
     db.dispose()
 
 

@@ -32,6 +32,7 @@ from test_server_api import (
 )
 
 from slmops.protocol.telemetry import BOUNDS
+from slmops.server.context import Context
 from slmops.server.db.models import Rollout
 from slmops.server.db.session import Database, open_database
 from slmops.server.registry.store import BlobStore
@@ -46,7 +47,6 @@ from slmops.server.rollout import (
     create_rollout,
     step,
 )
-from slmops.server.rollouts import Context
 from slmops.server.settings import load_settings
 from slmops.server.telemetry import aggregate
 from slmops.server.telemetry.cohorts import feed_metrics, figures_for

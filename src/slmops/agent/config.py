@@ -26,6 +26,7 @@ from slmops.core.errors import ConfigError
 DEVICE_ID_FILE = "device_id"
 _ID_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _LABEL_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,62}$")
+_REGISTRY_KEY = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(:[0-9]{1,5})?\Z")
 
 
 class AgentConfig(StrictModel):
@@ -44,6 +45,43 @@ class AgentConfig(StrictModel):
     backoff_cap_seconds: float = Field(300.0, gt=0, description="longest wait while offline")
     allow_http: bool = Field(False, description="plain http to a non-loopback server")
     profile: str | None = None
+    registry_tokens: dict[str, Path] = Field(
+        default_factory=dict,
+        description="external registries (HOST or HOST:PORT) -> file holding a bearer token for "
+        "pulls from it; other registries are pulled anonymously (never with the device "
+        "credential)",
+    )
+
+    @field_validator("registry_tokens")
+    @classmethod
+    def _registry_tokens(cls, v: dict[str, Path]) -> dict[str, Path]:
+        for key in v:
+            if not _REGISTRY_KEY.match(key):
+                raise ValueError(f"bad registry {key!r}: write HOST or HOST:PORT, no scheme")
+        return {k.lower(): p for k, p in v.items()}
+
+    def registry_token(self, netloc: str) -> str | None:
+        """The token for the registry at ``netloc`` (``host[:port]``, the port-qualified key
+        first), read from its file each time so a rotated token is used at the next pull."""
+        host = netloc.rsplit(":", 1)[0] if not netloc.endswith("]") else netloc
+        path = self.registry_tokens.get(netloc.lower()) or self.registry_tokens.get(host.lower())
+        if path is None:
+            return None
+        try:
+            token = path.read_text().strip()
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot read the token file for registry {netloc}: {exc.strerror or exc}",
+                where=f"registry_tokens.{netloc}",
+                hint="fix the path in the agent config",
+            ) from None
+        if not token or any(c.isspace() for c in token):
+            raise ConfigError(
+                f"the token file for registry {netloc} is empty or holds whitespace",
+                where=path,
+                hint="write the token alone on one line",
+            )
+        return token
 
     @field_validator("labels")
     @classmethod

@@ -31,9 +31,11 @@ import signal
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from slmops.agent.adapter_slots import AdapterSlots
 from slmops.agent.client import DeviceClient, PendingApproval, Rejected, Unreachable
 from slmops.agent.config import AgentConfig
 from slmops.agent.inventory import collect
@@ -48,6 +50,7 @@ from slmops.protocol.device import (
     ActionStatus,
     ActiveModel,
     CheckIn,
+    DesiredModel,
     DesiredState,
     EnrollRequest,
     GenerationDefaults,
@@ -99,6 +102,7 @@ class Agent:
         )
         self.client = DeviceClient(self.server_url, cfg.data_dir)
         self.store = SlotStore(cfg.data_dir)
+        self._adapters = AdapterSlots(cfg.data_dir)
         self.device_id = ""
         self.etag: str | None = None
         self.desired: DesiredState | None = None
@@ -131,6 +135,8 @@ class Agent:
         self.device_id = cfg.resolved_device_id()
         for action in self.store.recover().actions:
             log.warning("slot recovery: %s", action)
+        for action in self._adapters.recover().actions:
+            log.warning("adapter slot recovery: %s", action)
         try:
             self.desired = DesiredState.model_validate_json(
                 (cfg.data_dir / DESIRED_FILE).read_bytes()
@@ -247,9 +253,13 @@ class Agent:
     def _checkin(self) -> DesiredState | None:
         active, previous = self.store.active(), self.store.previous()
         sent = list(self.pending.values())[-64:]
+        current = active[1] if active else None
+        lora = self._adapters.loaded_for(current)
+        if current is not None and lora is not None:
+            current = current.model_copy(update={"adapter": lora[1]})
         body = CheckIn(
             inventory=collect(self.cfg),
-            active=active[1] if active else None,
+            active=current,
             previous=previous[1] if previous else None,
             actions=sent,
         )
@@ -313,20 +323,17 @@ class Agent:
                         detail=f"already running {want.name}:{want.version} ({want.variant})",
                     )
                 )
+            self._apply_adapter(want)
             return
-        from slmops.agent.fetch import RegistrySource  # heavy: only when there is work
-        from slmops.agent.install import Installer
+        from slmops.agent.install import Installer  # heavy: only when there is work
+        from slmops.agent.pull_source import pull_source
 
         threads = self.cfg.threads or self.cfg.model_cores or 2
         try:
             installer = Installer(self.cfg.data_dir, self.cfg.trusted_keys, threads=threads)
-            # the control plane's registry takes the device credential as a bearer token
-            source = RegistrySource(
-                self.server_url,
-                want.repository,
-                allow_http=self.cfg.allow_http,
-                token=self.client.credential(),
-            )
+            # the control plane's registry (with the device credential), or the blueprint's
+            # external registry (never with it: anonymous or a configured token)
+            source = pull_source(want, self.cfg, self.server_url, self.client.credential())
         except Exception as exc:  # a bad key file or repository name: report, do not crash
             self._report(
                 ActionStatus(
@@ -344,6 +351,26 @@ class Agent:
                 self.telemetry.record_health(installer.last_health.ok)
         finally:
             source.close()
+        self._apply_adapter(want)
+
+    def _apply_adapter(self, want: DesiredModel) -> None:
+        """Load, switch or unload the LoRA adapter the desired state names over the running
+        model (agent/adapters.py); the model is never touched, only the adapter's bytes move."""
+        active = self.store.active()
+        if active is None or active[1].digest != want.manifest_digest:
+            return  # the model install failed: keep whatever adapter state there is
+        from slmops.agent.adapters import sync_adapter
+
+        moved = sync_adapter(
+            self.cfg,
+            self.server_url,
+            self.client.credential(),
+            want,
+            active,
+            self._report,
+        )
+        if moved is not None:
+            self.stats["adapter_fetch"] = moved
 
     # serving ---------------------------------------------------------------------------------
     def _api_key(self) -> str | None:
@@ -360,15 +387,16 @@ class Agent:
             if active is None:
                 return None
             model: ActiveModel = active[1]
-            if cur is not None and self._served_digest == model.digest:
+            lora = self._adapters.loaded_for(model)
+            key = model.digest + (f"+{lora[1].digest}" if lora else "")
+            if cur is not None and self._served_digest == key:
                 cur.defaults = defaults
                 cur.model_id = f"{model.name}:{model.version}"  # relabelled re-ships
                 return cur
-            from slmops.runtimes import open_runtime
 
             threads = self.cfg.threads or self.cfg.model_cores or 2
             try:
-                runtime: Runtime = open_runtime(active[0], threads=threads)
+                runtime: Runtime = self._open(active[0], threads, lora[0] if lora else None)
             except Exception as exc:  # the client gets a clear 503, the agent keeps running
                 raise ApiError(
                     503, f"the active model failed to load: {exc}", "unavailable"
@@ -377,8 +405,23 @@ class Agent:
                 with self.api.lock:  # no generation is running on the old runtime
                     cur.runtime.close()
             self._served = Served(runtime, f"{model.name}:{model.version}", defaults)
-            self._served_digest = model.digest
+            self._served_digest = key
             return self._served
+
+    @staticmethod
+    def _open(path: Path, threads: int, lora: Path | None) -> Runtime:
+        """The model's runtime, with the adapter when one is loaded; an adapter that fails to
+        load (it passed its health check, so this is rare) leaves the model serving alone."""
+        from slmops.runtimes import open_runtime
+
+        if lora is not None:
+            from slmops.runtimes.llama_cpp import LlamaCppRuntime
+
+            try:
+                return LlamaCppRuntime(path, threads, 512, lora_path=lora)
+            except Exception as exc:
+                log.warning("the adapter failed to load, serving the model alone: %s", exc)
+        return open_runtime(path, threads=threads)
 
     # telemetry -------------------------------------------------------------------------------
     def _set_policy(self, policy: TelemetryPolicy) -> None:
@@ -422,12 +465,14 @@ class Agent:
     # status ----------------------------------------------------------------------------------
     def _write_status(self, state: str, **extra: Any) -> None:
         active = self.store.active()
+        loaded = self._adapters.loaded_for(active[1] if active else None)
         doc = {
             "state": state,
             "device_id": self.device_id,
             "time": time.time(),
             "backoff_failures": self.backoff.failures,
             "active": active[1].model_dump(mode="json") if active else None,
+            "adapter": loaded[1].model_dump(mode="json") if loaded else None,
             "api_port": self.api.server_address[1] if self.api else None,
             **self.stats,
             **extra,

@@ -39,10 +39,14 @@ def health_check(
     max_tokens: int = 8,
     max_latency_s: float = 10.0,
     timeout_s: float = 120.0,
+    lora: Path | None = None,
 ) -> HealthResult:
     """Fail when the model does not load, produces no token, or load + first token is slower
-    than `max_latency_s` (a device that cannot answer in time is not healthy)."""
+    than `max_latency_s` (a device that cannot answer in time is not healthy). With `lora`, the
+    model is loaded with that GGUF LoRA adapter on top (llama.cpp)."""
     spec = {"path": str(model_dir), "threads": threads, "n_ctx": n_ctx, "max_tokens": max_tokens}
+    if lora is not None:
+        spec["lora"] = str(lora)
     cmd = [sys.executable, "-m", "slmops.agent.health", json.dumps(spec)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, check=False)
@@ -74,9 +78,17 @@ def health_check(
 
 def _child(spec: dict[str, Any]) -> dict[str, Any]:
     from slmops.runtimes import open_runtime
+    from slmops.runtimes.base import Runtime
 
     t0 = time.perf_counter()
-    rt = open_runtime(Path(spec["path"]), threads=int(spec["threads"]), n_ctx=int(spec["n_ctx"]))
+    path, threads, n_ctx = Path(spec["path"]), int(spec["threads"]), int(spec["n_ctx"])
+    rt: Runtime
+    if spec.get("lora"):
+        from slmops.runtimes.llama_cpp import LlamaCppRuntime
+
+        rt = LlamaCppRuntime(path, threads, n_ctx, lora_path=Path(spec["lora"]))
+    else:
+        rt = open_runtime(path, threads=threads, n_ctx=n_ctx)
     load_s = time.perf_counter() - t0
     try:
         ids = ([rt.bos_id] if rt.bos_id is not None else []) + rt.tokenize(SMOKE_PROMPT)

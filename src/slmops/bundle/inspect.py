@@ -19,6 +19,7 @@ from slmops.bundle.media import (
     ANN_KEY_FINGERPRINT,
     ANN_TITLE,
     ANN_VERSION,
+    ARTIFACT_ADAPTER,
     ARTIFACT_SIGNATURE,
     ARTIFACT_VARIANT,
     MAX_CONFIG_BYTES,
@@ -69,6 +70,10 @@ def _inspect(path: Path) -> dict[str, Any]:
         index = parse_model(
             Index, r.read_json(root, MAX_MANIFEST_BYTES, what="bundle index"), where=str(path)
         )
+        if index.artifact_type == ARTIFACT_ADAPTER:
+            from slmops.bundle.adapter import inspect_adapter
+
+            return inspect_adapter(r, top, root, index, path)
         variants: list[dict[str, Any]] = []
         info: BundleInfo | None = None
         report: list[dict[str, Any]] = []

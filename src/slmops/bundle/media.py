@@ -10,6 +10,10 @@ Layout of one bundle (one model version):
                                      layers = eval report (json, html, md) and charts
     signature manifest(s)            artifactType SIGNATURE; subject = bundle index;
                                      one layer: the detached ed25519 signature payload
+
+An adapter (bundle/adapter.py) has the same shape with one manifest: its root index has
+artifactType ADAPTER and `subject` = the base bundle index; its one manifest (ADAPTER) has an
+AdapterDescriptor config and the GGUF LoRA, card and evaluation as layers.
 """
 
 from __future__ import annotations
@@ -24,10 +28,13 @@ MT_EMPTY = "application/vnd.oci.empty.v1+json"
 ARTIFACT_VARIANT = "application/vnd.slmops.variant.v1"
 ARTIFACT_BUNDLE = "application/vnd.slmops.bundle.v1"
 ARTIFACT_SIGNATURE = "application/vnd.slmops.signature.v1"
+ARTIFACT_ADAPTER = "application/vnd.slmops.adapter.v1"  # a LoRA adapter; subject = base bundle
 
 MT_VARIANT_CONFIG = "application/vnd.slmops.variant.config.v1+json"
 MT_BUNDLE_CONFIG = "application/vnd.slmops.bundle.config.v1+json"
 MT_SIGNATURE = "application/vnd.slmops.signature.v1+json"
+MT_ADAPTER_CONFIG = "application/vnd.slmops.adapter.config.v1+json"
+MT_LORA_GGUF = "application/vnd.slmops.lora.gguf"
 
 MT_WEIGHTS_GGUF = "application/vnd.slmops.weights.gguf"
 MT_WEIGHTS_ONNX = "application/vnd.slmops.weights.onnx"
@@ -56,10 +63,13 @@ LAYER_TYPES = frozenset(
         MT_FILE,
         MT_SIGNATURE,
         MT_EMPTY,
+        MT_LORA_GGUF,
     }
 )
-CONFIG_TYPES = frozenset({MT_VARIANT_CONFIG, MT_BUNDLE_CONFIG, MT_EMPTY})
-ARTIFACT_TYPES = frozenset({ARTIFACT_VARIANT, ARTIFACT_BUNDLE, ARTIFACT_SIGNATURE})
+CONFIG_TYPES = frozenset({MT_VARIANT_CONFIG, MT_BUNDLE_CONFIG, MT_ADAPTER_CONFIG, MT_EMPTY})
+ARTIFACT_TYPES = frozenset(
+    {ARTIFACT_VARIANT, ARTIFACT_BUNDLE, ARTIFACT_SIGNATURE, ARTIFACT_ADAPTER}
+)
 
 ANN_TITLE = "org.opencontainers.image.title"  # a layer's file name, relative to the variant folder
 ANN_VERSION = "org.opencontainers.image.version"

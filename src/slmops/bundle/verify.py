@@ -117,6 +117,12 @@ def verify_bundle(
         )
     try:
         with open_bundle(Path(path)) as reader:
+            from slmops.bundle.adapter_verify import root_is_adapter, verify_adapter_layout
+
+            if root_is_adapter(reader):  # an adapter artifact (bundle/adapter.py)
+                return verify_adapter_layout(
+                    reader, keys, require_signature=require_signature, on_blob=on_blob
+                )[0]
             return _Verifier(reader, keys, require_signature, on_blob).run()
     except (BundleFormatError, UnsafeArchiveError) as exc:
         raise BundleVerificationError(exc.message, where=exc.where, hint=exc.hint) from None

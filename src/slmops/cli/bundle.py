@@ -1,4 +1,4 @@
-"""`slmops bundle`, `inspect`, `keys init`, `sign`, `verify`, `push`, `pull`."""
+"""`slmops bundle`, `bundle-adapter`, `inspect`, `keys init`, `sign`, `verify`, `push`, `pull`."""
 
 from __future__ import annotations
 
@@ -67,6 +67,37 @@ def bundle_command(
         out_console.print(f"digest [bold]{res.digest}[/]")
 
 
+def bundle_adapter_command(
+    adapter: Annotated[Path, typer.Argument(help="the --out folder of `slmops adapt`")],
+    base: Annotated[
+        str, typer.Option("--base", help="the base bundle: its folder or oci://HOST/NAME:VERSION")
+    ],
+    name: Annotated[str, typer.Option("--name", help="adapter name (OCI repository style)")],
+    version: Annotated[str, typer.Option("--version", help="adapter version, e.g. 1.0.0")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="folder for the adapter artifact")],
+    variant: Annotated[
+        list[str] | None,
+        typer.Option("--variant", help="base variant(s) to fit (default: every GGUF one)"),
+    ] = None,
+    token: TokenOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Package a LoRA adapter as a signed-able OCI artifact whose subject is its base bundle."""
+    with handled(as_json):
+        from slmops.bundle.adapter import build_adapter_bundle
+
+        res = build_adapter_bundle(
+            adapter, base, name=name, version=version, out=out, variants=variant, token=token
+        )
+        if as_json:
+            emit_json(_plain(res))
+            return
+        out_console.print(f"adapter [bold]{name}:{version}[/] for {res.base} written to {out}")
+        out_console.print(f"digest [bold]{res.digest}[/]; fits {', '.join(res.variants)}")
+        for v, why in res.skipped.items():
+            out_console.print(f"  not for {v}: {why}")
+
+
 def inspect_command(
     bundle: Annotated[Path, typer.Argument(help="bundle folder or .tar")],
     as_json: JsonOpt = False,
@@ -78,6 +109,20 @@ def inspect_command(
         info = inspect_bundle(bundle)
         if as_json:
             emit_json(_plain(info))
+            return
+        if info.get("kind") == "adapter":
+            base = info["base"]
+            out_console.print(
+                f"[bold]adapter {info['name']}:{info['version']}[/]  {info['digest']}"
+            )
+            out_console.print(f"base {base['name']}:{base['version']} {base['bundle_digest']}")
+            fits = ", ".join(v["name"] for v in info["fits_variants"])
+            out_console.print(
+                f"fits {fits}; rank {info['rank']}, {info['target_tensors']} tensors, "
+                f"{human_bytes(info['adapter_bytes'])}"
+            )
+            signers = ", ".join(info.get("signed_by") or []) or "none"
+            out_console.print(f"signatures (not verified here; use slmops verify): {signers}")
             return
         out_console.print(f"[bold]{info['name']}:{info['version']}[/]  {info['digest']}")
         signed = info.get("signed_by") or []

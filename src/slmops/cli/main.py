@@ -44,6 +44,7 @@ def build_app() -> typer.Typer:
         devices,
         evaluate,
         fleet,
+        fleet_sim,
         importer,
         improve,
         model,
@@ -67,6 +68,7 @@ def build_app() -> typer.Typer:
     app.command("evaluate")(evaluate.evaluate_command)
     app.command("gate")(evaluate.gate_command)
     app.command("bundle")(bundle.bundle_command)
+    app.command("bundle-adapter")(bundle.bundle_adapter_command)
     app.command("inspect")(bundle.inspect_command)
     app.command("sign")(bundle.sign_command)
     app.command("verify")(bundle.verify_command)
@@ -79,6 +81,7 @@ def build_app() -> typer.Typer:
     fleet.get_app.command("audit")(devices.get_audit_command)
     app.add_typer(devices.app, name="devices")
     app.add_typer(rollout.app, name="rollout")
+    app.add_typer(fleet_sim.app, name="fleet")
     app.command("improve")(improve.improve_command)
     app.command("improve-worker")(improve.improve_worker_command)
     app.command("agent")(agent.agent_command)

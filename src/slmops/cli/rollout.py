@@ -1,7 +1,8 @@
 """`slmops rollout ...`: watch and steer the rollouts blueprint changes create.
 
     slmops rollout list [--blueprint B]     every rollout, newest first
-    slmops rollout get ID                   waves with the gate numbers, devices, history
+    slmops rollout get ID [--devices]       counts, waves with the gate numbers, history;
+                                            --devices pages through every device
     slmops rollout start|pause|resume|promote|abort|rollback ID [--reason R]
     slmops rollout wait ID [--timeout S]    block until it ends (exit 0 succeeded, 1 otherwise)
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import time
 from typing import Annotated, Any
+from urllib.parse import urlencode
 
 import typer
 from rich.table import Table
@@ -80,13 +82,25 @@ def list_command(
     out_console.print(table)
 
 
-def print_rollout(r: dict[str, Any]) -> None:
+def _counts(r: dict[str, Any]) -> str:
+    return ", ".join(f"{n} {s}" for s, n in r["by_status"].items()) or "no devices"
+
+
+def print_rollout(r: dict[str, Any], *, devices: bool = True) -> None:
+    """The rollout as a person reads it; ``devices``: the table of ``device_list`` too."""
     wave = "not started" if r["wave"] is None else f"at wave {r['wave']} of 0..{r['waves'] - 1}"
     out_console.print(
         f"[bold]{r['id']}[/] ({r['blueprint']}): {r['model']}:{r['target_version']} "
         f"{_styled(r['status'])}, {wave}, {r['devices']} device(s) to move"
     )
-    waves = Table("wave", "size", "target", "outcome", "gates (observed vs threshold)")
+    out_console.print(f"{r.get('matched', 0)} matched: {_counts(r)}")
+    unplaceable = r.get("unplaceable") or {}
+    if unplaceable:  # matched, but the target fits none of these: counted per reason
+        reasons = "; ".join(f"{n}: {why}" for why, n in unplaceable.items())
+        out_console.print(
+            f"{r.get('matched', 0)} matched, {sum(unplaceable.values())} unplaceable ({reasons})"
+        )
+    waves = Table("wave", "size", "target", "moved", "outcome", "gates (observed vs threshold)")
     for w in r["wave_list"]:
         ev = w["decision"] or w["evaluation"]
         gates = "-"
@@ -96,10 +110,19 @@ def print_rollout(r: dict[str, Any]) -> None:
             )
         outcome = w["outcome"] or ("current" if w["index"] == r["wave"] else "-")
         by = f" by {w['ended_by']}" if w["ended_by"] else ""
-        waves.add_row(str(w["index"]), w["size"], str(w["target"]), outcome + by, gates)
+        moved = f"{w.get('devices', 0)} ({w.get('succeeded', 0)} active)"
+        waves.add_row(str(w["index"]), w["size"], str(w["target"]), moved, outcome + by, gates)
     out_console.print(waves)
+    if devices:
+        print_devices(r["device_list"])
+    for h in r["history"][-6:]:
+        who = h["actor"] or "slmops"
+        out_console.print(f"  {h['from_status']} -> {h['to_status']} ({who}): {h['reason']}")
+
+
+def print_devices(device_list: list[dict[str, Any]]) -> None:
     devices = Table("device", "class", "from", "wave", "state", "detail")
-    for d in r["device_list"]:
+    for d in device_list:
         stage = f" at {d['failed_stage']}" if d["failed_stage"] else ""
         devices.add_row(
             d["device_id"],
@@ -110,19 +133,83 @@ def print_rollout(r: dict[str, Any]) -> None:
             (d["detail"] or "")[:100],
         )
     out_console.print(devices)
-    for h in r["history"][-6:]:
-        who = h["actor"] or "slmops"
-        out_console.print(f"  {h['from_status']} -> {h['to_status']} ({who}): {h['reason']}")
+
+
+def fetch_rollout(
+    server: str,
+    token: str,
+    id: str,
+    *,
+    devices: bool,
+    counts_only: bool = False,
+    wave: int | None = None,
+    status: str | None = None,
+    page_size: int = 1000,
+) -> dict[str, Any]:
+    """The rollout; with ``devices``, every device (matching the filters) in ``device_list``,
+    fetched page by page along the server's cursor; else the server's first page, or no device
+    at all with ``counts_only`` (``limit=0``: the counts are in every page)."""
+    params: dict[str, Any] = {}
+    if devices:
+        params["limit"] = page_size
+    elif counts_only:
+        params["limit"] = 0
+    if wave is not None:
+        params["wave"] = wave
+    if status is not None:
+        params["status"] = status
+    query = f"?{urlencode(params)}" if params else ""
+    first: dict[str, Any] = call("GET", server, f"/api/v1/rollouts/{id}{query}", token)
+    if not devices:
+        return first
+    collected = list(first["device_list"])
+    cursor = first["device_page"]["next"]
+    while cursor is not None:
+        query = urlencode({**params, "after": cursor})
+        more = call("GET", server, f"/api/v1/rollouts/{id}?{query}", token)
+        collected.extend(more["device_list"])
+        cursor = more["device_page"]["next"]
+    first["device_list"] = collected
+    first["device_page"] = {**first["device_page"], "returned": len(collected), "next": None}
+    return first
 
 
 @app.command("get")
-def get_command(id: Id, server: ServerOpt, token: TokenOpt, as_json: JsonOpt = False) -> None:
-    """Show one rollout: waves and the gate numbers that decided them, devices, history."""
-    result = run_command(as_json, lambda: call("GET", server, f"/api/v1/rollouts/{id}", token))
+def get_command(
+    id: Id,
+    server: ServerOpt,
+    token: TokenOpt,
+    devices: Annotated[
+        bool, typer.Option("--devices", help="list every device, fetched a page at a time")
+    ] = False,
+    wave: Annotated[
+        int | None, typer.Option("--wave", min=0, help="with --devices: only this wave's")
+    ] = None,
+    status: Annotated[
+        str | None,
+        typer.Option("--status", help="with --devices: only this status (queued, active, ...)"),
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Show one rollout: counts, waves and the gate numbers that decided them, history; with
+    --devices, every device (paged through the API's cursor). --json without --devices prints
+    the API's first page (100 devices; ``device_page.next`` says whether there are more)."""
+    result = run_command(
+        as_json,
+        lambda: fetch_rollout(
+            server,
+            token,
+            id,
+            devices=devices,
+            counts_only=not as_json,
+            wave=wave,
+            status=status,
+        ),
+    )
     if as_json:
         emit_json(result)
         return
-    print_rollout(result)
+    print_rollout(result, devices=devices)
 
 
 def _action(action: str, doc: str) -> None:
@@ -142,7 +229,7 @@ def _action(action: str, doc: str) -> None:
         if as_json:
             emit_json(result)
             return
-        print_rollout(result)
+        print_rollout(result, devices=False)
 
     command.__doc__ = doc
     app.command(action)(command)
@@ -165,7 +252,7 @@ def wait_for(
     deadline = time.monotonic() + timeout
     last = ""
     while True:
-        r = call("GET", server, f"/api/v1/rollouts/{id}", token)
+        r = call("GET", server, f"/api/v1/rollouts/{id}?limit=0", token)  # counts only
         at = "-" if r["wave"] is None else r["wave"]
         counts = ", ".join(f"{n} {s}" for s, n in r["by_status"].items())
         line = f"{r['status']} at wave {at} of 0..{r['waves'] - 1}: {counts}"
@@ -206,4 +293,4 @@ def wait_command(
     if as_json:
         emit_json(result)
         return
-    print_rollout(result)
+    print_rollout(result, devices=False)

@@ -14,6 +14,7 @@ from pydantic import Field, StringConstraints
 from slmops.core.config import StrictModel
 from slmops.protocol.digest import Digest
 from slmops.protocol.fleet import DeviceActionState
+from slmops.protocol.registry_url import RegistryUrl
 from slmops.protocol.telemetry import TelemetryPolicy
 
 PROTOCOL_VERSION = "slmops.device/v1"
@@ -76,11 +77,20 @@ class EnrollResponse(StrictModel):
     detail: str | None = None
 
 
+class ActiveAdapter(StrictModel):
+    """The LoRA adapter loaded on top of the active model (agent/adapters.py)."""
+
+    name: str
+    version: str
+    digest: Digest = Field(description="adapter artifact (index) digest")
+
+
 class ActiveModel(StrictModel):
     name: str
     version: str
     variant: str
     digest: Digest = Field(description="variant manifest digest")
+    adapter: ActiveAdapter | None = Field(None, description="the adapter loaded on top, if any")
 
 
 class ActionStatus(StrictModel):
@@ -119,6 +129,18 @@ class GenerationDefaults(StrictModel):
     )
 
 
+class DesiredAdapter(StrictModel):
+    """A LoRA adapter artifact to load on top of the desired model (blueprint `adapters:`)."""
+
+    name: str
+    version: str
+    digest: Digest = Field(description="adapter artifact (index) digest: what is signed")
+    manifest_digest: Digest
+    layer_digest: Digest = Field(description="the adapter.gguf layer")
+    size: int = Field(ge=0, description="bytes of the adapter.gguf layer")
+    repository: str = Field(description="OCI repository on the control plane's registry")
+
+
 class DesiredModel(StrictModel):
     """One resolved variant of one bundle version: what the device should run."""
 
@@ -130,6 +152,13 @@ class DesiredModel(StrictModel):
     repository: str = Field(description="OCI repository on the control plane's registry")
     rollout_id: str | None = None
     revert: bool = Field(False, description="true when this is a rollback to the kept version")
+    adapter: DesiredAdapter | None = Field(None, description="None: run the model alone")
+    registry: RegistryUrl | None = Field(
+        None,
+        description="external OCI registry holding the bundle (blueprint `registry:`); None: "
+        "the control plane's own. The device credential is never sent there",
+        exclude_if=lambda v: v is None,  # absent when unset: older agents and ETags unchanged
+    )
 
 
 class DesiredState(StrictModel):
@@ -138,6 +167,9 @@ class DesiredState(StrictModel):
     model: DesiredModel | None = Field(None, description="None: keep what runs")
     generation: GenerationDefaults = Field(default_factory=GenerationDefaults)
     unplaceable: str | None = Field(None, description="why no variant fits this device, if so")
+    adapter_unplaceable: str | None = Field(
+        None, description="why the adapter the blueprint assigns is not assigned, if so"
+    )
     poll_seconds: float = Field(60.0, gt=0)
     telemetry: TelemetryPolicy = Field(default_factory=TelemetryPolicy)
     model_config = StrictModel.model_config | {"populate_by_name": True}

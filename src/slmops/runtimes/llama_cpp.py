@@ -10,6 +10,7 @@ the per-token statistics read the last row straight from the context.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from slmops.core.errors import ModelFormatError
@@ -20,10 +21,19 @@ if TYPE_CHECKING:
 
 
 class LlamaCppRuntime(Runtime):
+    """`lora_path`: a GGUF LoRA adapter applied on top at load (llama.cpp's `lora_path`), as
+    the agent runs a site's adapter over the shared base."""
+
     name = "llama.cpp"
     format = "gguf"
 
     _logits_all = False
+
+    def __init__(
+        self, path: Path, threads: int, n_ctx: int, *, lora_path: Path | None = None
+    ) -> None:
+        self.lora_path = lora_path
+        super().__init__(path, threads, n_ctx)
 
     def _load(self) -> None:
         import llama_cpp
@@ -39,11 +49,15 @@ class LlamaCppRuntime(Runtime):
                 n_threads=self.threads,
                 n_threads_batch=self.threads,
                 logits_all=self._logits_all,
+                lora_path=str(self.lora_path) if self.lora_path else None,
                 verbose=False,
             )
         except (ValueError, RuntimeError) as exc:
+            what = (
+                f"the model with adapter {self.lora_path.name}" if self.lora_path else "the model"
+            )
             raise ModelFormatError(
-                f"llama.cpp cannot load the model: {exc}", where=files[0]
+                f"llama.cpp cannot load {what}: {exc}", where=self.lora_path or files[0]
             ) from None
         self._scoring = False
 

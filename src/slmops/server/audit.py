@@ -16,7 +16,8 @@ from typing import Any
 from sqlalchemy import JSON, Integer, String
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
-from slmops.server.db.models import ApiToken, Base, Tz, utcnow
+from slmops.server.db.base import Base, Tz, utcnow
+from slmops.server.db.models import ApiToken
 
 
 class AuditEntry(Base):

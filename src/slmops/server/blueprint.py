@@ -13,6 +13,9 @@
       devices:                               # device level: the last word
         kiosk-17: {max_tokens: 64}
       rollout: {waves: [{count: 1}, {percent: 50}, {percent: 100}]}
+      adapters:                              # LoRA adapters by label (most specific wins)
+        - {selector: {site: store-1}, adapter: store-1-menu, version: 1.0.0}
+      registry: https://registry.example.com   # optional: devices pull the bytes from here
 
 Precedence for generation settings: built-in defaults < spec.generation (fleet) < matching
 groups in order < devices[device_id]. Unknown keys are refused with the file and key named.
@@ -27,6 +30,7 @@ from pydantic import Field, model_validator
 
 from slmops.core.config import StrictModel
 from slmops.protocol.device import GenerationDefaults
+from slmops.protocol.registry_url import RegistryUrl
 from slmops.protocol.telemetry import TelemetryPolicy
 from slmops.server.rollout.policy import RolloutPolicy
 
@@ -65,6 +69,14 @@ class GroupOverride(StrictModel):
     generation: GenerationOverrides
 
 
+class AdapterAssignment(StrictModel):
+    """A LoRA adapter for the devices matching `selector` (within the blueprint's own)."""
+
+    selector: dict[str, str] = Field(default_factory=dict, description="empty: every device")
+    adapter: str = Field(min_length=1, max_length=255, description="adapter artifact name")
+    version: str = Field(min_length=1, max_length=128)
+
+
 class BlueprintSpec(StrictModel):
     selector: dict[str, str] = Field(default_factory=dict, description="empty: every device")
     model: ModelRef
@@ -73,6 +85,15 @@ class BlueprintSpec(StrictModel):
     devices: dict[str, GenerationOverrides] = Field(default_factory=dict)
     rollout: RolloutPolicy = Field(default_factory=RolloutPolicy)
     telemetry: TelemetryPolicy = Field(default_factory=TelemetryPolicy)
+    adapters: list[AdapterAssignment] = Field(
+        default_factory=list, description="per-site LoRA adapters; the most specific selector wins"
+    )
+    registry: RegistryUrl | None = Field(
+        None,
+        description="external OCI registry devices pull the bundle from (it must hold the "
+        "same bundle, signatures included); None: the control plane's own registry",
+        exclude_if=lambda v: v is None,  # stored specs without it stay unchanged on re-apply
+    )
 
 
 class Metadata(StrictModel):
@@ -94,6 +115,13 @@ class Blueprint(StrictModel):
 
 def matches(selector: dict[str, str], labels: dict[str, str]) -> bool:
     return all(labels.get(k) == v for k, v in selector.items())
+
+
+def assigned_adapter(bp: Blueprint, labels: dict[str, str]) -> AdapterAssignment | None:
+    """The matching assignment with the most selector keys; ties to the smallest adapter name
+    (as blueprint precedence: the answer never depends on the order in the file)."""
+    fitting = [a for a in bp.spec.adapters if matches(a.selector, labels)]
+    return min(fitting, key=lambda a: (-len(a.selector), a.adapter, a.version), default=None)
 
 
 def effective_generation(

@@ -8,7 +8,10 @@ depends on the order blueprints were applied.
 Which *version* the device should run is the blueprint's rollout plan (``plan_for``): a device
 the blueprint's latest rollout has moved gets its target (or, once reverted, the version it had
 before); a device still queued keeps what it runs; any other device gets the blueprint's stable
-version (the last version a rollout brought to completion). The version's bundle index is read
+version (the last version a rollout brought to completion), but only when it runs no version of
+the model yet (a first install) or runs that one already: anything but a rollout's assignment
+is the version the device already runs. A device's version is the later of its last check-in
+and its last action report (``rollouts.note_running``). The version's bundle index is read
 from the registry store, and ``resolve_variant`` picks a variant for the device's inventory;
 when none fits, the device keeps what it runs and gets the reason in ``unplaceable``.
 
@@ -21,24 +24,30 @@ The upper half is pure (shared by tests); the lower half reads the database and 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import threading
 from collections import Counter
 from dataclasses import dataclass
 
 from pydantic import ValidationError
 from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, object_session
 
 from slmops.protocol.bundle import VariantDescriptor
 from slmops.protocol.device import DesiredModel, DesiredState, Inventory
+from slmops.server.adapters import AdapterResolver, place_adapter, resolve_adapter
 from slmops.server.blueprint import Blueprint, ModelRef, effective_generation, matches
 from slmops.server.blueprints_table import BlueprintRow
 from slmops.server.db.models import Device, Rollout
+from slmops.server.invalidation import changed
+from slmops.server.registry.catalog import describe
 from slmops.server.registry.store import BlobStore
 from slmops.server.registry.tables import RegistryChannel, RegistryTag
 from slmops.server.resolve import resolve_variant
-from slmops.server.rollout import RolloutState
+from slmops.server.rollout import DeviceRecord, RolloutState
+from slmops.server.rollout_rows import device_record, records_of
 
 
 @dataclass(frozen=True)
@@ -67,24 +76,39 @@ class Plan:
     known: bool = False  # the rollout has this device (moved, queued or skipped)
 
 
-def plan_for(device_id: str, stable: str | None, rollout: RolloutState | None) -> Plan:
-    """What the blueprint's latest rollout (or else its stable version) means for one device.
+def plan_for(
+    stable: str | None,
+    rollout: RolloutState | None,
+    record: DeviceRecord | None,
+    current: str | None,
+) -> Plan:
+    """What the blueprint's latest rollout (or else its stable version) means for one device
+    (``record``: its record in that rollout; ``current``: the version of the model it runs).
 
-    Moved devices get the target, reverted ones the version they had before (``revert``), queued
-    ones keep what they ran when matched (``from_version``; None: no model), skipped ones (already
-    on the target) the target; a device the rollout never matched gets the stable version.
+    Moved devices get the target, reverted ones the version they had before (``revert``): the
+    only answers that change a device's version. Queued ones keep what they ran when matched
+    (``from_version``; None: no model), skipped ones (already on the target) the target, and a
+    device the rollout never matched or cannot place the stable version; each of these only when
+    it is what the device runs (or it runs no version yet: a first install), else it keeps what
+    it runs. So a device whose check-in lags behind its last install is never moved outside a
+    rollout's waves and gates.
     """
-    record = rollout.devices.get(device_id) if rollout is not None else None
-    if rollout is None or record is None:
-        return Plan(stable)
-    rid = rollout.rollout_id
-    if record.skipped:
-        return Plan(rollout.target_version, known=True)
-    if record.reverted_at is not None:
-        return Plan(record.from_version, rid, revert=True, known=True)
-    if record.wave is not None:
-        return Plan(rollout.target_version, rid, known=True)
-    return Plan(record.from_version, known=True)
+    if rollout is not None and record is not None:
+        rid = rollout.rollout_id
+        if record.reverted_at is not None:
+            return Plan(record.from_version, rid, revert=True, known=True)
+        if record.wave is not None:
+            return Plan(rollout.target_version, rid, known=True)
+    plan: Plan
+    if rollout is None or record is None or record.unplaceable is not None:
+        plan = Plan(stable)
+    elif record.skipped:
+        plan = Plan(rollout.target_version, known=True)
+    else:
+        plan = Plan(record.from_version, known=True)
+    if plan.version is not None and current is not None and plan.version != current:
+        return Plan(None, known=plan.known)  # not an assignment: never another version
+    return plan
 
 
 def desired_for(
@@ -96,9 +120,11 @@ def desired_for(
     *,
     poll_seconds: float,
     plan: Plan | None = None,
+    adapters: AdapterResolver | None = None,
 ) -> DesiredState:
     """The desired state under ``bp``; ``target`` is the resolved version, why there is none,
-    or None (keep what runs); ``plan`` adds the rollout id and revert flag to the model."""
+    or None (keep what runs); ``plan`` adds the rollout id and revert flag to the model;
+    ``adapters`` resolves the blueprint's adapter for the device (server/adapters.py)."""
     generation = effective_generation(bp, device_id, labels)
     base = DesiredState(
         device_id=device_id,
@@ -125,7 +151,11 @@ def desired_for(
         repository=target.name,
         rollout_id=plan.rollout_id if plan else None,
         revert=plan.revert if plan else False,
+        registry=bp.spec.registry,  # the bytes from there; variants resolved from our copy
     )
+    if adapters is not None:
+        model, why = place_adapter(bp, labels, model, adapters)
+        base = base.model_copy(update={"adapter_unplaceable": why})
     return base.model_copy(update={"model": model})
 
 
@@ -168,10 +198,13 @@ def resolve_version(session: Session, ref: ModelRef) -> str:
     return channel.version
 
 
-def resolve_target(session: Session, store: BlobStore, ref: ModelRef) -> Target | str:
-    """The pushed version ``ref`` names, or a sentence saying why it cannot be resolved."""
-    from slmops.server.registry.models_api import describe  # models_api imports this module
+def resolve_target(
+    session: Session, store: BlobStore, ref: ModelRef, cache: TargetCache | None = None
+) -> Target | str:
+    """The pushed version ``ref`` names, or a sentence saying why it cannot be resolved.
 
+    ``cache`` (the app's, ``server/context.Services``) spares re-reading the bundle's
+    manifests from disk; without one every call reads them."""
     try:
         version = resolve_version(session, ref)
     except LookupError as exc:
@@ -182,7 +215,7 @@ def resolve_target(session: Session, store: BlobStore, ref: ModelRef) -> Target 
     if tag is None:
         return f"model {ref.name!r} has no version {version!r} in the registry"
     key = (str(store.blobs), ref.name, version, tag.digest)
-    cached = _TARGETS.get(key)
+    cached = cache.get(key) if cache is not None else None
     if cached is not None:
         return cached
     described = describe(store, ref.name, version, tag.digest, 0)
@@ -190,31 +223,47 @@ def resolve_target(session: Session, store: BlobStore, ref: ModelRef) -> Target 
     if not variants and described.problems:
         return f"{ref.name}:{version} cannot be read: " + "; ".join(described.problems[:2])
     target = Target(ref.name, version, tag.digest, variants)
-    if len(_TARGETS) >= _TARGETS_MAX:
-        _TARGETS.pop(next(iter(_TARGETS)))
-    _TARGETS[key] = target
+    if cache is not None:
+        cache.put(key, target)
     return target
 
 
-# Bundle contents are immutable per digest, so a resolved version is cached by its tag's digest
-# (a re-tag gives a new key). This keeps check-ins from re-reading manifests from disk each time;
-# failures are not cached, as a blob may still be arriving.
-_TARGETS: dict[tuple[str, str, str, str], Target] = {}
-_TARGETS_MAX = 256
+class TargetCache:
+    """Resolved versions of one app (``server/context.Services``), at most ``limit``.
 
+    Bundle contents are immutable per digest, so a resolved version is cached by its tag's
+    digest (a re-tag gives a new key). This keeps check-ins from re-reading manifests from disk
+    each time; failures are not cached, as a blob may still be arriving. App-scoped rather than
+    a module global, so two apps in one process (tests) never share entries.
+    """
 
-CHANGES = [0]
-"""Bumped whenever this process writes a changed desired state: the check-in cache
-(``api/device/checkin_cache.py``) drops every entry older than the last change it saw."""
+    def __init__(self, limit: int = 256) -> None:
+        self.limit = limit
+        self._items: dict[tuple[str, str, str, str], Target] = {}
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[str, str, str, str]) -> Target | None:
+        return self._items.get(key)
+
+    def put(self, key: tuple[str, str, str, str], target: Target) -> None:
+        with self._lock:
+            if len(self._items) >= self.limit:
+                self._items.pop(next(iter(self._items)))
+            self._items[key] = target
+
+    def __len__(self) -> int:
+        return len(self._items)
 
 
 def store_desired(device: Device, doc: DesiredState) -> str:
-    """Write the desired state and its ETag on the device row (the caller commits)."""
+    """Write the desired state and its ETag on the device row (the caller commits). A new ETag
+    is marked on the session: when it commits, every API process drops the device's cached
+    check-in answer (``server/invalidation.py``)."""
     etag = etag_of(canonical(doc))
     if device.desired_etag != etag:
         device.desired = doc.model_dump(mode="json", by_alias=True)
         device.desired_etag = etag
-        CHANGES[0] += 1
+        changed(object_session(device), device.device_id)
     return etag
 
 
@@ -241,19 +290,28 @@ class Refresher:
     """Recomputes devices against one snapshot of blueprints and rollouts; each version is
     resolved and each rollout parsed once per snapshot."""
 
-    def __init__(self, session: Session, store: BlobStore, *, poll_seconds: float) -> None:
+    def __init__(
+        self,
+        session: Session,
+        store: BlobStore,
+        *,
+        poll_seconds: float,
+        targets: TargetCache | None = None,
+    ) -> None:
         self.session, self.store, self.poll_seconds = session, store, poll_seconds
+        self.cache = targets
         rows = list(session.scalars(select(BlueprintRow)))
         self.blueprints = [to_blueprint(r) for r in rows]
         self.stable = {r.name: r.stable_version for r in rows}
         self._targets: dict[tuple[str, str], Target | str] = {}
         self._rollouts: dict[str, RolloutState | None] = {}
+        self._records: dict[str, dict[str, DeviceRecord]] = {}  # preloaded, per rollout id
 
     def target(self, name: str, version: str) -> Target | str:
         key = (name, version)
         if key not in self._targets:
             ref = ModelRef(name=name, version=version)
-            self._targets[key] = resolve_target(self.session, self.store, ref)
+            self._targets[key] = resolve_target(self.session, self.store, ref, self.cache)
         return self._targets[key]
 
     def spec_target(self, bp: Blueprint) -> Target | str:
@@ -270,13 +328,33 @@ class Refresher:
             self._rollouts[name] = RolloutState.from_json(row.state_json) if row else None
         return self._rollouts[name]
 
+    def record(self, rollout: RolloutState, device_id: str) -> DeviceRecord | None:
+        """The device's record in ``rollout``: one primary-key read, unless preloaded."""
+        if rollout.devices:  # a document written before rows existed holds them inline
+            return rollout.devices.get(device_id)
+        preloaded = self._records.get(rollout.rollout_id)
+        if preloaded is not None:
+            return preloaded.get(device_id)
+        return device_record(self.session, rollout.rollout_id, device_id)
+
+    def preload(self, device_ids: set[str] | None = None) -> None:
+        """Read the latest rollouts' records (of ``device_ids``, or all) in a few queries: for
+        recomputing many devices, instead of one read per device."""
+        for bp in self.blueprints:
+            rollout = self.rollout(bp)
+            if rollout is not None and not rollout.devices:
+                found = records_of(self.session, rollout.rollout_id, device_ids)
+                self._records[rollout.rollout_id] = found
+
     def governing(self, device: Device) -> Blueprint | None:
         return governing(self.blueprints, device.effective_labels)
 
     def desired(self, device: Device, bp: Blueprint) -> DesiredState:
         labels, inv = device.effective_labels, inventory_of(device)
         rollout = self.rollout(bp)
-        plan = plan_for(device.device_id, self.stable.get(bp.metadata.name), rollout)
+        record = self.record(rollout, device.device_id) if rollout is not None else None
+        current = current_version(device, bp.spec.model.name)
+        plan = plan_for(self.stable.get(bp.metadata.name), rollout, record, current)
         target: Target | str | None
         if plan.version is not None:
             target = self.target(bp.spec.model.name, plan.version)
@@ -289,7 +367,14 @@ class Refresher:
         else:
             target = None  # queued with nothing before the rollout: keep what runs
         doc = desired_for(
-            device.device_id, inv, labels, bp, target, poll_seconds=self.poll_seconds, plan=plan
+            device.device_id,
+            inv,
+            labels,
+            bp,
+            target,
+            poll_seconds=self.poll_seconds,
+            plan=plan,
+            adapters=functools.partial(resolve_adapter, self.session, self.store),
         )
         if not plan.known and rollout is not None and not rollout.status.is_terminal:
             why = self.misfit(device, rollout.target_version, bp)
@@ -321,17 +406,24 @@ class Refresher:
 
 
 def refresh_devices(
-    session: Session, store: BlobStore, *, poll_seconds: float, device_ids: set[str] | None = None
+    session: Session,
+    store: BlobStore,
+    *,
+    poll_seconds: float,
+    device_ids: set[str] | None = None,
+    targets: TargetCache | None = None,
 ) -> Counter[str]:
     """Recompute every device (or those named) without committing; counts devices per
     governing blueprint name."""
-    refresher = Refresher(session, store, poll_seconds=poll_seconds)
+    refresher = Refresher(session, store, poll_seconds=poll_seconds, targets=targets)
     counts: Counter[str] = Counter()
     query = select(Device)
     if device_ids is not None:
         if not device_ids:
             return counts
         query = query.where(Device.device_id.in_(sorted(device_ids)))
+    if device_ids is None or len(device_ids) > 50:
+        refresher.preload(device_ids)  # a few reads per rollout rather than one per device
     for device in session.scalars(query):
         bp = refresher.refresh(device)
         if bp is not None:

@@ -9,24 +9,29 @@ or decommissioned) and hawkBit's per-target security tokens. The invariants:
   nobody knows, so the old credential stops working at once (no status check on the hot
   check-in path is needed) and the device comes back only through an approved request;
 - deleting (decommissioning) removes the row and takes the device out of every unfinished
-  rollout, so a box that is gone does not hold a wave open until it times out;
+  rollout, so a box that is gone does not hold a wave open until it times out; revoking takes
+  it out the same way (it cannot check in, so it would never report), and new rollouts do not
+  match a revoked device; once an approved request brings it back, its next check-in joins its
+  blueprint's active rollout like a late enrollment;
 - each change is audited in the same transaction (``server/audit.py``).
 
-Cached idle check-ins end at once in this process (``desired.CHANGES``); other API processes
-answer a revoked credential's idle polls from memory for at most ``checkin_cache_seconds``.
+Each change drops the device's cached idle check-ins when it commits, in this process and (on
+PostgreSQL, by NOTIFY) in every other API process (``server/invalidation.py``).
 """
 
 from __future__ import annotations
 
 from sqlalchemy import select, update
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, object_session
 
 from slmops.server.audit import Actor, record
+from slmops.server.context import Context
 from slmops.server.db.models import Device, Rollout, utcnow
-from slmops.server.desired import CHANGES
 from slmops.server.identity_tables import EnrollmentRequest, RequestStatus
-from slmops.server.rollout import RolloutState, RolloutStatus, Tick
-from slmops.server.rollouts import Context, run_event
+from slmops.server.invalidation import changed
+from slmops.server.rollout import RolloutStatus, Tick
+from slmops.server.rollout_rows import RolloutConflict, forget_device
+from slmops.server.rollouts import run_event
 from slmops.server.security import TokenKind, hash_secret, new_id, new_secret
 
 ACTIVE = "active"
@@ -46,7 +51,7 @@ def unusable_hash() -> str:
 def cut_credential(device: Device) -> None:
     """The device's current credential stops working (cached check-ins too)."""
     device.credential_hash = unusable_hash()
-    CHANGES[0] += 1
+    changed(object_session(device), device.device_id)
 
 
 def pending_request(session: Session, device_id: str) -> EnrollmentRequest | None:
@@ -124,15 +129,24 @@ def decide(
     if approve:
         device.credential_hash = req.credential_hash
         device.status = ACTIVE
-        CHANGES[0] += 1
+        changed(session, device.device_id)
     action = "device.approve" if approve else "device.reject"
     record(session, actor, action, target(device.device_id), request_id=req.id)
 
 
-def revoke(session: Session, device: Device, actor: Actor, *, reason: str | None) -> None:
+def revoke(
+    session: Session, device: Device, actor: Actor, ctx: Context, *, reason: str | None
+) -> list[str]:
+    """The credential stops working and the device leaves every unfinished rollout (its
+    record and counts, so no wave waits for reports it can no longer send). The revocation
+    and its audit entry commit first, so it cannot check in and rejoin while it is taken out.
+    Commits; returns the rollouts it left."""
     cut_credential(device)
     device.status = REVOKED
     record(session, actor, "device.revoke", target(device.device_id), reason=reason)
+    device_id = device.device_id
+    session.commit()
+    return forget_in_rollouts(session, device_id, ctx)
 
 
 def rotate_by_operator(session: Session, device: Device, actor: Actor) -> None:
@@ -145,7 +159,9 @@ def rotate_by_device(session: Session, device: Device) -> str:
     """A new credential for a device that presented its current one; the old one dies."""
     secret = new_secret(TokenKind.DEVICE)
     device.credential_hash = hash_secret(secret, TokenKind.DEVICE)
-    CHANGES[0] += 1
+    # re-enrolling may bring a new inventory: the next check-in recomputes the desired state
+    device.desired_etag = None
+    changed(session, device.device_id)
     record(session, Actor.device(device.device_id), "device.rotate", target(device.device_id))
     return secret
 
@@ -161,23 +177,16 @@ def forget_in_rollouts(session: Session, device_id: str, ctx: Context) -> list[s
             row = session.get(Rollout, rollout_id, populate_existing=True)
             if row is None:
                 break
-            state = RolloutState.from_json(row.state_json)
-            if device_id not in state.devices:
-                break
-            devices = {k: v for k, v in state.devices.items() if k != device_id}
-            text = state.model_copy(update={"devices": devices}).to_json()
-            result = session.execute(
-                update(Rollout)
-                .where(Rollout.id == row.id, Rollout.revision == row.revision)
-                .values(state_json=text, revision=row.revision + 1, updated_at=utcnow())
-                .execution_options(synchronize_session=False)
-            )
-            if getattr(result, "rowcount", 1) == 1:
-                session.commit()
-                touched.append(rollout_id)
-                run_event(session, rollout_id, Tick(), ctx)
-                break
-            session.rollback()  # another process stepped it first: read again
+            try:  # its row and its counts in the rollout's tally (server/rollout_rows.py)
+                if not forget_device(session, row, device_id):
+                    break
+            except RolloutConflict:
+                session.rollback()  # another process stepped it first: read again
+                continue
+            session.commit()
+            touched.append(rollout_id)
+            run_event(session, rollout_id, Tick(), ctx)
+            break
     return touched
 
 
@@ -189,7 +198,7 @@ def delete(session: Session, device: Device, actor: Actor, ctx: Context) -> list
     row = session.scalar(select(Device).where(Device.device_id == device_id))
     if row is not None:
         session.delete(row)
-    CHANGES[0] += 1
+    changed(session, device_id)
     record(session, actor, "device.delete", target(device_id), rollouts=touched or None)
     session.commit()
     return touched

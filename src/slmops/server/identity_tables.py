@@ -18,7 +18,7 @@ from typing import Any
 from sqlalchemy import JSON, ForeignKey, String
 from sqlalchemy.orm import Mapped, mapped_column
 
-from slmops.server.db.models import Base, Tz, utcnow
+from slmops.server.db.base import Base, Tz, utcnow
 
 
 class RequestStatus(StrEnum):

@@ -1,35 +1,42 @@
 """Rollouts on the control plane: the I/O around the pure machine in ``server/rollout``.
 
 A rollout is created when a blueprint's resolved version changes (an apply, or a channel it
-follows moving): ``reconcile`` matches the devices the blueprint governs and the new version can
-be placed on, and starts the rollout unless its policy says ``start: manual``. From then on the
+follows moving): ``reconcile`` matches the devices the blueprint governs (those the new version
+cannot be placed on as unplaceable, with the reason), and starts the rollout unless its policy
+says ``start: manual``. From then on the
 machine is fed events: device reports (from check-ins and ``/device/v1/actions``), late
-enrollments (a matching device not yet in it), operator commands, and ticks from a background
-thread (soak and timeouts). Its commands are carried out by recomputing the desired state of the
+enrollments (a matching device not yet in it), operator commands, and ticks from the ticker
+(``server/ticker.py``: soak and timeouts). Its commands are carried out by recomputing the desired state of the
 devices they name (``server/desired.py`` reads the stored rollout, so no device can be told two
 things), and a rollout that succeeds makes its version the blueprint's stable version.
 
-Writes are optimistic: ``run_event`` re-reads the row, steps, and updates ``WHERE revision =``
-what it read; on a miss (another process stepped first) it rolls back and tries again. A restart
-loses nothing: the state document is the whole memory of a rollout.
+Storage (``server/rollout_rows.py``): a small summary on the rollout row and one row per
+device, so a device report reads and writes its own row plus the summary. Writes are optimistic:
+``run_event`` re-reads the row, steps, and updates ``WHERE revision =`` what it read; on a miss
+(another process stepped first) it rolls back and tries again. A restart loses nothing: the
+summary and the device rows are the whole memory of a rollout.
+
+Every device a rollout's blueprint governs is accounted for in it: moved (assigned by a wave),
+skipped (already on the target by its last check-in or action report, whichever is later:
+``desired.current_version``) or unplaceable (with the reason counted). A device changes version
+only by a rollout's assignment (``desired.py``).
 """
 
 from __future__ import annotations
 
 import logging
-import threading
-import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from slmops.protocol.device import ActionStatus
+from slmops.protocol.device import ActionStatus, ActiveModel
 from slmops.protocol.fleet import DeviceActionState
+from slmops.server import rollout_rows as rows
 from slmops.server.blueprint import Blueprint, ModelRef
 from slmops.server.blueprints_table import BlueprintRow
+from slmops.server.context import Context
 from slmops.server.db.models import Device, Rollout, utcnow
 from slmops.server.db.session import Database
 from slmops.server.desired import (
@@ -46,6 +53,7 @@ from slmops.server.rollout import (
     DeviceReport,
     DevicesMatched,
     MatchedDevice,
+    NeedDevices,
     OperatorAction,
     OperatorCommand,
     RevertDevice,
@@ -58,24 +66,13 @@ from slmops.server.rollout import (
     create_rollout,
     step,
 )
+from slmops.server.rollout_rows import RolloutConflict
 
 log = logging.getLogger("slmops.server.rollouts")
 MAX_ATTEMPTS = 20
 UNKNOWN_CLASS = "unknown"
+REVOKED = "revoked"  # identity.REVOKED (identity imports this module)
 NO_EARLIER_VERSION = "nothing to revert to (no model before the rollout): keeps what it runs"
-
-
-class RolloutConflict(Exception):
-    """Another process stepped the rollout between our read and our write: read again."""
-
-
-@dataclass
-class Context:
-    """What carrying out commands needs besides the session."""
-
-    store: BlobStore
-    poll_seconds: float
-    now: float = field(default_factory=time.time)
 
 
 def active_rollout(session: Session, blueprint: str) -> Rollout | None:
@@ -114,27 +111,30 @@ def apply_event(
     Raises ``RolloutConflict`` when the row changed since it was read, and the machine's
     ``InvalidTransition`` for an operator command the state does not allow (nothing written).
     """
-    before = RolloutState.from_json(row.state_json)
-    new, commands = _step_all(before, event, ctx.now)
-    text = new.to_json()
-    if text == row.state_json:
+    loaded = rows.load(session, row, _named(event))
+    for _ in range(3):  # at most: queued, then moved
+        try:
+            new, commands = _step_all(loaded.state, event, ctx.now)
+            break
+        except NeedDevices as need:  # a wave start or a rollback: load that set and step again
+            loaded = rows.load_kind(session, loaded, need.kind)
+    else:  # pragma: no cover - the machine asks for each set once
+        raise RuntimeError(f"rollout {row.id}: the machine kept asking for devices")
+    blueprint = row.blueprint  # read before the row is expired (no reload just for this)
+    if not rows.save(session, row, loaded, new):
         return commands
-    result = session.execute(
-        update(Rollout)
-        .where(Rollout.id == row.id, Rollout.revision == row.revision)
-        .values(
-            state_json=text,
-            status=new.status.value,
-            revision=row.revision + 1,
-            updated_at=utcnow(),
-        )
-        .execution_options(synchronize_session=False)
-    )
-    if getattr(result, "rowcount", 1) != 1:
-        raise RolloutConflict(row.id)
     session.expire(row)
-    _carry_out(session, row.blueprint, before, new, commands, ctx)
+    _carry_out(session, blueprint, loaded.state, new, commands, ctx)
     return commands
+
+
+def _named(event: RolloutEvent) -> list[str]:
+    """The devices an event names: the only records a step of it reads by id."""
+    if isinstance(event, DevicesMatched):
+        return [m.device_id for m in event.devices]
+    if isinstance(event, DeviceReport):
+        return [event.device_id]
+    return []
 
 
 def _carry_out(
@@ -156,7 +156,9 @@ def _carry_out(
         if bp_row is not None:
             bp_row.stable_version = new.target_version
     if moved:
-        refresh_devices(session, ctx.store, poll_seconds=ctx.poll_seconds, device_ids=moved)
+        refresh_devices(
+            session, ctx.store, poll_seconds=ctx.poll_seconds, device_ids=moved, targets=ctx.targets
+        )
 
 
 def run_event(
@@ -182,23 +184,28 @@ def run_event(
 # --- creation from blueprints ----------------------------------------------------------------
 
 
-def matched_devices(refresher: Refresher, bp: Blueprint, version: str) -> list[Device]:
-    """Devices ``bp`` governs on which ``version`` can be placed (the others keep what runs
-    and are shown as unplaceable)."""
-    out: list[Device] = []
+def matched_devices(
+    refresher: Refresher, bp: Blueprint, version: str
+) -> list[tuple[Device, str | None]]:
+    """Every device ``bp`` governs, with why ``version`` cannot be placed on it (None: it can).
+    The rollout records the unplaceable ones too (they keep what they run), so it accounts for
+    every device it matched. A revoked device is not matched: it cannot check in, so it would
+    hold its wave open (``identity.revoke`` takes it out of the rollouts it was in)."""
+    out: list[tuple[Device, str | None]] = []
     for device in refresher.session.scalars(select(Device).order_by(Device.device_id)):
-        if refresher.governing(device) is not bp:
+        if device.status == REVOKED:
             continue
-        if refresher.misfit(device, version, bp) is None:
-            out.append(device)
+        if refresher.governing(device) is bp:
+            out.append((device, refresher.misfit(device, version, bp)))
     return out
 
 
-def match_of(device: Device, model: str) -> MatchedDevice:
+def match_of(device: Device, model: str, unplaceable: str | None = None) -> MatchedDevice:
     return MatchedDevice(
         device_id=device.device_id,
         hardware_class=hardware_class(device),
         current_version=current_version(device, model),
+        unplaceable=unplaceable,
     )
 
 
@@ -232,7 +239,7 @@ def reconcile(session: Session, bp_row: BlueprintRow, *, actor: str, ctx: Contex
     session.refresh(bp_row)
     if version == bp_row.stable_version:
         return None
-    refresher = Refresher(session, ctx.store, poll_seconds=ctx.poll_seconds)
+    refresher = Refresher(session, ctx.store, poll_seconds=ctx.poll_seconds, targets=ctx.targets)
     bp = next(b for b in refresher.blueprints if b.metadata.name == name)
     if isinstance(refresher.target(bp.spec.model.name, version), str):
         return None
@@ -254,7 +261,9 @@ def reconcile(session: Session, bp_row: BlueprintRow, *, actor: str, ctx: Contex
         )
     )
     session.commit()
-    devices = [match_of(d, bp.spec.model.name) for d in matched_devices(refresher, bp, version)]
+    devices = [
+        match_of(d, bp.spec.model.name, why) for d, why in matched_devices(refresher, bp, version)
+    ]
     run_event(session, rollout_id, DevicesMatched(devices=devices), ctx)
     if bp.spec.rollout.start == "auto":
         start = OperatorCommand(
@@ -333,9 +342,38 @@ def record_reports(
             log.info("device %s reported for unknown rollout %s", device_id, status.rollout_id)
 
 
+def note_running(device: Device, actions: Sequence[ActionStatus]) -> None:
+    """Record on the device row the model an action report says it now runs (the caller
+    commits), so the next rollout matches it by its latest news, not its last check-in.
+
+    A device that reports ``active`` for the version it was told runs that version; one that
+    reports ``rolled-back`` without a failed stage was told to revert and runs the version it
+    names. A report that names no version the server told it (``desired``), or a rollback after
+    a failure (it runs what it ran before, which the row already says), changes nothing. Only
+    for ``/device/v1/actions``: a check-in's own ``active`` is newer than the reports it carries.
+    """
+    for status in actions:
+        done = status.state is DeviceActionState.ACTIVE or (
+            status.state is DeviceActionState.ROLLED_BACK and status.stage is None
+        )
+        want = (device.desired or {}).get("model") or {}
+        if not done or want.get("version") != status.version:
+            continue
+        running = ActiveModel(
+            name=want["name"],
+            version=want["version"],
+            variant=want["variant"],
+            digest=want["manifest_digest"],
+        ).model_dump(mode="json")
+        if device.active != running:
+            device.active = running
+
+
 def join_if_matching(refresher: Refresher, device: Device, ctx: Context) -> None:
     """A device its blueprint's active rollout does not know yet (a late enrollment, or one
-    whose labels changed) joins it, when the target can be placed on it."""
+    whose labels changed) joins it: queued when the target can be placed on it, else as
+    unplaceable with the reason. An unplaceable one is looked at again (its inventory may have
+    changed). One primary-key read when the rollout knows the device already."""
     session = refresher.session
     bp = refresher.governing(device)
     if bp is None:
@@ -343,12 +381,17 @@ def join_if_matching(refresher: Refresher, device: Device, ctx: Context) -> None
     active = active_rollout(session, bp.metadata.name)
     if active is None:
         return
-    state = RolloutState.from_json(active.state_json)
-    if device.device_id in state.devices:
+    summary = RolloutState.from_json(active.state_json)  # small: the devices are rows
+    if summary.devices:  # a document written before rows existed
+        known = summary.devices.get(device.device_id)
+    else:
+        known = rows.device_record(session, active.id, device.device_id)
+    if known is not None and known.status != "unplaceable":
         return
-    if refresher.misfit(device, state.target_version, bp) is not None:
+    why = refresher.misfit(device, summary.target_version, bp)
+    if known is not None and known.unplaceable == why:
         return
-    event = DevicesMatched(devices=[match_of(device, bp.spec.model.name)])
+    event = DevicesMatched(devices=[match_of(device, bp.spec.model.name, why)])
     run_event(session, active.id, event, ctx)
 
 
@@ -356,21 +399,24 @@ def settle(session: Session, ctx: Context) -> Counter[str]:
     """After a change that may re-govern devices (apply, delete, channel move): every active
     rollout takes the devices its blueprint now governs and it does not know yet, then every
     device's desired state is recomputed. Commits; counts devices per blueprint."""
-    refresher = Refresher(session, ctx.store, poll_seconds=ctx.poll_seconds)
+    refresher = Refresher(session, ctx.store, poll_seconds=ctx.poll_seconds, targets=ctx.targets)
     terminal = [s.value for s in RolloutStatus if s.is_terminal]
     for row in list(session.scalars(select(Rollout).where(Rollout.status.not_in(terminal)))):
         bp = next((b for b in refresher.blueprints if b.metadata.name == row.blueprint), None)
         if bp is None:
             continue
-        state = RolloutState.from_json(row.state_json)
+        known = rows.known_ids(session, row)
+        unplaced = rows.known_ids(session, row, "unplaceable")  # may fit now: look again
         new = [
-            match_of(d, bp.spec.model.name)
-            for d in matched_devices(refresher, bp, state.target_version)
-            if d.device_id not in state.devices
+            match_of(d, bp.spec.model.name, why)
+            for d, why in matched_devices(
+                refresher, bp, RolloutState.from_json(row.state_json).target_version
+            )
+            if d.device_id not in known or d.device_id in unplaced
         ]
         if new:
             run_event(session, row.id, DevicesMatched(devices=new), ctx)
-    counts = refresh_devices(session, ctx.store, poll_seconds=ctx.poll_seconds)
+    counts = refresh_devices(session, ctx.store, poll_seconds=ctx.poll_seconds, targets=ctx.targets)
     session.commit()
     return counts
 
@@ -393,55 +439,3 @@ def tick_all(db: Database, store: BlobStore, *, poll_seconds: float) -> int:
                 continue
             ticked += 1
     return ticked
-
-
-class Ticker:
-    """A daemon thread that runs the periodic work every ``interval`` seconds until stopped:
-    rollout ticks, telemetry (cohort figures for metric gates; drift checks and retention every
-    ``drift_every`` seconds) and the feedback rules over new alerts.
-
-    Every API process runs one; optimistic writes and unique keys make concurrent runs harmless.
-    """
-
-    def __init__(
-        self,
-        db: Database,
-        store: BlobStore,
-        *,
-        poll_seconds: float,
-        interval: float,
-        drift_every: float = 600.0,
-    ) -> None:
-        self.db, self.store, self.poll_seconds, self.interval = db, store, poll_seconds, interval
-        self.drift_every = drift_every
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="rollout-ticker", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
-
-    def run_once(self) -> None:
-        # imported here: telemetry and feedback import this module
-        from slmops.server.feedback.engine import process_alerts
-        from slmops.server.telemetry.ticks import telemetry_tick
-
-        try:
-            tick_all(self.db, self.store, poll_seconds=self.poll_seconds)
-        except Exception:  # e.g. the database is unreachable: try again next time
-            log.exception("rollout tick failed")
-        telemetry_tick(
-            self.db, self.store, poll_seconds=self.poll_seconds, slow_every=self.drift_every
-        )
-        try:
-            with self.db.sessions() as session:
-                process_alerts(session, Context(self.store, self.poll_seconds))
-        except Exception:
-            log.exception("feedback rules failed")
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            self.run_once()

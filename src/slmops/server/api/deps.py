@@ -1,8 +1,10 @@
 """Dependency aliases, so a route's signature says what it needs and who may call it.
 
-``SessionDep`` is a database session for the request. ``ViewerDep``, ``OperatorDep`` and
-``AdminDep`` authenticate an operator API token and require at least that role (401 when the
-token is missing, malformed, unknown or revoked; 403 when its role is too low). ``DeviceDep``
+``SessionDep`` is a database session for the request; ``ServicesDep`` the app's services
+(``server/context.py``: the blob store, caches; ``.context()`` for a use case). ``ViewerDep``,
+``OperatorDep`` and ``AdminDep`` authenticate an operator API token and require at least that
+role (401 when the token is missing, malformed, unknown or revoked; 403 when its role is too
+low). ``DeviceDep``
 authenticates a device credential and yields that device's row only, so every device route
 works on the caller's own record and nothing else.
 
@@ -27,6 +29,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import Field, StringConstraints
 from sqlalchemy.orm import Session
 
+from slmops.server.context import Services
 from slmops.server.db import find_api_token, find_device_by_credential
 from slmops.server.db.models import ApiToken, Device
 from slmops.server.db.session import Database
@@ -59,8 +62,14 @@ async def get_settings(request: Request) -> ServerSettings:
     return settings
 
 
+async def get_services(request: Request) -> Services:
+    services: Services = request.app.state.services
+    return services
+
+
 SessionDep = Annotated[Session, Depends(get_session)]
 SettingsDep = Annotated[ServerSettings, Depends(get_settings)]
+ServicesDep = Annotated[Services, Depends(get_services)]
 Bearer = HTTPAuthorizationCredentials | None
 
 

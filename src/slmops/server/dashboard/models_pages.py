@@ -28,7 +28,7 @@ from slmops.bundle.media import (
     MT_PNG,
 )
 from slmops.bundle.oci_ref import Desc, OciContentError, load_manifest
-from slmops.server.api.deps import SessionDep, SettingsDep
+from slmops.server.api.deps import ServicesDep, SessionDep
 from slmops.server.dashboard.auth import UserDep
 from slmops.server.dashboard.render import render
 from slmops.server.dashboard.svg import bar_chart
@@ -112,13 +112,13 @@ def version_page(
     request: Request,
     user: UserDep,
     session: SessionDep,
-    settings: SettingsDep,
+    services: ServicesDep,
 ) -> Response:
     try:
-        v = models_api.read_version(name, version, session, settings, user.token)
+        v = models_api.read_version(name, version, session, services, user.token)
     except HTTPException:
         return render(request, "error.html", user, 404, message=f"{name} has no version {version}")
-    store = BlobStore(settings.data_dir)
+    store = services.store
     problems = list(v.problems)
     try:
         layers = bundle_layers(store, v.digest)
@@ -146,13 +146,13 @@ def version_page(
 
 @router.get("/models/{name:path}/versions/{version}/charts/{digest}")
 def chart(
-    name: str, version: str, digest: str, user: UserDep, session: SessionDep, settings: SettingsDep
+    name: str, version: str, digest: str, user: UserDep, session: SessionDep, services: ServicesDep
 ) -> Response:
     """A chart PNG of this version's eval report (only digests that are such layers)."""
     tag = session.scalar(
         select(RegistryTag).where(RegistryTag.repository == name, RegistryTag.tag == version)
     )
-    store = BlobStore(settings.data_dir)
+    store = services.store
     try:
         layers = bundle_layers(store, tag.digest) if tag else []
         if not any(x.digest == digest and x.media_type == MT_PNG for x in layers):

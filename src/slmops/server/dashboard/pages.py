@@ -16,7 +16,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from sqlalchemy import select
 
-from slmops.server.api.deps import SessionDep, SettingsDep
+from slmops.server.api.deps import ServicesDep, SessionDep, SettingsDep
 from slmops.server.api.operator.devices import DevicePublic
 from slmops.server.api.operator.rollouts import detail, summary
 from slmops.server.dashboard.auth import (
@@ -33,10 +33,9 @@ from slmops.server.dashboard.auth import (
 from slmops.server.dashboard.render import render
 from slmops.server.dashboard.svg import bar_chart, wave_bars
 from slmops.server.db.models import Device, DeviceAction, Rollout, as_utc
-from slmops.server.registry.store import BlobStore
 from slmops.server.rollout import InvalidTransition, OperatorAction, OperatorCommand, RolloutState
 from slmops.server.rollout.machine import ALLOWED
-from slmops.server.rollouts import Context, run_event
+from slmops.server.rollouts import run_event
 from slmops.server.security import Role
 
 router = APIRouter(prefix="/ui", include_in_schema=False)
@@ -179,22 +178,26 @@ def rollouts_page(request: Request, user: UserDep, session: SessionDep) -> Respo
 
 
 @router.get("/rollouts/{rollout_id}", response_class=HTMLResponse)
-def rollout_page(rollout_id: str, request: Request, user: UserDep, session: SessionDep) -> Response:
+def rollout_page(
+    rollout_id: str, request: Request, user: UserDep, session: SessionDep, after: str | None = None
+) -> Response:
+    """Counts and waves from the tally; devices one page at a time (``?after=`` the cursor)."""
     row = session.get(Rollout, rollout_id)
     if row is None:
         return render(request, "error.html", user, 404, message=f"no rollout {rollout_id!r}")
-    doc = detail(row)
+    doc = detail(row, after=after[:128] if after else None)
     status = RolloutState.from_json(row.state_json).status
     waves = []
-    for w in doc.wave_list:
-        mine = [d for d in doc.device_list if d.wave is not None and d.wave <= w.index]
-        active = sum(1 for d in mine if d.status == "active")
+    moved = active = 0
+    for w in doc.wave_list:  # cumulative: devices moved by the end of each wave
+        moved += w.devices
+        active += w.succeeded
         waves.append(
             {
                 "w": w,
-                "moved": len(mine),
+                "moved": moved,
                 "active": active,
-                "bars": wave_bars(doc.devices, w.target, len(mine), active),
+                "bars": wave_bars(doc.devices, w.target, moved, active),
                 "gate": w.decision or w.evaluation,
             }
         )
@@ -210,7 +213,7 @@ def rollout_action(
     user: UserDep,
     form: FormDep,
     session: SessionDep,
-    settings: SettingsDep,
+    services: ServicesDep,
 ) -> Response:
     check_post(request, user, form, Role.OPERATOR)
     page = f"/ui/rollouts/{quote(rollout_id)}"
@@ -224,12 +227,7 @@ def rollout_action(
         wave=int(wave_text) if wave_text.isdigit() else None,
     )
     try:
-        run_event(
-            session,
-            rollout_id,
-            command,
-            Context(BlobStore(settings.data_dir), settings.poll_seconds),
-        )
+        run_event(session, rollout_id, command, services.context())
     except InvalidTransition as exc:
         return _redirect(f"{page}?err={quote(exc.message)}")
     return _redirect(f"{page}?msg={quote(f'{action.value}: done')}")

@@ -8,40 +8,34 @@ SQLAlchemy notices the change without mutable-tracking wrappers.
 Label columns on ``devices``: ``labels`` is what the agent reports at every check-in;
 ``operator_labels`` is set by operators and by the enrollment token's scope, and wins over
 the reported ones, so a device cannot leave the scope it was enrolled into.
+
+``Base``, ``Tz``, ``utcnow`` and ``as_utc`` live in ``db/base.py`` (re-exported here for the
+many callers of ``utcnow``); the other domains' tables are in their packages, and
+``db/metadata.py`` gathers them all for Alembic.
 """
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import (
     JSON,
     Boolean,
-    DateTime,
+    Float,
     ForeignKey,
+    Index,
     Integer,
     String,
     Text,
     UniqueConstraint,
 )
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.orm import Mapped, mapped_column
 
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
-def as_utc(value: datetime) -> datetime:
-    """SQLite returns naive datetimes even for timezone-aware columns; they are stored as UTC."""
-    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
-
-
-class Base(DeclarativeBase):
-    pass
-
-
-Tz = DateTime(timezone=True)
+from slmops.server.db.base import Base as Base
+from slmops.server.db.base import Tz as Tz
+from slmops.server.db.base import as_utc as as_utc
+from slmops.server.db.base import utcnow as utcnow
 
 
 class ApiToken(Base):
@@ -119,7 +113,8 @@ class DeviceAction(Base):
 
 
 class Rollout(Base):
-    """A persisted ``RolloutState`` document (``to_json``/``from_json``), one per rollout.
+    """A rollout's summary: the ``RolloutState`` document without its devices (those are
+    ``RolloutDevice`` rows; ``server/rollout_rows.py`` reads and writes both).
 
     ``revision`` makes writes optimistic: a writer updates ``WHERE revision = <what it read>``
     and retries on a miss, so several API processes (and their tickers) can drive the same
@@ -132,7 +127,7 @@ class Rollout(Base):
     blueprint: Mapped[str] = mapped_column(String(63), index=True, default="")
     model: Mapped[str] = mapped_column(String(128), default="")
     target_version: Mapped[str] = mapped_column(String(64), default="")
-    state_json: Mapped[str] = mapped_column(Text)  # RolloutState.to_json(), kept verbatim
+    state_json: Mapped[str] = mapped_column(Text)  # the summary: RolloutState without devices
     status: Mapped[str] = mapped_column(String(32), index=True)
     revision: Mapped[int] = mapped_column(Integer, default=0)
     seq: Mapped[int] = mapped_column(Integer, default=0)  # per blueprint: 1, 2, ... (newest last)
@@ -140,9 +135,32 @@ class Rollout(Base):
     updated_at: Mapped[datetime] = mapped_column(Tz, default=utcnow)
 
 
-from slmops.server import audit as _audit  # noqa: E402, F401
-from slmops.server import blueprints_table as _blueprints_table  # noqa: E402, F401
-from slmops.server import identity_tables as _identity_tables  # noqa: E402, F401
-from slmops.server.feedback import tables as _feedback_tables  # noqa: E402, F401
-from slmops.server.registry import tables as _registry_tables  # noqa: E402, F401  (Base.metadata)
-from slmops.server.telemetry import tables as _telemetry_tables  # noqa: E402, F401
+class RolloutDevice(Base):
+    """One device's membership in one rollout (hawkBit's Action): its wave, the version it had
+    before (the revert target) and what it last reported (``rollout.DeviceRecord``).
+
+    One row per (rollout, device), so a device report reads and writes its own row plus the
+    rollout's small summary (``Rollout.state_json``, whose tally counts these rows), never a
+    document that grows with the fleet (``server/rollout_rows.py``). ``status`` is the record's
+    one-word status, indexed with the wave so a wave start loads only the queued rows.
+    """
+
+    __tablename__ = "rollout_devices"
+    __table_args__ = (Index("ix_rollout_devices_wave_status", "rollout_id", "wave", "status"),)
+
+    rollout_id: Mapped[str] = mapped_column(
+        String(64), ForeignKey("rollouts.id", ondelete="CASCADE"), primary_key=True
+    )
+    device_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    status: Mapped[str] = mapped_column(String(32))
+    wave: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    hardware_class: Mapped[str] = mapped_column(String(128))
+    from_version: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    skipped: Mapped[bool] = mapped_column(Boolean, default=False)
+    unplaceable: Mapped[str | None] = mapped_column(Text, nullable=True)
+    assigned_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    reverted_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    state: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    failed_stage: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    detail: Mapped[str | None] = mapped_column(Text, nullable=True)
+    reported_at: Mapped[float | None] = mapped_column(Float, nullable=True)

@@ -27,6 +27,7 @@ from sqlalchemy.exc import ArgumentError
 from sqlalchemy.orm import Session, sessionmaker
 
 from slmops.core.errors import ConfigError
+from slmops.server.invalidation import notify_on_commit
 from slmops.server.settings import ServerSettings
 
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -158,4 +159,6 @@ def open_database(settings: ServerSettings, *, migrate: bool = True) -> Database
     engine = make_engine(settings.database_url, busy_timeout_ms=settings.sqlite_busy_timeout_ms)
     if migrate:
         upgrade(engine)
-    return Database(engine, sessionmaker(engine, expire_on_commit=False))
+    sessions = sessionmaker(engine, expire_on_commit=False)
+    notify_on_commit(sessions, engine)  # changed desired states reach every API process
+    return Database(engine, sessions)

@@ -24,12 +24,12 @@ from slmops.server.api.deps import (
     IdPath,
     IdQuery,
     OperatorDep,
+    ServicesDep,
     SessionDep,
-    SettingsDep,
     ViewerDep,
 )
 from slmops.server.blueprint import Blueprint
-from slmops.server.blueprints_table import BlueprintRow
+from slmops.server.blueprints_service import apply_blueprint, find_blueprint
 from slmops.server.db.models import as_utc, utcnow
 from slmops.server.desired import to_blueprint
 from slmops.server.errors import api_error
@@ -38,9 +38,7 @@ from slmops.server.feedback.rules import FeedbackRules
 from slmops.server.feedback.tables import AlertAction, FeedbackRulesRow, ImprovementJob
 from slmops.server.feedback.webhooks import public_detail
 from slmops.server.openapi import errors
-from slmops.server.registry.store import BlobStore
 from slmops.server.registry.tables import RegistryTag
-from slmops.server.rollouts import Context, reconcile, settle
 from slmops.server.security import Role
 
 router = APIRouter(tags=["feedback"])
@@ -238,7 +236,7 @@ def job_result(
     job_id: IdPath,
     body: ResultBody,
     session: SessionDep,
-    settings: SettingsDep,
+    services: ServicesDep,
     caller: OperatorDep,
 ) -> JobPublic:
     """Record a worker's result; a passing one proposes the rollout of the new version."""
@@ -265,7 +263,7 @@ def job_result(
             where="new_version",
             hint="push the candidate bundle before posting the result",
         )
-    row = session.scalar(select(BlueprintRow).where(BlueprintRow.name == job.blueprint))
+    row = find_blueprint(session, job.blueprint)
     if row is None:
         job.status, job.result = "failed", job.result | {"error": "the blueprint is gone"}
         session.commit()
@@ -277,14 +275,10 @@ def job_result(
     new = Blueprint.model_validate(
         bp.model_dump(mode="json") | {"spec": spec.model_dump(mode="json")}
     )
-    row.spec = new.spec.model_dump(mode="json")
-    row.generation, row.updated_at = row.generation + 1, utcnow()
     job.new_version = version
-    session.commit()
-    ctx = Context(BlobStore(settings.data_dir), settings.poll_seconds)
-    rollout = reconcile(session, row, actor=f"job:{job.id} ({caller.name})", ctx=ctx)
-    settle(session, ctx)
+    actor = f"job:{job.id} ({caller.name})"
+    done = apply_blueprint(session, new, actor=actor, ctx=services.context())
     job = _job_or_404(session, job_id)
-    job.status, job.rollout_id, job.updated_at = "proposed", rollout or "", utcnow()
+    job.status, job.rollout_id, job.updated_at = "proposed", done.rollout or "", utcnow()
     session.commit()
     return _job_public(job)

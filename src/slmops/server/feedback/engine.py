@@ -21,6 +21,7 @@ from sqlalchemy import Engine, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from slmops.server.context import Context
 from slmops.server.db.models import Device, Rollout
 from slmops.server.desired import governing, load_blueprints
 from slmops.server.feedback import webhooks
@@ -28,7 +29,7 @@ from slmops.server.feedback.rules import Action, FeedbackRules, matches
 from slmops.server.feedback.tables import AlertAction, FeedbackRulesRow, ImprovementJob
 from slmops.server.registry.tables import RegistryTag
 from slmops.server.rollout import InvalidTransition, OperatorAction, OperatorCommand
-from slmops.server.rollouts import Context, run_event
+from slmops.server.rollouts import run_event
 from slmops.server.telemetry.tables import AlertRow
 
 log = logging.getLogger("slmops.server.feedback")

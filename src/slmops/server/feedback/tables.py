@@ -8,7 +8,7 @@ from typing import Any
 from sqlalchemy import JSON, Boolean, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
-from slmops.server.db.models import Base, Tz, utcnow
+from slmops.server.db.base import Base, Tz, utcnow
 
 
 class FeedbackRulesRow(Base):

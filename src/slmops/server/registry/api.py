@@ -32,6 +32,7 @@ from starlette.concurrency import run_in_threadpool
 from slmops.bundle.media import (
     ANN_BUNDLE_NAME,
     ANN_VERSION,
+    ARTIFACT_ADAPTER,
     MAX_MANIFEST_BYTES,
     MT_INDEX,
     MT_MANIFEST,
@@ -39,6 +40,7 @@ from slmops.bundle.media import (
 from slmops.bundle.oci_ref import _REPO_RE, _TAG_RE, DIGEST_RE, Desc, OciContentError
 from slmops.bundle.oci_ref import load_manifest as parse_manifest
 from slmops.server.api.deps import SessionDep
+from slmops.server.context import Services
 from slmops.server.db import find_api_token, find_device_by_credential
 from slmops.server.db.models import ApiToken, Device, utcnow
 from slmops.server.openapi import oci_errors, raw_body
@@ -46,8 +48,8 @@ from slmops.server.registry import models_api
 from slmops.server.registry.scope import device_scope
 from slmops.server.registry.store import PIECE, BlobStore, StoreError
 from slmops.server.registry.tables import RegistryTag
+from slmops.server.rollouts import reconcile_pushed
 from slmops.server.security import Role, TokenKind, looks_like
-from slmops.server.settings import ServerSettings
 
 CHALLENGE = {"WWW-Authenticate": 'Bearer realm="slmops"'}
 
@@ -87,8 +89,9 @@ class OciRoute(APIRoute):
 
 
 def store_of(request: Request) -> BlobStore:
-    settings: ServerSettings = request.app.state.settings
-    return BlobStore(settings.data_dir)
+    """The app's one blob store (``server/context.Services``)."""
+    services: Services = request.app.state.services
+    return services.store
 
 
 def principal(request: Request, session: SessionDep) -> ApiToken | Device:
@@ -379,6 +382,7 @@ def check_manifest(
         raise OciError(400, "MANIFEST_INVALID", "schemaVersion must be 2")
     if media == MT_INDEX:
         check_bundle_name(obj, name, tag)
+        check_adapter_subject(store, obj)
     desc = Desc(media, "sha256:" + "0" * 64, len(data))
     try:
         _, children, blobs = parse_manifest(data, desc)
@@ -412,6 +416,23 @@ def check_bundle_name(obj: dict[str, Any], name: str, tag: str | None) -> None:
         )
 
 
+def check_adapter_subject(store: BlobStore, obj: dict[str, Any]) -> None:
+    """An adapter (bundle/adapter.py) is accepted only once its base bundle (subject) is here:
+    devices install it over that base, so it is unusable without it."""
+    if obj.get("artifactType") != ARTIFACT_ADAPTER:
+        return
+    subject = obj.get("subject")
+    digest = subject.get("digest") if isinstance(subject, dict) else None
+    if not isinstance(digest, str) or not DIGEST_RE.match(digest):
+        raise OciError(400, "MANIFEST_INVALID", "an adapter index needs a subject (its base)")
+    if store.manifest_type(digest) is None:
+        raise OciError(
+            400,
+            "MANIFEST_BLOB_UNKNOWN",
+            f"the adapter's base bundle {digest} is not in this registry; push the base first",
+        )
+
+
 def tag_manifest(session: Session, name: str, tag: str, digest: str, media: str) -> None:
     query = select(RegistryTag).where(RegistryTag.repository == name, RegistryTag.tag == tag)
     row = session.scalar(query) or RegistryTag(repository=name, tag=tag)
@@ -426,15 +447,17 @@ SIGNATURE_TAG = re.compile(r"^sha256-[0-9a-f]{64}\Z")
 def version_signed(request: Request, session: Session, name: str, reference: str) -> None:
     """The signature of a bundle arrived (its ``sha256-<hex>`` tag, pushed last): the version
     it signs is complete, and blueprints waiting for it can start rolling it out."""
-    from slmops.server.rollouts import Context, reconcile_pushed  # rollouts imports the store
-
     subject = "sha256:" + reference.removeprefix("sha256-")
     versions = session.scalars(
         select(RegistryTag.tag).where(RegistryTag.repository == name, RegistryTag.digest == subject)
     ).all()
-    ctx = Context(store_of(request), request.app.state.settings.poll_seconds)
+    services: Services = request.app.state.services
+    ctx = services.context()
     for version in versions:
         reconcile_pushed(session, name, version, ctx=ctx)
+    from slmops.server.adapters import adapter_signed
+
+    adapter_signed(session, ctx.store, name, poll_seconds=ctx.poll_seconds)
 
 
 @v2.put(

@@ -55,6 +55,13 @@ def _roots(device: Device) -> list[tuple[str, str | None, str | None]]:
     active = device.active or {}
     if isinstance(active, dict) and active.get("name") and active.get("version"):
         found.append((str(active["name"]), None, str(active["version"])))
+    # LoRA adapters (server/adapters.py): the desired one and the one loaded, by digest
+    for holder in (model, active):
+        adapter = holder.get("adapter") if isinstance(holder, dict) else None
+        if isinstance(adapter, dict) and adapter.get("name") and adapter.get("digest"):
+            found.append(
+                (str(adapter.get("repository") or adapter["name"]), str(adapter["digest"]), None)
+            )
     return found
 
 

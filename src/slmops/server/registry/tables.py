@@ -12,7 +12,7 @@ from datetime import datetime
 from sqlalchemy import String, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
-from slmops.server.db.models import Base, Tz, utcnow
+from slmops.server.db.base import Base, Tz, utcnow
 
 
 class RegistryTag(Base):

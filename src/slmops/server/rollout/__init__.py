@@ -26,7 +26,10 @@ States::
 
 Abort stops assigning and leaves the devices already moved on the target version; rollback
 reverts every moved device to the version it had before. A wave that would add no device
-(1% and 10% of 7 devices are both 1 device) is skipped, never soaked.
+(1% and 10% of 7 devices are both 1 device) is skipped, never soaked. Every matched device is
+accounted for: moved, queued, skipped (already on the target) or unplaceable (with its reason);
+a start with nothing to move succeeds when all are already there, and pauses, saying what it
+counted, when some cannot be placed.
 
 ``succeeded``, ``rolled-back`` and ``aborted`` are terminal: nothing moves a rollout out of them
 and no device is assigned or reverted once there. Device reports are still recorded, so the
@@ -34,10 +37,11 @@ per-device view stays true.
 
 Modules: ``policy`` (what the user configures), ``plan`` (wave sizes, device order), ``gates``
 (facts in, results with numbers out), ``events`` (inputs and commands), ``state`` (the persisted
-document), ``machine`` (``step``), ``waves`` (the mechanics ``step`` uses), ``errors``.
+records and their tally), ``machine`` (``step``), ``waves`` (the mechanics ``step`` uses),
+``errors``.
 """
 
-from slmops.server.rollout.errors import InvalidTransition
+from slmops.server.rollout.errors import InvalidTransition, NeedDevices
 from slmops.server.rollout.events import (
     COMMAND_ADAPTER,
     EVENT_ADAPTER,
@@ -82,8 +86,10 @@ from slmops.server.rollout.policy import (
 from slmops.server.rollout.state import (
     DeviceRecord,
     RolloutState,
+    Tally,
     WaveOutcome,
     WaveRecord,
+    WaveTally,
     create_rollout,
 )
 from slmops.server.rollout.status import RolloutStatus
@@ -110,6 +116,7 @@ __all__ = [
     "MatchedDevice",
     "MetricGate",
     "MetricSnapshot",
+    "NeedDevices",
     "OperatorAction",
     "OperatorCommand",
     "RevertDevice",
@@ -119,6 +126,7 @@ __all__ = [
     "RolloutState",
     "RolloutStatus",
     "StateChanged",
+    "Tally",
     "Tick",
     "Verdict",
     "WaveFacts",
@@ -127,6 +135,7 @@ __all__ = [
     "WaveRecord",
     "WaveStarted",
     "WaveStep",
+    "WaveTally",
     "create_rollout",
     "evaluate",
     "gate_list",

@@ -34,3 +34,17 @@ class InvalidTransition(UserInputError):
             else None
         )
         super().__init__(message, where=f"rollout {rollout_id}", hint=hint)
+
+
+class NeedDevices(Exception):
+    """The step needs a set of device records the caller did not load (``RolloutState.loaded``).
+
+    A store that keeps device records outside the state (one row per device) loads only the
+    records an event names; the few steps that act on many devices at once (filling a wave
+    needs every queued device, a rollback every moved one) raise this before changing anything,
+    and the caller loads ``kind`` ("queued" or "moved") and steps again.
+    """
+
+    def __init__(self, kind: str) -> None:
+        super().__init__(f"the step needs every {kind} device record")
+        self.kind = kind

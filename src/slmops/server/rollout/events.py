@@ -24,6 +24,9 @@ class MatchedDevice(RolloutModel):
     device_id: str = Field(min_length=1)
     hardware_class: str = Field(min_length=1)
     current_version: str | None = Field(description="what it runs now; null: no model yet")
+    unplaceable: str | None = Field(
+        None, description="why the target cannot be placed on it; null: it can"
+    )
 
 
 class DevicesMatched(RolloutModel):

@@ -71,16 +71,20 @@ def step(
         run.start(f"scheduled start at {s.start_at:g}", None)
     if s.status is S.RUNNING:
         run.drive()
+    run.tally()  # fold the last record changes into the counts before the state leaves
     return s, run.commands
 
 
 def _matched(run: Run, event: DevicesMatched) -> None:
     """Record devices; while running, the current wave takes its share of the new ones.
 
-    The first sighting decides whether a device is skipped (already on the target). A queued
-    device's class and version follow later sightings (it has not been touched yet); an assigned
-    device keeps the version it had before the rollout, which is what a rollback restores.
-    After the rollout ended, matches are ignored: the blueprint's desired state governs them.
+    The first placeable sighting decides whether a device is skipped (already on the target).
+    A device the target cannot be placed on is recorded as unplaceable with the reason, so every
+    matched device is accounted for; a later sighting where it fits makes it queued (or
+    skipped). A queued device's class and version follow later sightings (it has not been
+    touched yet); an assigned device keeps the version it had before the rollout, which is what
+    a rollback restores. After the rollout ended, matches are ignored: the blueprint's desired
+    state governs them.
     """
     s = run.state
     if s.status.is_terminal:
@@ -91,18 +95,20 @@ def _matched(run: Run, event: DevicesMatched) -> None:
             record = DeviceRecord(
                 hardware_class=m.hardware_class,
                 from_version=m.current_version,
-                skipped=m.current_version == s.target_version,
+                skipped=m.unplaceable is None and m.current_version == s.target_version,
+                unplaceable=m.unplaceable,
             )
             run.add(m.device_id, record)
-        elif (
-            not known.skipped
-            and known.wave is None
-            and (
-                (known.hardware_class, known.from_version) != (m.hardware_class, m.current_version)
-            )
-        ):
-            d = run.edit(m.device_id)
-            d.hardware_class, d.from_version = m.hardware_class, m.current_version
+            continue
+        if known.skipped or known.wave is not None:
+            continue
+        seen = (m.hardware_class, m.current_version, m.unplaceable)
+        if (known.hardware_class, known.from_version, known.unplaceable) == seen:
+            continue
+        d = run.edit(m.device_id)
+        if known.unplaceable is not None and m.unplaceable is None:  # placeable at last
+            d.skipped = m.current_version == s.target_version
+        d.hardware_class, d.from_version, d.unplaceable = seen
     run.fill()
 
 

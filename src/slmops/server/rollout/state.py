@@ -1,18 +1,25 @@
-"""The persisted rollout: one pydantic document holding everything the machine needs.
+"""The persisted rollout: one pydantic model holding everything the machine needs.
 
-The whole state round-trips through JSON exactly, so the server stores it in one column and a
-restart resumes the rollout from the last stored document with no other memory. It records each
-device's version before the rollout (what a rollback reverts it to), which wave moved it, and what
-it last reported; each wave's timings, latest gate evaluation and deciding evaluation; and the
-history of status changes with who made them.
+The whole state round-trips through JSON exactly, so a restart resumes the rollout from what was
+stored with no other memory. It records each device's version before the rollout (what a
+rollback reverts it to), which wave moved it, and what it last reported (``DeviceRecord``); each
+wave's timings, latest gate evaluation and deciding evaluation; the history of status changes
+with who made them; and a ``Tally`` of the device records, from which the machine decides.
+
+The server stores the records as one row each and the rest (the summary, with the tally) on the
+rollout row (``server/rollout_rows.py``); it hands ``step`` only the records an event names and
+says so in ``loaded``, so a device report costs the same whatever the fleet's size. Tests and
+the simulator keep every record in ``devices`` (``loaded`` None).
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterable
 from enum import StrEnum
-from typing import Literal
+from typing import Literal, Self
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from slmops.protocol.fleet import DeviceActionState
 from slmops.server.rollout.events import StateChanged
@@ -30,6 +37,9 @@ class DeviceRecord(RolloutModel):
     hardware_class: str
     from_version: str | None = Field(description="version before the rollout: the revert target")
     skipped: bool = Field(False, description="already on the target when matched: never moved")
+    unplaceable: str | None = Field(
+        None, description="why the target cannot be placed on it (not moved; counted by reason)"
+    )
     wave: int | None = Field(None, description="the wave that assigned it; null: still queued")
     assigned_at: float | None = None
     reverted_at: float | None = Field(None, description="when it was told to revert")
@@ -43,9 +53,16 @@ class DeviceRecord(RolloutModel):
         """One word for tables: skipped, queued, or the last reported (or assumed) state."""
         if self.skipped:
             return "skipped"
+        if self.unplaceable is not None and self.wave is None:
+            return "unplaceable"
         if self.wave is None:
             return "queued"
         return (self.state or DeviceActionState.SCHEDULED).value
+
+    @property
+    def queued(self) -> bool:
+        """Waiting for a wave: matched, placeable, not already on the target, not assigned."""
+        return not self.skipped and self.unplaceable is None and self.wave is None
 
     @property
     def health_failed(self) -> bool:
@@ -53,6 +70,99 @@ class DeviceRecord(RolloutModel):
         if self.state is DeviceActionState.FAILED:
             return self.failed_stage is DeviceActionState.HEALTH_CHECKING
         return self.state is DeviceActionState.ROLLED_BACK and self.reverted_at is None
+
+
+def reason_key(reason: str) -> str:
+    """The bucket an unplaceable reason is counted under: numbers folded to ``N`` and cut at
+    200 characters, so "needs 2.1 GB, has 1.9 GB" on a thousand devices is one counter, not a
+    thousand (the summary must not grow with the fleet)."""
+    return re.sub(r"\d+(?:\.\d+)?", "N", reason)[:200]
+
+
+class WaveTally(RolloutModel):
+    """Counts over the devices one wave assigned: what its gates judge."""
+
+    devices: int = 0
+    reported: int = 0
+    succeeded: int = 0
+    health_failures: int = 0
+    model_config = RolloutModel.model_config | {"validate_assignment": False}  # hot counters
+
+
+class Tally(RolloutModel):
+    """Counts over every device record, kept in step with each record change.
+
+    The machine decides from these (gates, wave targets, completion, rollback done) rather than
+    by scanning the devices, so a device report costs the same at 10 devices and at 100,000.
+    ``Tally.of(records)`` recomputes them from scratch; the property tests check that the
+    incremental counts always equal it. Zero counters are dropped so both compare equal.
+    """
+
+    matched: int = 0
+    skipped: int = 0
+    queued: int = 0
+    assigned: int = 0
+    reverted: int = 0
+    reverted_done: int = Field(0, description="reverted devices that report rolled-back")
+    unplaceable: dict[str, int] = Field(default_factory=dict, description="per reason")
+    statuses: dict[str, int] = Field(default_factory=dict, description="per DeviceRecord.status")
+    classes: dict[str, int] = Field(default_factory=dict, description="assigned per class")
+    waves: dict[str, WaveTally] = Field(default_factory=dict, description="per wave index")
+    model_config = RolloutModel.model_config | {"validate_assignment": False}  # hot counters
+
+    @property
+    def total(self) -> int:
+        """Devices the rollout moves: matched, placeable and not already on the target."""
+        return self.queued + self.assigned
+
+    @property
+    def unplaceable_total(self) -> int:
+        return sum(self.unplaceable.values())
+
+    def wave(self, index: int) -> WaveTally:
+        return self.waves.get(str(index)) or WaveTally()
+
+    def count(self, d: DeviceRecord | None, sign: int) -> None:
+        """Add (``sign`` 1) or remove (-1) one record's contribution."""
+        if d is None:
+            return
+        self.matched += sign
+        _bump(self.statuses, d.status, sign)
+        if d.skipped:
+            self.skipped += sign
+        elif d.wave is None:
+            if d.unplaceable is not None:
+                _bump(self.unplaceable, reason_key(d.unplaceable), sign)
+            else:
+                self.queued += sign
+        else:
+            self.assigned += sign
+            _bump(self.classes, d.hardware_class, sign)
+            w = self.waves.setdefault(str(d.wave), WaveTally())
+            w.devices += sign
+            w.reported += sign if d.state is not None and d.state.is_final else 0
+            w.succeeded += sign if d.state is DeviceActionState.ACTIVE else 0
+            w.health_failures += sign if d.health_failed else 0
+            if w == WaveTally():
+                del self.waves[str(d.wave)]
+            if d.reverted_at is not None:
+                self.reverted += sign
+                self.reverted_done += sign if d.state is DeviceActionState.ROLLED_BACK else 0
+
+    @classmethod
+    def of(cls, records: Iterable[DeviceRecord]) -> Tally:
+        tally = cls()
+        for d in records:
+            tally.count(d, 1)
+        return tally
+
+
+def _bump(counts: dict[str, int], key: str, sign: int) -> None:
+    value = counts.get(key, 0) + sign
+    if value:
+        counts[key] = value
+    else:
+        counts.pop(key, None)
 
 
 class WaveOutcome(StrEnum):
@@ -90,12 +200,26 @@ class RolloutState(RolloutModel):
     devices: dict[str, DeviceRecord] = Field(default_factory=dict)
     figures: list[ReceivedFigure] = Field(default_factory=list)
     history: list[StateChanged] = Field(default_factory=list)
+    tally: Tally = Field(default_factory=Tally, description="counts over every device record")
+    loaded: frozenset[str] | None = Field(
+        None,
+        exclude=True,
+        description="set by a store that keeps devices elsewhere: which device sets ``devices`` "
+        "holds in full (queued, moved); null: ``devices`` is every device. Never persisted.",
+    )
     model_config = RolloutModel.model_config | {"populate_by_name": True}
+
+    @model_validator(mode="after")
+    def _count_devices(self) -> Self:
+        """A document without a tally (written before it existed) gets one from its devices."""
+        if "tally" not in self.model_fields_set:  # (not via setattr: that would re-validate)
+            object.__setattr__(self, "tally", Tally.of(self.devices.values()))
+        return self
 
     @property
     def total(self) -> int:
-        """Devices the rollout moves: matched and not already on the target version."""
-        return sum(1 for d in self.devices.values() if not d.skipped)
+        """Devices the rollout moves: matched, placeable and not already on the target."""
+        return self.tally.total
 
     @property
     def assigned(self) -> list[str]:
@@ -103,7 +227,7 @@ class RolloutState(RolloutModel):
 
     def targets(self) -> list[int]:
         """Cumulative device targets of every wave for the devices matched so far."""
-        return wave_targets(self.policy.waves, self.total)
+        return wave_targets(self.policy.waves, self.tally.total)
 
     def to_json(self) -> str:
         return self.model_dump_json(by_alias=True)

@@ -7,14 +7,17 @@ so the invariants live in one place:
 - a device gets ``AssignTarget`` only while it is queued (``wave`` is null), so at most once;
 - a device gets ``RevertDevice`` only if it was assigned and not yet reverted, so at most once,
   and always back to the version it had when first matched;
-- a wave assigns devices only up to its cumulative target for the devices matched so far.
+- a wave assigns devices only up to its cumulative target for the devices matched so far;
+- ``state.tally`` always equals ``Tally.of(state.devices)``: every record change goes through
+  ``edit``/``add``, and ``tally()`` folds the changed records in before anything reads a count.
+  Gates, targets and completion read counts only, so a device report touches one record.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from slmops.protocol.fleet import DeviceActionState
+from slmops.server.rollout.errors import NeedDevices
 from slmops.server.rollout.events import (
     AssignTarget,
     DecisionAction,
@@ -27,7 +30,13 @@ from slmops.server.rollout.events import (
 from slmops.server.rollout.gates import GateEvaluation, GateStatus, Verdict, WaveFacts, evaluate
 from slmops.server.rollout.plan import pick_order
 from slmops.server.rollout.policy import FailureAction
-from slmops.server.rollout.state import DeviceRecord, RolloutState, WaveOutcome, WaveRecord
+from slmops.server.rollout.state import (
+    DeviceRecord,
+    RolloutState,
+    Tally,
+    WaveOutcome,
+    WaveRecord,
+)
 from slmops.server.rollout.status import RolloutStatus
 
 
@@ -43,6 +52,7 @@ def fork(state: RolloutState) -> RolloutState:
             "waves": [w.model_copy() for w in state.waves],
             "figures": list(state.figures),
             "history": list(state.history),
+            "tally": state.tally.model_copy(deep=True),
         }
     )
 
@@ -55,17 +65,41 @@ class Run:
     now: float
     commands: list[RolloutCommand] = field(default_factory=list)
     _owned: set[str] = field(default_factory=set)
+    _counted: dict[str, DeviceRecord | None] = field(default_factory=dict)  # as in the tally
+    _dirty: set[str] = field(default_factory=set)
 
     def edit(self, device_id: str) -> DeviceRecord:
         """The device's record, copied first if it is still shared with the input state."""
         if device_id not in self._owned:
-            self.state.devices[device_id] = self.state.devices[device_id].model_copy()
+            old = self.state.devices[device_id]
+            self._counted.setdefault(device_id, old)
+            self.state.devices[device_id] = old.model_copy()
             self._owned.add(device_id)
+        self._dirty.add(device_id)
         return self.state.devices[device_id]
 
     def add(self, device_id: str, record: DeviceRecord) -> None:
+        self._counted.setdefault(device_id, self.state.devices.get(device_id))
         self.state.devices[device_id] = record
         self._owned.add(device_id)
+        self._dirty.add(device_id)
+
+    def tally(self) -> Tally:
+        """The counts, with every record changed since the last call folded in."""
+        t = self.state.tally
+        for device_id in self._dirty:
+            now = self.state.devices[device_id]
+            t.count(self._counted[device_id], -1)
+            t.count(now, 1)
+            self._counted[device_id] = now.model_copy()
+        self._dirty.clear()
+        return t
+
+    def need(self, kind: str) -> None:
+        """Ask the caller for every ``kind`` record when the state holds only some of them."""
+        loaded = self.state.loaded
+        if loaded is not None and kind not in loaded:
+            raise NeedDevices(kind)
 
     # ------------------------------------------------------------------ status
 
@@ -87,6 +121,9 @@ class Run:
 
     def resume(self, reason: str, actor: str) -> None:
         self.transition(RolloutStatus.RUNNING, reason, actor)
+        if self.state.wave is None:  # paused before any wave: nothing could move then
+            self.enter_wave(0, reason)
+            return
         self.current_wave().timer_from = self.now  # a resumed wave gets a full timeout again
         self.fill()  # devices that enrolled while paused
 
@@ -96,6 +133,8 @@ class Run:
 
     def rollback(self, outcome: WaveOutcome, reason: str, actor: str | None) -> None:
         """Revert every device moved so far (each once) and wait for them to report it."""
+        if self.tally().assigned > self.tally().reverted:
+            self.need("moved")
         self.close_wave(outcome, actor)
         self.transition(RolloutStatus.ROLLING_BACK, reason, actor)
         for device_id, d in list(self.state.devices.items()):
@@ -108,10 +147,10 @@ class Run:
         s = self.state
         if s.status is not RolloutStatus.ROLLING_BACK:
             return
-        reverted = [d for d in s.devices.values() if d.reverted_at is not None]
-        if all(d.state is DeviceActionState.ROLLED_BACK for d in reverted):
+        t = self.tally()
+        if t.reverted_done == t.reverted:
             self.transition(
-                RolloutStatus.ROLLED_BACK, f"all {len(reverted)} moved devices report rolled-back"
+                RolloutStatus.ROLLED_BACK, f"all {t.reverted} moved devices report rolled-back"
             )
 
     # ------------------------------------------------------------------ waves
@@ -132,11 +171,15 @@ class Run:
     def enter_wave(self, index: int, reason: str) -> None:
         """Start wave ``index``; waves that would add no device are skipped (recorded as such)."""
         s = self.state
-        if s.total == 0:  # nothing to move: waiting would only end in a timeout
-            skipped = len(s.devices)
+        t = self.tally()
+        if t.total == 0:  # nothing to move: waiting would only end in a timeout
+            if t.unplaceable_total:  # not a success: the target fits none of them
+                why = f"nothing can move: {accounting(t, s.target_version)}"
+                self.transition(RolloutStatus.PAUSED, f"{why}; {reason}")
+                return
             why = (
-                f"all {skipped} matched devices already run {s.target_version}"
-                if skipped
+                f"all {t.skipped} matched devices already run {s.target_version}"
+                if t.skipped
                 else "no device matched"
             )
             self.transition(RolloutStatus.SUCCEEDED, f"nothing to move: {why}; {reason}")
@@ -156,6 +199,9 @@ class Run:
         self.transition(RolloutStatus.SUCCEEDED, f"every wave done; last: {reason}")
 
     def advance(self, outcome: WaveOutcome, reason: str, actor: str | None) -> None:
+        if self.state.wave is None:  # promoted while paused before any wave
+            self.enter_wave(0, reason)
+            return
         self.close_wave(outcome, actor)
         self.enter_wave(self.current_wave().index + 1, reason)
 
@@ -164,12 +210,12 @@ class Run:
         s = self.state
         if s.status is not RolloutStatus.RUNNING or s.wave is None:
             return []
-        need = s.targets()[s.wave] - len(s.assigned)
+        assigned = self.tally().assigned  # first: folds new records into the total
+        need = s.targets()[s.wave] - assigned
         if need <= 0:
             return []
-        queued = {
-            i: d.hardware_class for i, d in s.devices.items() if not d.skipped and d.wave is None
-        }
+        self.need("queued")
+        queued = {i: d.hardware_class for i, d in s.devices.items() if d.queued}
         picked = pick_order(s.seed, queued)[:need]
         for device_id in picked:
             d = self.edit(device_id)
@@ -182,19 +228,17 @@ class Run:
     # ------------------------------------------------------------------ gates
 
     def facts(self) -> WaveFacts:
-        s, wave = self.state, self.current_wave()
-        mine = [d for d in s.devices.values() if d.wave == wave.index]
+        s, wave, t = self.state, self.current_wave(), self.tally()
+        mine = t.wave(wave.index)
         return WaveFacts(
             wave=wave.index,
             soak_elapsed=max(0.0, self.now - wave.started_at),
             undecided_for=max(0.0, self.now - wave.timer_from),
-            devices=len(mine),
-            reported=sum(1 for d in mine if d.state is not None and d.state.is_final),
-            succeeded=sum(1 for d in mine if d.state is DeviceActionState.ACTIVE),
-            health_failures=sum(1 for d in mine if d.health_failed),
-            canary_classes=sorted(
-                {d.hardware_class for d in s.devices.values() if d.wave is not None}
-            ),
+            devices=mine.devices,
+            reported=mine.reported,
+            succeeded=mine.succeeded,
+            health_failures=mine.health_failures,
+            canary_classes=sorted(t.classes),
             figures=[f for f in s.figures if f.received_at >= wave.started_at],
         )
 
@@ -202,7 +246,7 @@ class Run:
         """While running, judge the current wave and act; passing waves may chain."""
         s = self.state
         for _ in range(len(s.policy.waves) + 1):
-            if s.status is not RolloutStatus.RUNNING:
+            if s.status is not RolloutStatus.RUNNING or s.wave is None:
                 return
             wave = self.current_wave()
             gates = s.policy.gates_for(wave.index)
@@ -237,6 +281,24 @@ class Run:
         if action is not DecisionAction.NONE:
             self.current_wave().decision = ev
         self.commands.append(GateDecision(evaluation=ev, action=action))
+
+
+def accounting(t: Tally, target: str) -> str:
+    """Where every matched device stands, for status reasons: moved, already there, queued,
+    and unplaceable with the count per reason."""
+    parts = [f"{t.matched} matched"]
+    if t.assigned:
+        parts.append(f"{t.assigned} moved")
+    if t.skipped:
+        parts.append(f"{t.skipped} already run {target} (by their last report)")
+    if t.queued:
+        parts.append(f"{t.queued} queued")
+    if t.unplaceable:
+        reasons = sorted(t.unplaceable.items(), key=lambda kv: (-kv[1], kv[0]))
+        listed = "; ".join(f"{n}: {why}" for why, n in reasons[:3])
+        more = f"; and {len(reasons) - 3} other reasons" if len(reasons) > 3 else ""
+        parts.append(f"{t.unplaceable_total} unplaceable ({listed}{more})")
+    return ", ".join(parts)
 
 
 def _failing(ev: GateEvaluation) -> str:

@@ -7,6 +7,6 @@ Modules: ``tables`` (rows), ``store`` (writing a batch idempotently, roll-up, re
 ``cohorts`` (canary/baseline figures for rollout metric gates, ``feed_metrics``), ``drift``
 (PSI against the bundle's baseline, ``check_drift``), ``metrics`` (GET /metrics).
 
-Hooks for the rollout ticker (``server/rollouts.tick_all``): ``feed_metrics(session, ctx)``
-before the ticks, and ``check_drift(session, store)`` now and then.
+Hooks for the ticker (``server/ticker.py``, through ``ticks.telemetry_tick``):
+``feed_metrics(session, ctx)`` every tick, and ``check_drift(session, store)`` now and then.
 """

@@ -14,13 +14,15 @@ of the server's time (started over 24 h ago, or ending over 5 min ahead: ``store
 ``store.MAX_AHEAD_S``) are not stored and are counted in the answer's ``skipped``. Each window
 is attributed from the server's record of what the device runs (``store.attribute``), never
 from the model, version or rollout the device claims. The hardware class of every window is
-the device's profile at the time of delivery.
+the device's profile at the time of delivery. The device is read with other requests' in one
+query (``server/checkin_reader.py``) and the batch stored with theirs in one transaction
+(``writer.py``); the answer comes after the commit.
 """
 
 from __future__ import annotations
 
 import zlib
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Request
 from fastapi.concurrency import run_in_threadpool
@@ -29,12 +31,14 @@ from sqlalchemy import select
 
 from slmops.protocol.telemetry import TelemetryBatch
 from slmops.server.api.deps import UNKNOWN_DEVICE, device_secret, unauthorized
+from slmops.server.checkin_reader import CheckinReader
 from slmops.server.db.models import Device
 from slmops.server.db.session import Database
 from slmops.server.errors import api_error
 from slmops.server.openapi import DEVICE_SECURITY, errors, json_body
 from slmops.server.security import TokenKind, hash_secret
 from slmops.server.telemetry.store import Stored, store_batch
+from slmops.server.telemetry.writer import TelemetryWriter
 
 router = APIRouter(tags=["device"])
 
@@ -108,6 +112,19 @@ def _store(db: Database, key: str, batch: TelemetryBatch) -> Stored:
         return store_batch(session, device, batch)
 
 
+async def _stored(app: Any, key: str, batch: TelemetryBatch) -> Stored:
+    """The device is read in a batch with other requests, the batch stored in a group commit
+    with others (``writer.py``); an app without them (not started) stores it alone."""
+    reader: CheckinReader | None = getattr(app.state, "checkin_reader", None)
+    writer: TelemetryWriter | None = getattr(app.state, "telemetry_writer", None)
+    if reader is None or writer is None:
+        return await run_in_threadpool(_store, app.state.db, key, batch)
+    device = await reader.lookup(key)
+    if device is None:
+        raise unauthorized(*UNKNOWN_DEVICE)
+    return await writer.store(device, batch)
+
+
 @router.post(
     "/telemetry",
     response_model=TelemetryAccepted,
@@ -150,7 +167,7 @@ async def post_telemetry(
             where=f"body.{where}" if where != "body" else where,
             hint="send a slmops.telemetry/v1 batch; unknown keys are refused",
         ) from None
-    stored = await run_in_threadpool(_store, request.app.state.db, key, batch)
+    stored = await _stored(request.app, key, batch)
     return TelemetryAccepted(
         batch_id=stored.batch_id,
         accepted=stored.windows,

@@ -29,7 +29,7 @@ neither cohort are left out). ``where`` takes the same keys with the value to ke
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from sqlalchemy import select
@@ -37,9 +37,8 @@ from sqlalchemy.orm import Session
 
 from slmops.core.errors import UserInputError
 from slmops.server.db.models import Device, Rollout
-from slmops.server.rollout import RolloutState
 from slmops.server.telemetry import aggregate
-from slmops.server.telemetry.cohorts import classifier
+from slmops.server.telemetry.cohorts import RolloutCohorts
 from slmops.server.telemetry.rows import COLUMNS, Row, load
 
 GROUP_KEYS = (*COLUMNS, "label:<key>", "cohort:<rollout id>")
@@ -55,11 +54,20 @@ def summarize(
     until: float | None = None,
     where: dict[str, str] | None = None,
 ) -> list[dict[str, Any]]:
-    """Merged telemetry per group (keys in the module doc), sorted by group values."""
-    getters = {key: _getter(session, key) for key in group_by}
-    filters = {key: (_getter(session, key), value) for key, value in (where or {}).items()}
+    """Merged telemetry per group (keys in the module doc), sorted by group values.
+
+    With a ``cohort:`` key the range's rows are read first, then the rollout records of the
+    devices they name (in chunks), never every device row of the rollout."""
+    cohorts: list[RolloutCohorts] = []
+    getters = {key: _getter(session, key, cohorts) for key in group_by}
+    filters = {key: (_getter(session, key, cohorts), value) for key, value in (where or {}).items()}
     groups: dict[tuple[str | None, ...], tuple[aggregate.Acc, set[str]]] = {}
-    for row in load(session, since=since, until=until, where=where):
+    rows: Iterable[Row] = load(session, since=since, until=until, where=where)
+    if cohorts:
+        rows = list(rows)
+        for lookup in cohorts:
+            lookup.prefetch({r.device_id for r in rows})
+    for row in rows:
         if any(get(row) != value for get, value in filters.values()):
             continue
         key = tuple(get(row) for get in getters.values())
@@ -78,7 +86,7 @@ def summarize(
     return out
 
 
-def _getter(session: Session, key: str) -> Getter:
+def _getter(session: Session, key: str, cohorts: list[RolloutCohorts]) -> Getter:
     if key in COLUMNS:
         return lambda row: row.dim(key)
     if key.startswith("label:") and len(key) > len("label:"):
@@ -92,8 +100,8 @@ def _getter(session: Session, key: str) -> Getter:
             raise UserInputError(
                 f"no rollout {rollout_id!r}", where=key, hint="name a rollout id: cohort:<id>"
             )
-        state = RolloutState.from_json(found.state_json)
-        cohort = classifier(state, found.model or None)
+        cohort = RolloutCohorts(session, found)
+        cohorts.append(cohort)
 
         def get(row: Row) -> str | None:
             which = cohort(row.device_id, row.model, row.version, row.profile)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from sqlalchemy import ColumnElement, select
 from sqlalchemy.orm import Session
@@ -58,31 +58,46 @@ def load(
     """Every row of telemetry in ``[since, until)`` matching the column filters in ``where``
     (keys of ``COLUMNS``; other keys are the caller's to apply)."""
     where = where or {}
+    for kind, lo, hi in spans(since, until):
+        if kind == "windows":
+            assert lo is not None and hi is not None  # spans() bounds every windows span
+            yield from _windows(session, lo, hi, where)
+            continue
+        h = TelemetryHourlyRow
+        query = select(h).where(*_filters(h, where))
+        if lo is not None:
+            query = query.where(h.hour >= lo)
+        if hi is not None:
+            query = query.where(h.hour < hi)
+        for r in session.scalars(query.execution_options(yield_per=1000)):
+            yield Row(
+                r.device_id,
+                _none(r.model),
+                _none(r.version),
+                _none(r.variant),
+                _none(r.profile),
+                _none(r.rollout_id),
+                r.aggregate,
+            )
+
+
+Span = tuple[Literal["hourly", "windows"], float | None, float | None]
+
+
+def spans(since: float | None, until: float | None) -> list[Span]:
+    """How ``[since, until)`` is read: whole hours from the roll-up (``hourly``, bounds on the
+    ``hour`` column, None: open) and the partial hours at the edges from the windows
+    (``windows``, bounds on ``start_ts``, always set). Shared by every reader of a range."""
     first = math.ceil(since / HOUR) * HOUR if since is not None else None
     last = math.floor(until / HOUR) * HOUR if until is not None else None
     if since is not None and until is not None and math.ceil(since / HOUR) >= until // HOUR:
-        yield from _windows(session, since, until, where)
-        return
-    h = TelemetryHourlyRow
-    query = select(h).where(*_filters(h, where))
-    if first is not None:
-        query = query.where(h.hour >= first)
-    if last is not None:
-        query = query.where(h.hour < last)
-    for r in session.scalars(query.execution_options(yield_per=1000)):
-        yield Row(
-            r.device_id,
-            _none(r.model),
-            _none(r.version),
-            _none(r.variant),
-            _none(r.profile),
-            _none(r.rollout_id),
-            r.aggregate,
-        )
+        return [("windows", since, until)]
+    out: list[Span] = [("hourly", first, last)]
     if since is not None and first is not None and since < first:
-        yield from _windows(session, since, first, where)
+        out.append(("windows", since, first))
     if until is not None and last is not None and last < until:
-        yield from _windows(session, last, until, where)
+        out.append(("windows", last, until))
+    return out
 
 
 def _windows(session: Session, lo: float, hi: float, where: Mapping[str, str]) -> Iterator[Row]:

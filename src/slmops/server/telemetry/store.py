@@ -1,6 +1,7 @@
 """Writing telemetry: a batch, its windows and the hourly roll-up, in one transaction (the
-ingestion counters are added in memory and flushed each tick, see ``bump``); and pruning old
-rows (retention).
+ingestion counters are added in memory and flushed later, see ``Counters``); and pruning old
+rows (retention). This is the one-batch path (and the fallback of ``writer.py``, which stores
+the batches of many requests in one transaction on the hot path).
 
 Idempotency: the batch row goes in first (``UNIQUE(device_id, batch_id)``); a retried batch
 fails that insert, the transaction is rolled back, nothing else is written, and the duplicate is
@@ -58,44 +59,64 @@ def hour_of(ts: float) -> float:
     return float(int(ts // HOUR) * HOUR)
 
 
-_PENDING: dict[str, int] = {}
-_PENDING_LOCK = threading.Lock()
+COUNTERS_KEY = "slmops.telemetry_counters"
 
 
-def bump(name: str, by: int) -> None:
-    """Count in memory; ``flush_counters`` adds it to the table later.
+class Counters:
+    """Ingestion counts kept in memory, added to ``telemetry_counters`` by ``flush``.
 
     Counters are hot rows: updating them inside every batch's transaction made concurrent
     deliveries wait on each other (and, updating several rows in one statement, deadlock on
     PostgreSQL). Each process adds its own deltas, so several processes still sum correctly;
-    a crash loses at most what was counted since the last flush (one tick).
-    """
-    if by:
-        with _PENDING_LOCK:
-            _PENDING[name] = _PENDING.get(name, 0) + by
+    a crash loses at most what was counted since the last flush (a second or a tick). One per
+    app, reached from its sessions (``counters_of``)."""
+
+    def __init__(self) -> None:
+        self._pending: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def bump(self, name: str, by: int) -> None:
+        if by:
+            with self._lock:
+                self._pending[name] = self._pending.get(name, 0) + by
+
+    def take(self) -> dict[str, int]:
+        with self._lock:
+            pending, self._pending = self._pending, {}
+        return pending
+
+    def flush(self, session: Session) -> None:
+        """Add the pending counts, rows in a fixed order, and commit."""
+        pending = self.take()
+        if not pending:
+            return
+        try:
+            for name in sorted(pending):
+                session.execute(
+                    update(TelemetryCounter)
+                    .where(TelemetryCounter.name == name)
+                    .values(value=TelemetryCounter.value + pending[name])
+                    .execution_options(synchronize_session=False)
+                )
+            session.commit()
+        except Exception:
+            session.rollback()
+            for name, by in pending.items():  # counted again at the next flush
+                self.bump(name, by)
+            raise
+
+
+def counters_of(session: Session) -> Counters:
+    """The app's counters (its session factory carries them), or the session's own."""
+    counters = session.info.get(COUNTERS_KEY)
+    if not isinstance(counters, Counters):
+        counters = session.info[COUNTERS_KEY] = Counters()
+    return counters
 
 
 def flush_counters(session: Session) -> None:
-    """Add this process's pending counts to ``telemetry_counters``, rows in a fixed order."""
-    with _PENDING_LOCK:
-        pending = dict(_PENDING)
-        _PENDING.clear()
-    if not pending:
-        return
-    try:
-        for name in sorted(pending):
-            session.execute(
-                update(TelemetryCounter)
-                .where(TelemetryCounter.name == name)
-                .values(value=TelemetryCounter.value + pending[name])
-                .execution_options(synchronize_session=False)
-            )
-        session.commit()
-    except Exception:
-        session.rollback()
-        for name, by in pending.items():  # counted again at the next flush
-            bump(name, by)
-        raise
+    """Add the app's pending counts to ``telemetry_counters`` (see ``Counters``)."""
+    counters_of(session).flush(session)
 
 
 def in_time(window: WindowAggregate, now: float) -> bool:
@@ -133,7 +154,7 @@ def store_batch(
         session.flush()
     except IntegrityError:
         session.rollback()
-        bump("duplicate_batches", 1)
+        counters_of(session).bump("duplicate_batches", 1)
         return Stored(batch.batch_id, 0, duplicate=True)
     for window in windows:
         dims = _dims(attribute(known, desired, window), profile)
@@ -152,9 +173,10 @@ def store_batch(
         )
         _roll_up(session, device_id, hour_of(window.start), dims, aggregate.from_window(doc))
     session.commit()
-    bump("batches", 1)
-    bump("windows", len(windows))
-    bump("dropped_windows", batch.dropped_windows)
+    counters = counters_of(session)
+    counters.bump("batches", 1)
+    counters.bump("windows", len(windows))
+    counters.bump("dropped_windows", batch.dropped_windows)
     return Stored(batch.batch_id, len(windows), duplicate=False, skipped=skipped)
 
 

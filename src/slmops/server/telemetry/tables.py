@@ -30,7 +30,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
-from slmops.server.db.models import Base, Tz, utcnow
+from slmops.server.db.base import Base, Tz, utcnow
 
 
 class TelemetryBatchRow(Base):

@@ -6,12 +6,16 @@ written). A later check-in with the same credential, the same body bytes and an 
 equal to the remembered ETag gets 304 straight from memory while the entry is fresh, and while
 ``last_seen`` does not need writing yet (``seen_every``); anything else takes the full path.
 
-Staleness is bounded: entries live ``ttl`` seconds (``SLMOPS_CHECKIN_CACHE_SECONDS``, default
-5 s; 0 turns the cache off), and a desired-state change written by this process
-(``desired.CHANGES``) or a re-enrollment here invalidates every entry at once. A change made by
-another API process reaches a device at most ``ttl`` seconds late, and a rotated credential
-keeps working on other processes for at most ``ttl`` seconds; both are small beside a poll
-interval of a minute.
+Entries are dropped when the device's desired state or credential changes
+(``server/invalidation.py``): at once in the process that committed the change and, on
+PostgreSQL, within milliseconds in every other API process (LISTEN/NOTIFY). So the entry
+lifetime is only a safety net: ``SLMOPS_CHECKIN_CACHE_SECONDS`` (default 5 s; 0 turns the cache
+off) without a cross-process listener (SQLite, or while the listener reconnects), and
+``LISTENING_TTL`` (60 s) while one is live.
+
+A check-in that read the database before an invalidation arrived does not cache what it read
+(``epoch`` taken before the read, compared at ``put``), so a change racing a full check-in
+cannot leave a stale entry behind.
 """
 
 from __future__ import annotations
@@ -20,9 +24,10 @@ import threading
 import time
 from dataclasses import dataclass
 
-from slmops.server.desired import CHANGES
+from slmops.server.invalidation import Invalidation
 
 MAX_ENTRIES = 200_000
+LISTENING_TTL = 60.0
 
 
 @dataclass(frozen=True)
@@ -31,16 +36,35 @@ class Entry:
     etag: str
     body_digest: bytes
     seen_at: float
-    changes: int
     expires: float
 
 
 class CheckinCache:
-    def __init__(self, ttl: float, *, max_entries: int = MAX_ENTRIES) -> None:
-        self.ttl, self.max_entries = ttl, max_entries
+    def __init__(
+        self,
+        ttl: float,
+        invalidation: Invalidation | None = None,
+        *,
+        max_entries: int = MAX_ENTRIES,
+    ) -> None:
+        self.short_ttl, self.max_entries = ttl, max_entries
+        self.invalidation = invalidation or Invalidation()
+        self.invalidation.subscribe(self.drop)
         self._entries: dict[str, Entry] = {}
+        self._keys: dict[str, str] = {}  # device id -> credential digest of its entry
         self._lock = threading.Lock()
         self.hits = self.misses = 0
+
+    @property
+    def ttl(self) -> float:
+        """Entry lifetime now: long while another process's changes reach us by NOTIFY."""
+        if self.short_ttl <= 0:
+            return 0.0
+        return max(self.short_ttl, LISTENING_TTL) if self.invalidation.live else self.short_ttl
+
+    @property
+    def epoch(self) -> int:
+        return self.invalidation.epoch
 
     def hit(
         self, key: str, body_digest: bytes, etag: str | None, now: float, seen_every: float
@@ -50,7 +74,6 @@ class CheckinCache:
             entry is not None
             and etag is not None
             and entry.expires > now
-            and entry.changes == CHANGES[0]
             and entry.body_digest == body_digest
             and entry.etag == etag
             and now - entry.seen_at < seen_every
@@ -61,17 +84,44 @@ class CheckinCache:
             self.misses += 1
         return ok
 
-    def put(self, key: str, entry: Entry) -> None:
-        if self.ttl <= 0:
+    def put(self, key: str, entry: Entry, *, epoch: int) -> None:
+        """Remember ``entry`` unless an invalidation arrived since ``epoch`` (read before the
+        database was)."""
+        if self.short_ttl <= 0:
             return
         with self._lock:
+            if self.invalidation.epoch != epoch:
+                return
             if len(self._entries) >= self.max_entries:
                 now = time.time()
                 self._entries = {k: e for k, e in self._entries.items() if e.expires > now}
+                self._keys = {e.device_id: k for k, e in self._entries.items()}
                 if len(self._entries) >= self.max_entries:
                     self._entries.clear()
+                    self._keys.clear()
+            old = self._keys.get(entry.device_id)
+            if old is not None and old != key:
+                self._entries.pop(old, None)
             self._entries[key] = entry
+            self._keys[entry.device_id] = key
 
     def forget(self, key: str) -> None:
         with self._lock:
-            self._entries.pop(key, None)
+            entry = self._entries.pop(key, None)
+            if entry is not None:
+                self._keys.pop(entry.device_id, None)
+
+    def drop(self, device_ids: set[str] | None) -> None:
+        """Drop the entries of ``device_ids`` (None: every entry)."""
+        with self._lock:
+            if device_ids is None:
+                self._entries.clear()
+                self._keys.clear()
+                return
+            for device_id in device_ids:
+                key = self._keys.pop(device_id, None)
+                if key is not None:
+                    self._entries.pop(key, None)
+
+    def __len__(self) -> int:
+        return len(self._entries)

@@ -1,10 +1,10 @@
 """Blueprints as operators apply them: PUT is idempotent like ``kubectl apply``.
 
-PUT /blueprints/{name} stores the document; when the version it resolves to differs from the
-one its devices run, it creates a rollout (``server/rollouts.reconcile``) that moves them in
-waves, and the answer names it. Other changes (generation settings, groups) reach devices at
-once. Applying the same spec again answers ``changed: false`` and touches nothing, so CI can
-apply on every run. The body is validated with the Blueprint model
+PUT /blueprints/{name} stores the document (``server/blueprints_service.apply_blueprint``); when
+the version it resolves to differs from the one its devices run, it creates a rollout
+(``server/rollouts.reconcile``) that moves them in waves, and the answer names it. Other
+changes (generation settings, groups) reach devices at once. Applying the same spec again
+answers ``changed: false`` and touches nothing, so CI can apply on every run. The body is validated with the Blueprint model
 (unknown keys refused), and errors use the usual envelope naming the key, e.g.
 ``body.spec.modle``. DELETE aborts its active rollout and resets the devices it governed to
 "keep what runs" unless another blueprint now governs them.
@@ -21,16 +21,14 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from slmops.core.config import StrictModel
-from slmops.server.api.deps import OperatorDep, SessionDep, SettingsDep, ViewerDep
+from slmops.server import blueprints_service as service
+from slmops.server.api.deps import OperatorDep, ServicesDep, SessionDep, ViewerDep
 from slmops.server.blueprint import Blueprint
 from slmops.server.blueprints_table import BlueprintRow
-from slmops.server.db.models import as_utc, utcnow
-from slmops.server.desired import governed, to_blueprint
+from slmops.server.db.models import as_utc
+from slmops.server.desired import to_blueprint
 from slmops.server.errors import api_error
 from slmops.server.openapi import errors
-from slmops.server.registry.store import BlobStore
-from slmops.server.rollouts import Context, reconcile, settle, stop_for_blueprint
-from slmops.server.settings import ServerSettings
 
 router = APIRouter(prefix="/blueprints", tags=["blueprints"])
 
@@ -67,17 +65,9 @@ def _public(row: BlueprintRow) -> BlueprintPublic:
     )
 
 
-def _row(session: Session, name: str) -> BlueprintRow | None:
-    return session.scalar(select(BlueprintRow).where(BlueprintRow.name == name))
-
-
-def _context(settings: ServerSettings) -> Context:
-    return Context(BlobStore(settings.data_dir), settings.poll_seconds)
-
-
 @router.put("/{name}")
 def apply_blueprint(
-    name: str, body: Blueprint, session: SessionDep, settings: SettingsDep, caller: OperatorDep
+    name: str, body: Blueprint, session: SessionDep, services: ServicesDep, caller: OperatorDep
 ) -> ApplyResult:
     """Create or update; unchanged spec → ``changed: false`` and no device is touched."""
     if body.metadata.name != name:
@@ -88,27 +78,9 @@ def apply_blueprint(
             where="body.metadata.name",
             hint="PUT /api/v1/blueprints/<metadata.name>",
         )
-    spec = body.spec.model_dump(mode="json")
-    row = _row(session, name)
-    changed = row is None or row.spec != spec
-    if row is None:
-        now = utcnow()
-        row = BlueprintRow(name=name, spec=spec, generation=1, created_at=now, updated_at=now)
-        session.add(row)
-    elif changed:
-        if row.spec.get("model", {}).get("name") != body.spec.model.name:
-            row.stable_version = None  # another model: its versions say nothing about this one
-        row.spec, row.generation, row.updated_at = spec, row.generation + 1, utcnow()
-    session.commit()
-    rollout = None
-    if changed:
-        ctx = _context(settings)
-        rollout = reconcile(session, row, actor=caller.name, ctx=ctx)
-        counts = settle(session, ctx)
-    else:
-        counts = governed(session)
-    public = _public(row).model_dump()
-    return ApplyResult(**public, changed=changed, devices=counts.get(name, 0), rollout=rollout)
+    done = service.apply_blueprint(session, body, actor=caller.name, ctx=services.context())
+    public = _public(done.row).model_dump()
+    return ApplyResult(**public, changed=done.changed, devices=done.devices, rollout=done.rollout)
 
 
 @router.get("")
@@ -118,7 +90,7 @@ def read_blueprints(session: SessionDep, _caller: ViewerDep) -> BlueprintList:
 
 
 def _get_or_404(session: Session, name: str) -> BlueprintRow:
-    row = _row(session, name)
+    row = service.find_blueprint(session, name)
     if row is None:
         raise api_error(
             404,
@@ -137,11 +109,7 @@ def read_blueprint(name: str, session: SessionDep, _caller: ViewerDep) -> Bluepr
 
 @router.delete("/{name}", status_code=204, responses=errors(404))
 def delete_blueprint(
-    name: str, session: SessionDep, settings: SettingsDep, caller: OperatorDep
+    name: str, session: SessionDep, services: ServicesDep, caller: OperatorDep
 ) -> None:
     row = _get_or_404(session, name)
-    ctx = _context(settings)
-    stop_for_blueprint(session, name, actor=caller.name, ctx=ctx)
-    session.delete(row)
-    session.commit()
-    settle(session, ctx)
+    service.delete_blueprint(session, row, actor=caller.name, ctx=services.context())

@@ -25,8 +25,8 @@ from slmops.server.api.deps import (
     LabelKey,
     Labels,
     OperatorDep,
+    ServicesDep,
     SessionDep,
-    SettingsDep,
     ViewerDep,
 )
 from slmops.server.audit import Actor
@@ -36,8 +36,7 @@ from slmops.server.desired import Refresher
 from slmops.server.errors import api_error
 from slmops.server.identity_tables import EnrollmentRequest
 from slmops.server.openapi import errors
-from slmops.server.registry.store import BlobStore
-from slmops.server.rollouts import Context, join_if_matching
+from slmops.server.rollouts import join_if_matching
 
 router = APIRouter(prefix="/devices", tags=["devices"])
 
@@ -242,7 +241,7 @@ def update_device_labels(
     device_id: str,
     body: LabelsUpdate,
     session: SessionDep,
-    settings: SettingsDep,
+    services: ServicesDep,
     _caller: OperatorDep,
 ) -> DevicePublic:
     device = _get_or_404(session, device_id)
@@ -250,8 +249,8 @@ def update_device_labels(
     labels.update(body.set)
     device.operator_labels = labels
     # New labels may put the device under another blueprint (and its rollout): show it now.
-    ctx = Context(BlobStore(settings.data_dir), settings.poll_seconds)
-    refresher = Refresher(session, ctx.store, poll_seconds=ctx.poll_seconds)
+    ctx = services.context()
+    refresher = Refresher(session, ctx.store, poll_seconds=ctx.poll_seconds, targets=ctx.targets)
     join_if_matching(refresher, device, ctx)
     refresher.refresh(device)
     session.commit()
@@ -333,13 +332,22 @@ def reject_device(
 
 @router.post("/{device_id}/revoke", responses=errors(404))
 def revoke_device(
-    device_id: str, session: SessionDep, caller: OperatorDep, body: RevokeBody | None = None
+    device_id: str,
+    session: SessionDep,
+    services: ServicesDep,
+    caller: OperatorDep,
+    body: RevokeBody | None = None,
 ) -> IdentityChanged:
-    """The credential stops working now; the record stays; back only through approval."""
+    """The credential stops working now; the record stays; back only through approval. The
+    device leaves every unfinished rollout (its wave is judged without it)."""
     device = _get_or_404(session, device_id)
-    identity.revoke(session, device, Actor.operator(caller), reason=(body or RevokeBody()).reason)
-    session.commit()
-    return IdentityChanged(device_id=device_id, action="revoke", status=device.status)
+    reason = (body or RevokeBody()).reason
+    touched = identity.revoke(
+        session, device, Actor.operator(caller), services.context(), reason=reason
+    )
+    return IdentityChanged(
+        device_id=device_id, action="revoke", status=identity.REVOKED, rollouts=touched
+    )
 
 
 @router.post("/{device_id}/rotate", responses=errors(404))
@@ -354,11 +362,10 @@ def rotate_device(device_id: str, session: SessionDep, caller: OperatorDep) -> I
 
 @router.delete("/{device_id}", status_code=status.HTTP_200_OK, responses=errors(404))
 def delete_device(
-    device_id: str, session: SessionDep, settings: SettingsDep, caller: OperatorDep
+    device_id: str, session: SessionDep, services: ServicesDep, caller: OperatorDep
 ) -> IdentityChanged:
     """Decommission: the credential stops working, the record and its actions are removed, and
     the device leaves every unfinished rollout (its wave is judged without it)."""
     device = _get_or_404(session, device_id)
-    ctx = Context(BlobStore(settings.data_dir), settings.poll_seconds)
-    touched = identity.delete(session, device, Actor.operator(caller), ctx)
+    touched = identity.delete(session, device, Actor.operator(caller), services.context())
     return IdentityChanged(device_id=device_id, action="delete", status=None, rollouts=touched)

@@ -1,29 +1,30 @@
 """Rollouts as operators see and steer them, under /api/v1/rollouts.
 
 Rollouts are created by blueprint applies and channel moves (``server/rollouts.reconcile``);
-here they are listed, read (waves with the gate results that decided them, every device with
-its last reported action state, the audit history) and steered: start, pause, resume, promote,
-abort, rollback. A command the rollout's state does not allow answers 409 with the states that
+here they are listed, read (waves with the gate results that decided them and their counts, one
+page of devices with their last reported action state, the audit history) and steered: start,
+pause, resume, promote, abort, rollback. Every view carries the counts from the rollout's tally
+(no device row read for them); devices come a page at a time (``limit``, default 100, at most
+1000; ``after``: the cursor, a device id; ``wave=`` and ``status=`` filters), so a view of a
+100k-device rollout costs one indexed read of one page. A command the rollout's state does not allow answers 409 with the states that
 would allow it; ``wave`` in the body guards against promoting twice from a stale view.
 """
 
 from __future__ import annotations
 
-from collections import Counter
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal, get_args
 
 from fastapi import APIRouter, Query
 from pydantic import Field
 from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, object_session
 
 from slmops.core.config import StrictModel
-from slmops.server.api.deps import OperatorDep, SessionDep, SettingsDep, ViewerDep
+from slmops.server.api.deps import OperatorDep, ServicesDep, SessionDep, ViewerDep
 from slmops.server.db.models import Rollout, as_utc
 from slmops.server.errors import api_error
 from slmops.server.openapi import errors
-from slmops.server.registry.store import BlobStore
 from slmops.server.rollout import (
     InvalidTransition,
     OperatorAction,
@@ -32,7 +33,8 @@ from slmops.server.rollout import (
     StateChanged,
 )
 from slmops.server.rollout.gates import GateEvaluation
-from slmops.server.rollouts import Context, run_event
+from slmops.server.rollout_rows import page
+from slmops.server.rollouts import run_event
 
 router = APIRouter(prefix="/rollouts", tags=["rollouts"])
 
@@ -46,7 +48,11 @@ class RolloutSummary(StrictModel):
     wave: int | None = Field(description="current wave index; null before the start")
     waves: int = Field(description="waves in the policy")
     devices: int = Field(description="devices the rollout moves (matched, not already there)")
+    matched: int = Field(0, description="devices matched: moved, queued, skipped or unplaceable")
     by_status: dict[str, int] = Field(description="devices per action state (queued, active, ..)")
+    unplaceable: dict[str, int] = Field(
+        default_factory=dict, description="unplaceable devices per reason (numbers folded to N)"
+    )
     created_at: datetime
     updated_at: datetime
 
@@ -59,8 +65,44 @@ class WavePublic(StrictModel):
     ended_at: float | None
     outcome: str | None
     ended_by: str | None
+    devices: int = Field(0, description="devices this wave assigned (from the tally)")
+    reported: int = Field(0, description="of those, devices with a final report")
+    succeeded: int = Field(0, description="of those, devices that report active")
+    health_failures: int = 0
     evaluation: GateEvaluation | None
     decision: GateEvaluation | None
+
+
+DEFAULT_LIMIT = 100
+MAX_LIMIT = 1000
+DeviceStatus = Literal[
+    "queued",
+    "skipped",
+    "unplaceable",
+    "scheduled",
+    "downloading",
+    "verifying",
+    "installing",
+    "health-checking",
+    "active",
+    "failed",
+    "rolled-back",
+]
+"""``DeviceRecord.status``: queued, skipped, unplaceable, or the last reported action state."""
+DEVICE_STATUSES: tuple[str, ...] = get_args(DeviceStatus)
+
+
+class DevicePage(StrictModel):
+    """Which page of devices ``device_list`` holds, and how to ask for the next."""
+
+    limit: int
+    after: str | None = Field(description="the cursor this page starts after (a device id)")
+    wave: int | None = Field(description="only devices this wave assigned")
+    status: str | None = Field(description="only devices with this status")
+    returned: int
+    next: str | None = Field(
+        description="pass as `after` (with the same filters) for the next page; null: last page"
+    )
 
 
 class DeviceInRollout(StrictModel):
@@ -77,7 +119,8 @@ class DeviceInRollout(StrictModel):
 class RolloutDetail(RolloutSummary):
     policy: dict[str, Any]
     wave_list: list[WavePublic]
-    device_list: list[DeviceInRollout]
+    device_list: list[DeviceInRollout] = Field(description="one page of devices: see device_page")
+    device_page: DevicePage
     history: list[StateChanged]
 
 
@@ -97,7 +140,8 @@ class ActionBody(StrictModel):
 
 
 def summary(row: Rollout, state: RolloutState) -> RolloutSummary:
-    counts = Counter(d.status for d in state.devices.values())
+    """From the summary's tally: no device row is read."""
+    t = state.tally
     return RolloutSummary(
         id=row.id,
         blueprint=row.blueprint,
@@ -106,19 +150,35 @@ def summary(row: Rollout, state: RolloutState) -> RolloutSummary:
         status=state.status.value,
         wave=state.wave,
         waves=len(state.policy.waves),
-        devices=state.total,
-        by_status=dict(sorted(counts.items())),
+        devices=t.total,
+        matched=t.matched,
+        by_status=dict(sorted(t.statuses.items())),
+        unplaceable=dict(sorted(t.unplaceable.items())),
         created_at=as_utc(row.created_at),
         updated_at=as_utc(row.updated_at),
     )
 
 
-def detail(row: Rollout) -> RolloutDetail:
+def detail(
+    row: Rollout,
+    *,
+    limit: int = DEFAULT_LIMIT,
+    after: str | None = None,
+    wave: int | None = None,
+    status: str | None = None,
+) -> RolloutDetail:
+    """The summary, waves (with their counts) and history, and one page of devices: the
+    counts come from the tally, the page from one indexed read (``rollout_rows.page``)."""
+    session = object_session(row)
+    if session is None:
+        raise RuntimeError(f"rollout {row.id} is not attached to a session")
     state = RolloutState.from_json(row.state_json)
+    records, cursor = page(session, row, limit=limit, after=after, wave=wave, status=status)
     targets = state.targets()
     waves: list[WavePublic] = []
     for i, step in enumerate(state.policy.waves):
         rec = state.waves[i] if i < len(state.waves) else None
+        counts = state.tally.wave(i)
         waves.append(
             WavePublic(
                 index=i,
@@ -128,6 +188,10 @@ def detail(row: Rollout) -> RolloutDetail:
                 ended_at=rec.ended_at if rec else None,
                 outcome=rec.outcome.value if rec and rec.outcome else None,
                 ended_by=rec.ended_by if rec else None,
+                devices=counts.devices,
+                reported=counts.reported,
+                succeeded=counts.succeeded,
+                health_failures=counts.health_failures,
                 evaluation=rec.evaluation if rec else None,
                 decision=rec.decision if rec else None,
             )
@@ -140,16 +204,19 @@ def detail(row: Rollout) -> RolloutDetail:
             wave=d.wave,
             status=d.status,
             failed_stage=d.failed_stage.value if d.failed_stage else None,
-            detail=d.detail,
+            detail=d.unplaceable if d.status == "unplaceable" else d.detail,
             reported_at=d.reported_at,
         )
-        for device_id, d in sorted(state.devices.items())
+        for device_id, d in records
     ]
     return RolloutDetail(
         **summary(row, state).model_dump(),
         policy=state.policy.model_dump(mode="json"),
         wave_list=waves,
         device_list=devices,
+        device_page=DevicePage(
+            limit=limit, after=after, wave=wave, status=status, returned=len(devices), next=cursor
+        ),
         history=state.history,
     )
 
@@ -184,8 +251,22 @@ def read_rollouts(
 
 
 @router.get("/{rollout_id}", responses=errors(404))
-def read_rollout(rollout_id: str, session: SessionDep, _caller: ViewerDep) -> RolloutDetail:
-    return detail(_get_or_404(session, rollout_id))
+def read_rollout(
+    rollout_id: str,
+    session: SessionDep,
+    _caller: ViewerDep,
+    limit: int = Query(
+        DEFAULT_LIMIT, ge=0, le=MAX_LIMIT, description="devices per page (0: counts only)"
+    ),
+    after: str | None = Query(
+        None, max_length=128, description="cursor: the `device_page.next` of the previous page"
+    ),
+    wave: int | None = Query(None, ge=0, le=1 << 20, description="only devices this wave moved"),
+    status: DeviceStatus | None = Query(None, description="only devices with this status"),
+) -> RolloutDetail:
+    """The rollout's counts, waves and history, and one page of its devices in id order."""
+    row = _get_or_404(session, rollout_id)
+    return detail(row, limit=limit, after=after, wave=wave, status=status)
 
 
 @router.post("/{rollout_id}/{action}", responses=errors(404, 409))
@@ -193,7 +274,7 @@ def act_on_rollout(
     rollout_id: str,
     action: OperatorAction,
     session: SessionDep,
-    settings: SettingsDep,
+    services: ServicesDep,
     caller: OperatorDep,
     body: ActionBody | None = None,
 ) -> RolloutDetail:
@@ -201,7 +282,7 @@ def act_on_rollout(
     _get_or_404(session, rollout_id)
     body = body or ActionBody()
     command = OperatorCommand(action=action, actor=caller.name, reason=body.reason, wave=body.wave)
-    ctx = Context(BlobStore(settings.data_dir), settings.poll_seconds)
+    ctx = services.context()
     try:
         run_event(session, rollout_id, command, ctx)
     except InvalidTransition as exc:

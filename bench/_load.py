@@ -1,0 +1,188 @@
+"""Shared pieces of the fleet load benchmarks: a control plane of N API processes on one
+PostgreSQL, bundles to roll out, blueprint specs, and a simulated rollout watched to its end.
+
+Used by bench/fleet_scale.py; kept apart so each bench module stays readable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.util
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+
+from fleet import cli_json, free_port, running, server_cli  # noqa: E402
+from slmops.bundle.build import build_bundle  # noqa: E402
+from slmops.fleet.simulator import SimConfig, Simulator  # noqa: E402
+
+MODEL = "scale/bot"
+TERMINAL = {"succeeded", "rolled-back", "aborted"}
+FLEET_100K_PER_S = 100_000 / 60
+
+
+# --- a control plane of N API processes on one PostgreSQL -----------------------------------
+
+
+@dataclass
+class Plane:
+    urls: list[str]
+    procs: list[subprocess.Popen[bytes]]
+    admin: str
+    db_url: str
+    logs: list[Path] = field(default_factory=list)
+
+    def api(self, method: str, path: str, body: Any = None, url: str | None = None) -> Any:
+        r = httpx.request(
+            method,
+            (url or self.urls[0]) + path,
+            json=body,
+            headers={"Authorization": f"Bearer {self.admin}"},
+            timeout=60,
+        )
+        if r.status_code >= 400:
+            raise RuntimeError(f"{method} {path}: {r.status_code} {r.text[:500]}")
+        return r.json() if r.content else None
+
+    def enrollment_token(self, labels: dict[str, str]) -> str:
+        return str(self.api("POST", "/api/v1/enrollment-tokens", {"labels": labels})["token"])
+
+    def apply(self, name: str, spec: dict[str, Any]) -> str | None:
+        doc = {"apiVersion": "slmops/v1", "kind": "Blueprint", "metadata": {"name": name}}
+        applied = self.api("PUT", f"/api/v1/blueprints/{name}", doc | {"spec": spec})
+        return None if applied.get("rollout") is None else str(applied["rollout"])
+
+    def rollout(self, rollout_id: str) -> dict[str, Any]:
+        for url in self.urls:  # any live process answers
+            with contextlib.suppress(httpx.TransportError, RuntimeError):
+                doc: dict[str, Any] = self.api("GET", f"/api/v1/rollouts/{rollout_id}", url=url)
+                return doc
+        raise RuntimeError("no API process answers")
+
+
+@contextlib.contextmanager
+def plane(work: Path, db_url: str, processes: int, env: dict[str, str]) -> Iterator[Plane]:
+    """``processes`` x `slmops server run` on one database, started one after the other (the
+    first creates the schema)."""
+    data = work / "plane"
+    data.mkdir(parents=True, exist_ok=True)
+    dbargs = ["--db", db_url]
+    admin = cli_json(server_cli("token", "create", "--data", data, "--role", "admin", *dbargs))
+    full_env = {**os.environ, **env}
+    with contextlib.ExitStack() as stack:
+        urls, procs, logs = [], [], []
+        for i in range(processes):
+            port = free_port()
+            url = f"http://127.0.0.1:{port}"
+            log = work / f"server-{i}.log"
+            cmd = server_cli("run", "--data", data, "--port", port, *dbargs)
+            procs.append(stack.enter_context(running(cmd, url + "/healthz", log, full_env)))
+            urls.append(url)
+            logs.append(log)
+        yield Plane(urls, procs, str(admin["token"]), db_url, logs)
+
+
+def bundles(work: Path) -> dict[str, Path]:
+    """Two versions over fabricated variants (tests/bundle's factories), weights differing per
+    version so 2.0.0 is a real install, not a relabel of 1.0.0's content."""
+    path = ROOT / "tests" / "bundle" / "test_bundle_build.py"
+    spec = importlib.util.spec_from_file_location("_scale_bundle_factories", path)
+    assert spec is not None and spec.loader is not None
+    factories = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = factories
+    spec.loader.exec_module(factories)
+    original = dict(factories.VARIANTS)
+    out = {}
+    for version in ("1.0.0", "2.0.0"):
+        factories.VARIANTS = {
+            n: (fmt, q, {rel: data + version.encode() for rel, data in files.items()})
+            for n, (fmt, q, files) in original.items()
+        }
+        variants, report = factories.make_inputs(work / "bundles" / version / "in", None)
+        out[version] = build_bundle(
+            variants, report, name=MODEL, version=version, out=work / "bundles" / version / "b"
+        ).path
+    return out
+
+
+def staged_spec(fleet: str, version: str, waves: list[float], soak: float) -> dict[str, Any]:
+    return {
+        "selector": {"fleet": fleet},
+        "model": {"name": MODEL, "version": version},
+        "rollout": {
+            "waves": [{"percent": p} for p in waves],
+            "gates": {
+                "min_soak_seconds": soak,
+                "timeout_seconds": max(120.0, soak * 10),
+                "min_reported": 1.0,
+                "on_failure": "rollback",
+            },
+        },
+    }
+
+
+def sim_config(pl: Plane | None, url: str | None, token: str, **kw: Any) -> SimConfig:
+    servers = pl.urls if pl is not None else [url or ""] * 2
+    return SimConfig(servers=servers, enroll_token=token, **kw)
+
+
+async def rollout_run(
+    pl: Plane, sim: Simulator, apply: Callable[[], str | None], limit: float
+) -> tuple[str | None, dict[str, Any], dict[str, Any] | None]:
+    """Apply (off the event loop), simulate until the rollout ends (or ``limit`` s)."""
+    rollout_id = await asyncio.to_thread(apply)
+    final: dict[str, Any] | None = None
+
+    async def watch() -> None:
+        nonlocal final
+        while rollout_id is not None:
+            await asyncio.sleep(0.5)
+            doc = await asyncio.to_thread(pl.rollout, rollout_id)
+            if doc["status"] in TERMINAL:
+                final = doc
+                await asyncio.sleep(sim.cfg.scaled(sim.cfg.poll) * 2)  # last reports land
+                sim.stop()
+                return
+
+    watcher = asyncio.create_task(watch())
+    report = await sim.simulate(limit)
+    watcher.cancel()
+    if final is None and rollout_id is not None:  # ran out of time: report where it stands
+        final = await asyncio.to_thread(pl.rollout, rollout_id)
+    return rollout_id, report, final
+
+
+def wave_times(doc: dict[str, Any] | None) -> list[dict[str, Any]]:
+    if not doc:
+        return []
+    return [
+        {
+            "wave": w["size"],
+            "target": w["target"],
+            "seconds": (
+                round(w["ended_at"] - w["started_at"], 2)
+                if w.get("ended_at") and w.get("started_at")
+                else None
+            ),
+            "outcome": w["outcome"],
+        }
+        for w in doc["wave_list"]
+    ]
+
+
+def db_bytes(url: str) -> int:
+    import psycopg
+
+    with psycopg.connect(url.replace("postgresql+psycopg://", "postgresql://")) as conn:
+        row = conn.execute("SELECT pg_database_size(current_database())").fetchone()
+        return int(row[0]) if row else 0

@@ -1,0 +1,548 @@
+"""Issue 12's scale targets, side by side in one run, each printed with its number, met or not.
+
+a. Idle-fleet check-ins: two `slmops server run` processes on different ports sharing one
+   throwaway PostgreSQL, the fleet simulator (src/slmops/fleet) spreading its devices over both,
+   polling with If-None-Match at the rate of 100,000 devices polling every 60 s (1,667/s).
+   Enrolling 100k devices here takes minutes, so by default fewer devices poll proportionally
+   more often (same offered rate; the printout says which). Beside it: the simulator's ceiling
+   against the canned responder at the same offered rate and at 20,000/s offered.
+b. Full-path check-ins (cache off) against a bare FastAPI endpoint, and telemetry ingestion
+   against a bare gzip endpoint: bench/fleet.py's ``checkins`` and bench/telemetry.py's
+   ``bare``/``ingest``, imported and run as they are.
+c. A staged rollout (1 % / 10 % / 50 % / 100 %) over N simulated devices with an accelerated
+   clock (poll, install latencies and the gates' soak all divided by K): every device accounted
+   for, none told two targets; then a version that fails on every device: the canary fails and
+   the rollout is rolled back before any device outside the canary is told it. Time per wave
+   and the exposure (told / ran the bad version).
+d. Server time per device report (POST /device/v1/actions latency, as the simulator saw it)
+   with 1k and 10k devices in the rollout (100k with --full), and the PostgreSQL database size
+   per device. Measured through the API, so it reads the same whatever the bookkeeping.
+e. Leader kill -9 during a rollout: only when /healthz says which process leads the ticker;
+   otherwise printed as not measured.
+
+    .venv/bin/python bench/fleet_scale.py [--quick] [--full] [--json] [--devices N]
+        [--rollout-devices N] [--report-sizes 1000,10000] [--accelerate 60] [--seconds 15]
+        [--skip a,b,c,d,e]
+
+Everything listens on 127.0.0.1. PostgreSQL needs Debian's postgresql package.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from _load import (  # noqa: E402
+    MODEL,
+    Plane,
+    bundles,
+    db_bytes,
+    plane,
+    rollout_run,
+    sim_config,
+    staged_spec,
+    wave_times,
+)
+from pg import postgres_cluster  # noqa: E402
+from slmops.bundle.registry import push  # noqa: E402
+from slmops.fleet.canned import canned_server  # noqa: E402
+from slmops.fleet.simulator import Simulator  # noqa: E402
+
+FLEET_100K_PER_S = 100_000 / 60
+
+
+# --- a. idle fleet --------------------------------------------------------------------------
+
+
+async def _warm_then_measure(sim: Simulator, warm: float, seconds: float) -> dict[str, Any]:
+    await sim.enroll()
+    await sim.simulate(warm)  # every device's first (full) check-in; ETags learned
+    return await sim.simulate(seconds)
+
+
+def idle_fleet(pl: Plane, args: argparse.Namespace) -> dict[str, Any]:
+    n = args.devices
+    poll = 60.0 * n / 100_000
+    common = {"devices": n, "poll": poll, "concurrency": args.concurrency, "telemetry": False}
+    token = pl.enrollment_token({"fleet": "idle"})
+    sim = Simulator(sim_config(pl, None, token, prefix="idle", **common))
+    out: dict[str, Any] = {"devices": n, "poll_seconds": round(poll, 3), "servers": len(pl.urls)}
+    out["server"] = _slim(asyncio.run(_warm_then_measure(sim, poll * 1.3, args.seconds)))
+    with canned_server() as url:
+        same = Simulator(sim_config(None, url, "slme_canned-ceiling", prefix="c", **common))
+        out["ceiling_same_rate"] = _slim(asyncio.run(_warm_then_measure(same, poll * 1.3, 5)))
+        fast = dict(common, poll=n / 20_000)
+        top = Simulator(sim_config(None, url, "slme_canned-ceiling", prefix="m", **fast))
+        out["ceiling_max"] = _slim(asyncio.run(_warm_then_measure(top, n / 20_000 * 1.3, 5)))
+    return out
+
+
+def _slim(report: dict[str, Any]) -> dict[str, Any]:
+    keep = (
+        "enrolled",
+        "enroll_per_s",
+        "offered_checkins_per_s",
+        "checkins_per_s",
+        "checkin_p50_ms",
+        "checkin_p99_ms",
+        "ratio_304",
+        "errors",
+        "error_count",
+        "schedule_lag_p99_ms",
+        "latency_ms",
+        "events",
+        "final_versions",
+        "devices_told_multiple_targets",
+        "time_to_converge_s",
+    )
+    return {k: report[k] for k in keep if k in report}
+
+
+# --- b. full path and telemetry against bare endpoints ---------------------------------------
+
+
+def bare_ratios(work: Path, args: argparse.Namespace) -> dict[str, Any]:
+    import fleet as fleet_bench
+    import telemetry as telemetry_bench
+
+    ns = argparse.Namespace(
+        devices=100,
+        concurrency=16,
+        seconds=3.0 if args.quick else 5.0,
+        warmup=1.0,
+        workers=1,
+        skip={"readonly", "rss", "decode"},
+    )
+    out: dict[str, Any] = {}
+    checkins = fleet_bench.checkins(ns)
+    out["checkins"] = {
+        k: v
+        for k, v in checkins["ratios"].items()
+        if "full_path" in k or k in ("sqlite", "postgresql")
+    }
+    out["bare_checkins_per_s"] = checkins["bare"]["per_s"]
+    tw = work / "telemetry"
+    tw.mkdir()
+    bare = telemetry_bench.bare(tw, ns, 1)
+    out["bare_telemetry_per_s"] = bare["per_s"]
+    telemetry: dict[str, float] = {}
+    telemetry["sqlite"] = telemetry_bench.ingest("sqlite", tw, None, ns, 1)["per_s"]
+    with postgres_cluster() as url:
+        telemetry["postgresql"] = telemetry_bench.ingest("postgresql", tw, url, ns, 1)["per_s"]
+    out["telemetry_per_s"] = telemetry
+    out["telemetry"] = {k: round(v / (bare["per_s"] or 1), 3) for k, v in telemetry.items()}
+    return out
+
+
+# --- c. staged rollout and failing canary ----------------------------------------------------
+
+
+def staged_rollout(pl: Plane, args: argparse.Namespace) -> dict[str, Any]:
+    n, k = args.rollout_devices, args.accelerate
+    soak = 600.0 / k  # a 10-minute soak per wave, accelerated like the devices' clock
+    token = pl.enrollment_token({"fleet": "staged"})
+    cfg = sim_config(
+        pl,
+        None,
+        token,
+        prefix="staged",
+        devices=n,
+        poll=60.0,
+        accelerate=k,
+        concurrency=args.concurrency,
+        telemetry=False,
+        sample_seconds=0.5,
+    )
+    sim = Simulator(cfg)
+    asyncio.run(sim.enroll())
+    waves = [1.0, 10.0, 50.0, 100.0]
+    t0 = time.monotonic()
+    rid, good, doc = asyncio.run(
+        rollout_run(
+            pl,
+            sim,
+            lambda: pl.apply("staged", staged_spec("staged", "1.0.0", waves, soak)),
+            4 * soak + 60 + n / 20,
+        )
+    )
+    out: dict[str, Any] = {"devices": n, "accelerate": k, "soak_seconds": soak}
+    accounted = sum((doc or {}).get("by_status", {}).values()) + sum(
+        ((doc or {}).get("unplaceable") or {}).values()
+    )
+    out["first"] = {
+        "rollout": rid,
+        "status": (doc or {}).get("status"),
+        "seconds": round(time.monotonic() - t0, 1),
+        "waves": wave_times(doc),
+        "by_status": (doc or {}).get("by_status"),
+        "accounted": accounted,
+        "final_versions": good["final_versions"],
+        "devices_told_multiple_targets": good["devices_told_multiple_targets"],
+        "errors": good["errors"],
+    }
+    cfg.fail_versions = {"2.0.0": 1.0}
+    rid2, bad, doc2 = asyncio.run(
+        rollout_run(
+            pl,
+            sim,
+            lambda: pl.apply("staged", staged_spec("staged", "2.0.0", waves, soak)),
+            2 * soak + 60,
+        )
+    )
+    canary = {d["device_id"] for d in (doc2 or {}).get("device_list", []) if d.get("wave") == 0}
+    told = {d for d, versions in sim.stats.told.items() if "2.0.0" in versions}
+    ran = max((s["versions"].get("2.0.0", 0) for s in bad["versions_over_time"]), default=0)
+    out["failing"] = {
+        "rollout": rid2,
+        "status": (doc2 or {}).get("status"),
+        "waves": wave_times(doc2),
+        "canary": len(canary),
+        "told_bad_version": len(told),
+        "told_outside_canary": len(told - canary),
+        "ran_bad_version": ran,
+        "final_versions": bad["final_versions"],
+        "errors": bad["errors"],
+    }
+    return out
+
+
+# --- d. time per device report and database size ----------------------------------------------
+
+
+def report_cost(pl: Plane, args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for m in args.report_sizes:
+        fleet = f"rep{m}"
+        token = pl.enrollment_token({"fleet": fleet})
+        # real-time polls (60 s) so check-ins do not drown the reports; quick installs
+        cfg = sim_config(
+            pl,
+            None,
+            token,
+            prefix=fleet,
+            devices=m,
+            poll=60.0,
+            concurrency=16,
+            telemetry=False,
+            sample_seconds=1.0,
+            latencies={
+                s: 0.5 for s in ("downloading", "verifying", "installing", "health-checking")
+            },
+        )
+        sim = Simulator(cfg)
+        before = db_bytes(pl.db_url)
+        t0 = time.perf_counter()
+        asyncio.run(sim.enroll())
+        enroll_s = time.perf_counter() - t0
+        spec = staged_spec(fleet, "1.0.0", [100.0], 0.0)
+        limit = 120 + m / 50  # a stuck rollout ends the section instead of the bench
+        _, rep, doc = asyncio.run(
+            rollout_run(pl, sim, lambda f=fleet, sp=spec: pl.apply(f, sp), limit)  # type: ignore[misc]
+        )
+        after = db_bytes(pl.db_url)
+        out[str(m)] = {
+            "enroll_seconds": round(enroll_s, 1),
+            "actions": rep["latency_ms"].get("actions"),
+            "actions_count": sum(rep["status"].get("actions", {}).values()),
+            "rollout_status": (doc or {}).get("status"),
+            "final_versions": rep["final_versions"],
+            "db_bytes_per_device": round((after - before) / m),
+            "errors": rep["errors"],
+        }
+    return out
+
+
+# --- e. leader kill -9 -------------------------------------------------------------------------
+
+
+def _leader_flag(doc: Any) -> bool | None:
+    """The process's own "am I the ticker's leader" flag, wherever /healthz puts it."""
+    if isinstance(doc, dict):
+        if doc.get("ticker") in ("leader", "standby"):  # server/app.py: {"ticker": role}
+            return bool(doc["ticker"] == "leader")
+        for key, value in doc.items():
+            if "leader" in key.lower() and isinstance(value, bool):
+                return value
+            found = _leader_flag(value)
+            if found is not None:
+                return found
+    return None
+
+
+def leader_takeover(pl: Plane, args: argparse.Namespace) -> dict[str, Any]:
+    flags = [_leader_flag(httpx.get(u + "/healthz", timeout=5).json()) for u in pl.urls]
+    if any(f is None for f in flags):
+        return {"measured": False, "why": "leadership not available (/healthz has no leader flag)"}
+    if flags.count(True) != 1:
+        return {"measured": False, "why": f"expected exactly one leader, /healthz says {flags}"}
+    leader = flags.index(True)
+    other = pl.urls[1 - leader]
+    n, k = min(args.rollout_devices, 500), args.accelerate
+    token = pl.enrollment_token({"fleet": "kill"})
+    cfg = sim_config(
+        pl,
+        None,
+        token,
+        prefix="kill",
+        devices=n,
+        poll=60.0,
+        accelerate=k,
+        concurrency=args.concurrency,
+        telemetry=False,
+    )
+    cfg.servers = [other]  # the devices talk to the survivor
+    sim = Simulator(cfg)
+    asyncio.run(sim.enroll())
+    killed: dict[str, float] = {}
+
+    def apply_then_kill() -> str | None:
+        rid = pl.apply("kill", staged_spec("kill", "1.0.0", [10.0, 100.0], 600.0 / k))
+        time.sleep(1.0)
+        pl.procs[leader].send_signal(signal.SIGKILL)
+        killed["at"] = time.monotonic()
+        return rid
+
+    async def run() -> tuple[str | None, dict[str, Any], dict[str, Any] | None]:
+        async def takeover() -> None:
+            while "at" not in killed:
+                await asyncio.sleep(0.1)
+            while time.monotonic() - killed["at"] < 60:
+                doc = await asyncio.to_thread(
+                    lambda: httpx.get(other + "/healthz", timeout=5).json()
+                )
+                if _leader_flag(doc):
+                    killed["takeover"] = time.monotonic() - killed["at"]
+                    return
+                await asyncio.sleep(0.1)
+
+        task = asyncio.create_task(takeover())
+        result = await rollout_run(pl, sim, apply_then_kill, 300)
+        await task
+        return result
+
+    pl.urls = [other]
+    _, rep, doc = asyncio.run(run())
+    return {
+        "measured": True,
+        "takeover_seconds": None if "takeover" not in killed else round(killed["takeover"], 2),
+        "rollout_status": (doc or {}).get("status"),
+        "final_versions": rep["final_versions"],
+        "devices": n,
+    }
+
+
+# --- report --------------------------------------------------------------------------------
+
+
+def verdicts(res: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(target, measured, met/MISSED/not measured) rows."""
+    rows: list[tuple[str, str, str]] = []
+
+    def row(name: str, measured: str, ok: bool | None) -> None:
+        rows.append((name, measured, "not measured" if ok is None else "met" if ok else "MISSED"))
+
+    a = res.get("a")
+    if a:
+        s = a["server"]
+        row(
+            f"a. idle check-ins >= 1,667/s ({a['devices']} devices x {a['poll_seconds']} s poll "
+            f"= the load of 100k at 60 s; {a['servers']} API processes, PostgreSQL)",
+            f"{s['checkins_per_s']:.0f}/s (offered {s['offered_checkins_per_s']:.0f}/s)",
+            s["checkins_per_s"] >= FLEET_100K_PER_S * 0.98,
+        )
+        row(
+            "a. idle check-in p99 <= 250 ms",
+            f"{s['checkin_p99_ms']} ms",
+            (s["checkin_p99_ms"] or 1e9) <= 250,
+        )
+        row(
+            "a. idle check-ins: 0 errors",
+            f"{s['error_count']} {s['errors']}",
+            s["error_count"] == 0,
+        )
+        c1, c2 = a["ceiling_same_rate"], a["ceiling_max"]
+        row(
+            "a. simulator ceiling (canned responder)",
+            f"{c1['checkins_per_s']:.0f}/s p99 {c1['checkin_p99_ms']} ms at the same rate; "
+            f"{c2['checkins_per_s']:.0f}/s at 20,000/s offered",
+            c2["checkins_per_s"] >= FLEET_100K_PER_S,
+        )
+    b = res.get("b")
+    if b:
+        for k, v in b["checkins"].items():
+            if "full_path" in k:
+                row(
+                    f"b. full-path check-ins {k.split('_')[0]} >= 0.5x bare FastAPI",
+                    f"{v:.3f}x",
+                    v >= 0.5,
+                )
+        for k, v in b["telemetry"].items():
+            row(f"b. telemetry ingestion {k} >= 0.5x bare gzip endpoint", f"{v:.3f}x", v >= 0.5)
+    c = res.get("c")
+    if c:
+        f, g = c["first"], c["failing"]
+        waves = ", ".join(f"{w['wave']} {w['seconds']} s" for w in f["waves"])
+        row(
+            f"c. staged rollout 1/10/50/100 % over {c['devices']} devices (x{c['accelerate']:g} clock)",
+            f"{f['status']} in {f['seconds']} s ({waves}); versions {f['final_versions']}",
+            f["status"] == "succeeded" and f["final_versions"] == {"1.0.0": c["devices"]},
+        )
+        row(
+            "c. every device accounted for",
+            f"{f['accounted']} of {c['devices']}",
+            f["accounted"] == c["devices"],
+        )
+        row(
+            "c. no device told two targets",
+            str(f["devices_told_multiple_targets"]),
+            f["devices_told_multiple_targets"] == 0,
+        )
+        row(
+            "c. failing canary rolled back before any device outside it moved",
+            f"{g['status']}; canary {g['canary']}, told {g['told_bad_version']} "
+            f"({g['told_outside_canary']} outside), exposure {g['ran_bad_version']} ran it",
+            g["status"] == "rolled-back" and g["told_outside_canary"] == 0,
+        )
+    d = res.get("d")
+    if d:
+        sizes = sorted(d, key=int)
+        p50 = {m: (d[m]["actions"] or {}).get("p50") for m in sizes}
+        flat = None
+        if all(p50.values()) and len(sizes) > 1:
+            flat = p50[sizes[-1]] <= 2 * p50[sizes[0]]  # type: ignore[operator]
+        row(
+            f"d. server time per device report flat (<= 2x) over {', '.join(sizes)} devices",
+            ", ".join(f"{m}: p50 {p50[m]} ms" for m in sizes),
+            flat,
+        )
+        row(
+            "d. database size per device (PostgreSQL)",
+            ", ".join(f"{m}: {d[m]['db_bytes_per_device']:,} B" for m in sizes),
+            None if not sizes else True,
+        )
+    e = res.get("e")
+    if e:
+        if not e["measured"]:
+            row(
+                "e. leader kill -9: another process takes the ticker within 10 s",
+                f"not measured: {e['why']}",
+                None,
+            )
+        else:
+            t = e["takeover_seconds"]
+            row(
+                "e. leader kill -9: another process takes the ticker within 10 s",
+                f"{t} s",
+                t is not None and t <= 10,
+            )
+            row(
+                "e. the rollout finishes after the kill",
+                f"{e['rollout_status']} {e['final_versions']}",
+                e["rollout_status"] == "succeeded",
+            )
+    return rows
+
+
+def shared_plane(
+    work: Path,
+    env: dict[str, str],
+    skip: set[str],
+    section: Callable[[str, Callable[[], dict[str, Any]]], None],
+    args: argparse.Namespace,
+) -> None:
+    """Sections a, c, d and e on one PostgreSQL with two API processes (e kills one: last)."""
+    with postgres_cluster() as db_url, plane(work, db_url, 2, env) as pl:
+        if not {"c", "d", "e"} <= skip:
+            for version, path in bundles(work).items():
+                address = pl.urls[0].removeprefix("http://")
+                push(path, f"oci://{address}/{MODEL}:{version}", token=pl.admin)
+        section("a", lambda: idle_fleet(pl, args))
+        section("c", lambda: staged_rollout(pl, args))
+        section("d", lambda: report_cost(pl, args))
+        section("e", lambda: leader_takeover(pl, args))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--quick", action="store_true", help="smaller fleets, shorter runs (make bench)"
+    )
+    ap.add_argument("--full", action="store_true", help="100,000 devices in (a) and (d): slow")
+    ap.add_argument("--devices", type=int, help="(a) devices (default 10,000; quick 3,000)")
+    ap.add_argument("--rollout-devices", type=int, help="(c) devices (default 2,000; quick 500)")
+    ap.add_argument("--report-sizes", help="(d) fleet sizes, comma list (default 1000,10000)")
+    ap.add_argument("--accelerate", type=float, default=60.0, help="(c, e) clock factor")
+    ap.add_argument("--seconds", type=float, help="(a) measured seconds (default 15; quick 8)")
+    ap.add_argument("--concurrency", type=int, default=64, help="connections per API process")
+    ap.add_argument("--skip", default="", help="comma list of sections: a,b,c,d,e")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    skip = set(filter(None, args.skip.split(",")))
+    args.devices = args.devices or (100_000 if args.full else 3_000 if args.quick else 10_000)
+    args.rollout_devices = args.rollout_devices or (500 if args.quick else 2_000)
+    sizes = args.report_sizes or ("1000,10000,100000" if args.full else "1000,10000")
+    args.report_sizes = [int(s) for s in sizes.split(",") if s]
+    args.seconds = args.seconds or (8.0 if args.quick else 15.0)
+    work = Path(tempfile.mkdtemp(prefix="slmops-bench-scale-"))
+    res: dict[str, Any] = {
+        "scale": {
+            "idle_devices": args.devices,
+            "rollout_devices": args.rollout_devices,
+            "report_sizes": args.report_sizes,
+            "accelerate": args.accelerate,
+            "quick": args.quick,
+        }
+    }
+    # the server's own poll setting stays at 60 s (it decides how often an idle check-in writes
+    # last_seen); the simulated devices poll at their own (accelerated) interval
+    env = {"SLMOPS_ROLLOUT_TICK_SECONDS": "0.2"}
+
+    def section(name: str, fn: Callable[[], dict[str, Any]]) -> None:
+        if name in skip:
+            return
+        t = time.perf_counter()
+        try:
+            res[name] = fn()
+        except Exception as exc:  # one broken section must not hide the others' numbers
+            res[f"{name}_error"] = f"{type(exc).__name__}: {exc}"[:1000]
+        print(f"[{name}] {time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True)
+
+    if not {"a", "c", "d", "e"} <= skip:
+        shared_plane(work, env, skip, section, args)
+    section("b", lambda: bare_ratios(work, args))
+    res["targets"] = [list(r) for r in verdicts(res)]
+    if args.json:
+        print(json.dumps(res, indent=2, default=str))
+        return 0
+    sc = res["scale"]
+    print(
+        f"fleet scale ({'quick' if args.quick else 'full' if args.full else 'default'}): "
+        f"(a) {sc['idle_devices']:,} devices, (c) {sc['rollout_devices']:,} devices at "
+        f"x{sc['accelerate']:g}, (d) {', '.join(f'{m:,}' for m in sc['report_sizes'])} devices"
+    )
+    for key in [k for k in res if k.endswith("_error")]:
+        print(f"  section {key[0]} failed: {res[key]}")
+    width = max((len(r[0]) for r in res["targets"]), default=40)
+    for name, measured, verdict in res["targets"]:
+        print(f"  {name:{width}}  {verdict:12}  {measured}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

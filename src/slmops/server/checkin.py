@@ -1,0 +1,197 @@
+"""The check-in protocol as service functions: what a device reports, what it is told.
+
+A check-in records what changed since the last one (inventory, labels, active and previous
+models; ``last_seen`` at most every half poll, up to 30 s), feeds action statuses that name a
+rollout to it (each may advance, pause or roll back the rollout), lets a device its blueprint's
+active rollout does not know yet join it (late enrollment), and answers the desired state with
+an ETag of its canonical JSON (304 when ``If-None-Match`` is that ETag).
+
+Two paths, one protocol:
+
+- **idle** (``idle_answer``): the device reports exactly what its row already holds, no action
+  statuses, and its stored desired state is complete (it has an ETag, names the server's poll
+  interval and no unplaceable reason, which a blob arriving later could lift). The stored
+  desired state is then current: everything else that changes a device's desired state
+  recomputes it when it happens (a blueprint apply or delete, a channel move, a rollout step,
+  an operator label change, a re-enrollment, which clears the ETag). So an idle check-in is one indexed read (batched with
+  other check-ins, ``server/checkin_reader.py``) and, at most every half poll, a ``last_seen``
+  written in the next batched flush; it computes nothing.
+- **full** (``record_checkin``): anything else goes through the ORM on a worker thread: record
+  the changes, feed the reports, join a rollout, recompute, store.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from slmops.protocol.device import ActionStatus, CheckIn, DesiredState
+from slmops.server.context import Context
+from slmops.server.db.models import Device, DeviceAction, as_utc, utcnow
+from slmops.server.desired import Refresher, canonical, etag_of
+from slmops.server.rollouts import join_if_matching, record_reports
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What a check-in is told: the desired state's ETag and JSON (``payload``), the device,
+    and when its ``last_seen`` was last written (for the check-in cache)."""
+
+    device_id: str
+    etag: str
+    payload: bytes | None  # None: not rendered (the caller's ETag matched)
+    seen_at: float
+
+
+def seen_every(poll_seconds: float) -> float:
+    """How stale ``last_seen`` may get before an idle check-in writes it: half a poll, at most
+    30 s (the dashboard calls a device stale after three missed polls)."""
+    return min(30.0, poll_seconds / 2)
+
+
+def etag_matches(header: str | None, etag: str) -> bool:
+    """RFC 9110 weak comparison over a comma-separated If-None-Match list (or ``*``)."""
+    if not header:
+        return False
+    for candidate in header.split(","):
+        tag = candidate.strip()
+        if tag == "*" or tag.removeprefix("W/") == etag:
+            return True
+    return False
+
+
+@dataclass(frozen=True)
+class Reported:
+    """A check-in body in the shape the device row stores it."""
+
+    inventory: dict[str, Any]
+    labels: dict[str, str]
+    profile: str | None
+    active: dict[str, Any] | None
+    previous: dict[str, Any] | None
+
+    @classmethod
+    def of(cls, body: CheckIn) -> Reported:
+        return cls(
+            inventory=body.inventory.model_dump(mode="json"),
+            labels=dict(body.inventory.labels),
+            profile=body.inventory.profile,
+            active=body.active.model_dump(mode="json") if body.active else None,
+            previous=body.previous.model_dump(mode="json") if body.previous else None,
+        )
+
+
+# --- idle ------------------------------------------------------------------------------------
+
+
+def idle_answer(
+    row: Any, body: CheckIn, if_none_match: str | None, *, now: float, poll_seconds: float
+) -> tuple[Answer, bool] | None:
+    """The answer to an idle check-in from the device's stored row, and whether ``last_seen``
+    is due; None when the check-in is not idle (take ``record_checkin``).
+
+    ``row`` has the ``devices`` columns ``checkin_reader.COLUMNS`` names."""
+    if body.actions or not row.desired_etag or not row.desired:
+        return None
+    if row.desired.get("unplaceable"):
+        return None  # a blob that arrived since may lift it: recompute
+    if row.desired.get("poll_seconds") != poll_seconds:
+        return None  # the server was restarted with another poll interval
+    rep = Reported.of(body)
+    if (
+        row.inventory != rep.inventory
+        or (row.labels or {}) != rep.labels
+        or row.profile != rep.profile
+        or row.active != rep.active
+        or row.previous != rep.previous
+    ):
+        return None
+    etag: str = row.desired_etag
+    payload = None
+    if not etag_matches(if_none_match, etag):
+        payload = canonical(DesiredState.model_validate(row.desired))
+        if etag_of(payload) != etag:
+            return None  # stored before a schema change: recompute and store
+    seen = as_utc(row.last_seen).timestamp() if row.last_seen else 0.0
+    due = now - seen >= seen_every(poll_seconds)
+    return Answer(row.device_id, etag, payload, now if due else seen), due
+
+
+# --- full ------------------------------------------------------------------------------------
+
+
+def record_actions(session: Session, device_id: str, actions: list[ActionStatus]) -> None:
+    """Store each status as the device's latest for its (rollout, version)."""
+    now = utcnow()
+    for status in actions:
+        rollout_id = status.rollout_id or ""
+        row = session.scalar(
+            select(DeviceAction).where(
+                DeviceAction.device_id == device_id,
+                DeviceAction.rollout_id == rollout_id,
+                DeviceAction.version == status.version,
+            )
+        )
+        if row is None:
+            row = DeviceAction(device_id=device_id, rollout_id=rollout_id, version=status.version)
+            session.add(row)
+        row.state = status.state.value
+        row.stage = status.stage.value if status.stage else None
+        row.detail = status.detail
+        row.updated_at = now
+
+
+def record_statuses(
+    session: Session, device: Device, actions: list[ActionStatus], ctx: Context
+) -> None:
+    """Store the statuses, then feed those naming a rollout to it (each commits)."""
+    record_actions(session, device.device_id, actions)
+    session.commit()
+    if any(a.rollout_id for a in actions):
+        record_reports(session, device.device_id, actions, ctx)
+
+
+def record_checkin(
+    session: Session, device: Device, body: CheckIn, ctx: Context, *, now: float
+) -> Answer:
+    """The full path: record what changed, feed reports, join a rollout, recompute, commit."""
+    rep = Reported.of(body)
+    # assign only what changed, so an idle check-in writes nothing but (rarely) last_seen
+    if device.inventory != rep.inventory:
+        device.inventory = rep.inventory
+    if device.labels != rep.labels:
+        device.labels = rep.labels
+    if device.profile != rep.profile:
+        device.profile = rep.profile
+    if device.active != rep.active:
+        device.active = rep.active
+    if device.previous != rep.previous:
+        device.previous = rep.previous
+    seen = as_utc(device.last_seen).timestamp() if device.last_seen else 0.0
+    if now - seen >= seen_every(ctx.poll_seconds):
+        device.last_seen = utcnow()
+        seen = now
+    if body.actions:
+        record_statuses(session, device, body.actions, ctx)
+    refresher = Refresher(session, ctx.store, poll_seconds=ctx.poll_seconds, targets=ctx.targets)
+    join_if_matching(refresher, device, ctx)  # reads no rollout through the refresher's cache
+    refresher.refresh(device)
+    doc = (
+        DesiredState.model_validate(device.desired)
+        if device.desired
+        else DesiredState(device_id=device.device_id, poll_seconds=ctx.poll_seconds)
+    )
+    payload = canonical(doc)
+    etag = etag_of(payload)
+    if device.desired_etag != etag:
+        device.desired_etag = etag
+    session.commit()  # cheap when nothing was written
+    return Answer(device.device_id, etag, payload, seen)
+
+
+def parse(raw: bytes) -> CheckIn:
+    """The check-in body (pydantic's ValidationError when it does not validate)."""
+    return CheckIn.model_validate_json(raw)

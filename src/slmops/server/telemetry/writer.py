@@ -1,0 +1,400 @@
+"""Telemetry ingestion in group commits: the batches of many requests in one transaction.
+
+Storing one batch costs a handful of statements (batch row, windows, hourly roll-up) and a
+commit; done per request on a worker thread, the round trips, the commit and the thread hops
+cost far more than the rows. So requests hand their parsed batch to one writer thread per
+process (``store``, awaited on the event loop), which takes whatever is queued (up to
+``MAX_BATCH``) and writes it in one transaction with few statements:
+
+1. the batch rows in one multi-row ``INSERT ... ON CONFLICT (device_id, batch_id) DO NOTHING
+   RETURNING``: a batch not returned was stored before (a retry), so it is a duplicate, and
+   nothing else of it is written (as ``store.store_batch`` does with its unique key);
+2. every window row in one multi-row INSERT;
+3. the hourly roll-up: the windows are merged per hourly key in memory, the existing rows read
+   in one SELECT (``FOR UPDATE`` on PostgreSQL, so another process's writer waits for this
+   commit; SQLite has one writer at a time), then inserted ``ON CONFLICT DO NOTHING`` (a row
+   another process inserted meanwhile is read again and merged into) or updated ``WHERE
+   revision = <read>`` in one executemany. Should that hit fewer rows than it should, the whole
+   group is rolled back and written again (``GROUP_ATTEMPTS``): concurrent API processes never
+   lose a window.
+
+Each request is answered after the commit, so an acknowledged batch is stored. When a group's
+transaction fails, its batches are stored one by one (``store.store_batch``), so one bad batch
+fails only its own request. Attribution is ``store.attribute``'s, from the device row read with
+the credential and the device's action reports (read for the whole group in one query).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import queue
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any, cast
+
+from sqlalchemy import Connection, Engine, Table, bindparam, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session, sessionmaker
+
+from slmops.protocol.telemetry import TelemetryBatch
+from slmops.server.db.models import Device, DeviceAction, utcnow
+from slmops.server.telemetry import aggregate
+from slmops.server.telemetry.store import (
+    COUNTERS_KEY,
+    MAX_MERGE_ATTEMPTS,
+    UNKNOWN_CLASS,
+    Counters,
+    Stored,
+    _dims,
+    attribute,
+    hour_of,
+    in_time,
+    store_batch,
+)
+from slmops.server.telemetry.tables import (
+    TelemetryBatchRow,
+    TelemetryHourlyRow,
+    TelemetryWindowRow,
+)
+
+log = logging.getLogger("slmops.server.telemetry.writer")
+
+MAX_BATCH = 200
+GROUP_ATTEMPTS = 3  # a group that meets another process's merge is written again
+COUNTERS_EVERY = 2.0  # seconds between counter flushes from the writer thread
+_BATCHES = cast(Table, TelemetryBatchRow.__table__)
+_WINDOWS = cast(Table, TelemetryWindowRow.__table__)
+_HOURLY = cast(Table, TelemetryHourlyRow.__table__)
+_ACTIONS = cast(Table, DeviceAction.__table__)
+_KEY = ("hour", "device_id", "model", "version", "variant", "rollout_id")
+HourKey = tuple[float, str, str, str, str, str]
+
+
+@dataclass
+class _Job:
+    device: Any  # a devices row: device_id, profile, active, previous, desired
+    batch: TelemetryBatch
+    now: float
+    future: asyncio.Future[Stored]
+    loop: asyncio.AbstractEventLoop
+    result: Stored | BaseException | None = None
+
+
+class TelemetryWriter:
+    """One per app: ``start`` in the lifespan, ``stop`` drains what is queued."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        sessions: sessionmaker[Session],
+        counters: Counters,
+        *,
+        max_batch: int = MAX_BATCH,
+    ) -> None:
+        self.engine, self.sessions, self.counters = engine, sessions, counters
+        self.max_batch = max_batch
+        self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self.groups = self.stored = self.fallbacks = self.conflicts = 0
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="slmops-telemetry", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join(timeout=30)
+            self._thread = None
+        self._flush_counters()
+
+    async def store(
+        self, device: Any, batch: TelemetryBatch, *, now: float | None = None
+    ) -> Stored:
+        """Store ``batch`` for the device row ``device``; returns once it is committed."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Stored] = loop.create_future()
+        self._queue.put(_Job(device, batch, time.time() if now is None else now, future, loop))
+        return await future
+
+    # --- the thread -----------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        next_counts = time.monotonic() + COUNTERS_EVERY
+        while True:
+            try:
+                first = self._queue.get(timeout=max(0.0, next_counts - time.monotonic()))
+            except queue.Empty:
+                first = _EMPTY
+            if first is None:
+                return
+            jobs = [first] if first is not _EMPTY else []
+            while len(jobs) < self.max_batch:
+                try:
+                    more = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    self._queue.put(None)
+                    break
+                jobs.append(more)
+            if jobs:
+                self._group(jobs)
+            if time.monotonic() >= next_counts:
+                next_counts = time.monotonic() + COUNTERS_EVERY
+                self._flush_counters()
+
+    def _flush_counters(self) -> None:
+        try:
+            with self.sessions() as session:
+                self.counters.flush(session)
+        except Exception as exc:  # kept for the next flush
+            log.warning("telemetry counter flush failed: %s", exc)
+
+    def _group(self, jobs: list[_Job]) -> None:
+        try:
+            for attempt in range(GROUP_ATTEMPTS):
+                try:
+                    with self.engine.begin() as conn:
+                        self._write(conn, jobs)
+                    break
+                except MergeConflict:
+                    self.conflicts += 1
+                    if attempt == GROUP_ATTEMPTS - 1:
+                        raise
+        except Exception as exc:
+            log.warning("group of %d telemetry batches failed (%s); one by one", len(jobs), exc)
+            self.fallbacks += 1
+            for job in jobs:  # store_batch counts what it stores
+                job.result = self._alone(job)
+            _answer(jobs)
+            return
+        self.groups += 1
+        for job in jobs:
+            stored = job.result
+            if isinstance(stored, Stored) and stored.duplicate:
+                self.counters.bump("duplicate_batches", 1)
+            elif isinstance(stored, Stored):
+                self.stored += 1
+                self.counters.bump("batches", 1)
+                self.counters.bump("windows", stored.windows)
+                self.counters.bump("dropped_windows", job.batch.dropped_windows)
+        _answer(jobs)
+
+    def _alone(self, job: _Job) -> Stored | BaseException:
+        try:
+            with self.sessions(info={COUNTERS_KEY: self.counters}) as session:
+                device = session.scalar(
+                    select(Device).where(Device.device_id == job.device.device_id)
+                )
+                if device is None:
+                    return LookupError(f"device {job.device.device_id} is gone")
+                return store_batch(session, device, job.batch, now=job.now)
+        except Exception as exc:
+            return exc
+
+    def _write(self, conn: Connection, jobs: list[_Job]) -> None:
+        seen: set[tuple[str, str]] = set()
+        fresh: list[_Job] = []
+        for job in jobs:
+            ident = (job.device.device_id, job.batch.batch_id)
+            if ident in seen:  # the same batch twice in one group: the second is a retry
+                job.result = Stored(job.batch.batch_id, 0, duplicate=True)
+                continue
+            seen.add(ident)
+            fresh.append(job)
+        if not fresh:
+            return
+        received = utcnow()
+        rows = []
+        for job in fresh:
+            kept = [w for w in job.batch.windows if in_time(w, job.now)]
+            job.result = Stored(
+                job.batch.batch_id, len(kept), False, len(job.batch.windows) - len(kept)
+            )
+            rows.append(
+                {
+                    "device_id": job.device.device_id,
+                    "batch_id": job.batch.batch_id,
+                    "received_at": received,
+                    "windows": len(kept),
+                    "dropped_windows": job.batch.dropped_windows,
+                    "samples": [s.model_dump(mode="json") for s in job.batch.samples] or None,
+                }
+            )
+        ins = _insert(conn, _BATCHES).values(rows)
+        ins = ins.on_conflict_do_nothing(index_elements=["device_id", "batch_id"])
+        got = conn.execute(ins.returning(_BATCHES.c.id, _BATCHES.c.device_id, _BATCHES.c.batch_id))
+        ids = {(r.device_id, r.batch_id): r.id for r in got}
+        known = _running(conn, [j for j in fresh if (j.device.device_id, j.batch.batch_id) in ids])
+        windows: list[dict[str, Any]] = []
+        merged: dict[HourKey, aggregate.Acc] = {}
+        profiles: dict[HourKey, str] = {}
+        for job in fresh:
+            device_id = job.device.device_id
+            pk = ids.get((device_id, job.batch.batch_id))
+            if pk is None:
+                job.result = Stored(job.batch.batch_id, 0, duplicate=True)
+                continue
+            profile = job.device.profile or UNKNOWN_CLASS
+            desired = (job.device.desired or {}).get("model") or {}
+            desired = desired if isinstance(desired, dict) else {}
+            for window in (w for w in job.batch.windows if in_time(w, job.now)):
+                dims = _dims(attribute(known.get(device_id, []), desired, window), profile)
+                doc = window.model_dump(mode="json") | {
+                    k: dims[k] or None for k in ("model", "version", "variant", "rollout_id")
+                }
+                windows.append(
+                    {
+                        "batch_pk": pk,
+                        "device_id": device_id,
+                        "start_ts": window.start,
+                        "end_ts": window.end,
+                        "aggregate": doc,
+                        **dims,
+                    }
+                )
+                hkey: HourKey = (
+                    hour_of(window.start),
+                    device_id,
+                    dims["model"],
+                    dims["version"],
+                    dims["variant"],
+                    dims["rollout_id"],
+                )
+                acc = aggregate.from_window(doc)
+                merged[hkey] = aggregate.merge(merged[hkey], acc) if hkey in merged else acc
+                profiles[hkey] = profile
+        if windows:
+            conn.execute(_WINDOWS.insert(), windows)
+        if merged:
+            _roll_up(conn, merged, profiles)
+
+
+_EMPTY: Any = object()
+
+
+def _insert(conn: Connection, table: Table) -> Any:
+    """The dialect's INSERT (with ON CONFLICT DO NOTHING and RETURNING)."""
+    if conn.dialect.name == "postgresql":
+        return postgresql.insert(table)
+    return sqlite.insert(table)
+
+
+def _running(conn: Connection, jobs: list[_Job]) -> dict[str, list[dict[str, str]]]:
+    """``store.running`` for every device of the group, with one query for the reports."""
+    wanted: dict[str, str] = {}
+    out: dict[str, list[dict[str, str]]] = {}
+    for job in jobs:
+        dev = job.device
+        out[dev.device_id] = [
+            {k: str(m.get(k)) for k in ("name", "version", "variant")}
+            for m in (dev.active, dev.previous)
+            if isinstance(m, dict) and m.get("name") and m.get("version")
+        ]
+        want = (dev.desired or {}).get("model") or {}
+        if isinstance(want, dict) and want.get("name") and want.get("version"):
+            wanted[dev.device_id] = str(want["version"])
+    if wanted:
+        rows = conn.execute(
+            select(_ACTIONS.c.device_id, _ACTIONS.c.version, _ACTIONS.c.state)
+            .where(_ACTIONS.c.device_id.in_(sorted(wanted)))
+            .order_by(_ACTIONS.c.updated_at)
+        )
+        latest: dict[tuple[str, str], str] = {}
+        for r in rows:
+            latest[(r.device_id, r.version)] = r.state  # ordered: the last one wins
+        for job in jobs:
+            dev = job.device
+            version = wanted.get(dev.device_id)
+            if version is not None and latest.get((dev.device_id, version)) == "active":
+                want = dev.desired["model"]
+                known = {k: str(want.get(k)) for k in ("name", "version", "variant")}
+                if known not in out[dev.device_id]:
+                    out[dev.device_id].append(known)
+    return out
+
+
+_MERGE = (
+    update(_HOURLY)
+    .where(_HOURLY.c.id == bindparam("row_id"), _HOURLY.c.revision == bindparam("seen"))
+    .values(aggregate=bindparam("merged"), revision=bindparam("next"))
+)
+
+
+def _roll_up(
+    conn: Connection, merged: dict[HourKey, aggregate.Acc], profiles: dict[HourKey, str]
+) -> None:
+    """Merge each key's accumulator into its hourly row (see the module doc, step 3)."""
+    todo = dict(merged)
+    for _ in range(MAX_MERGE_ATTEMPTS):
+        devices = sorted({k[1] for k in todo})
+        hours = sorted({k[0] for k in todo})
+        cols = [_HOURLY.c[n] for n in _KEY]
+        found = {
+            tuple(r[:6]): (r.id, r.aggregate, r.revision)
+            for r in conn.execute(
+                select(*cols, _HOURLY.c.id, _HOURLY.c.aggregate, _HOURLY.c.revision)
+                .where(_HOURLY.c.device_id.in_(devices), _HOURLY.c.hour.in_(hours))
+                .order_by(_HOURLY.c.id)
+                .with_for_update()  # PostgreSQL: another writer waits for our commit
+            )
+        }
+        missed: dict[HourKey, aggregate.Acc] = {}
+        new = [k for k in sorted(todo) if k not in found]
+        if new:
+            rows = [
+                dict(zip(_KEY, k, strict=True))
+                | {"profile": profiles[k], "aggregate": todo[k], "revision": 0}
+                for k in new
+            ]
+            ins = _insert(conn, _HOURLY).values(rows)
+            ins = ins.on_conflict_do_nothing(index_elements=list(_KEY)).returning(*cols)
+            inserted = {tuple(r) for r in conn.execute(ins)}
+            missed.update({k: todo[k] for k in new if k not in inserted})
+        existing = sorted(k for k in todo if k in found)
+        if existing:  # one executemany; a row another process changed meanwhile is not hit
+            params = [
+                {
+                    "row_id": found[k][0],
+                    "seen": found[k][2],
+                    "merged": aggregate.merge(found[k][1], todo[k]),
+                    "next": found[k][2] + 1,
+                }
+                for k in existing
+            ]
+            res = conn.execute(_MERGE, params)
+            if res.rowcount != len(params):
+                raise MergeConflict(f"{len(params) - res.rowcount} hourly row(s) changed")
+        if not missed:
+            return
+        todo = missed  # inserted by another process meanwhile: merge into them
+    raise MergeConflict(f"hourly roll-up: {MAX_MERGE_ATTEMPTS} conflicts in a row")
+
+
+class MergeConflict(Exception):
+    """Another process merged into an hourly row this group read: the group is written again."""
+
+
+def _answer(jobs: list[_Job]) -> None:
+    loops: dict[asyncio.AbstractEventLoop, list[_Job]] = defaultdict(list)
+    for job in jobs:
+        loops[job.loop].append(job)
+
+    def settle(items: list[_Job]) -> None:
+        for job in items:
+            if job.future.done():
+                continue
+            if isinstance(job.result, Stored):
+                job.future.set_result(job.result)
+            else:
+                job.future.set_exception(job.result or RuntimeError("telemetry not stored"))
+
+    for loop, items in loops.items():
+        with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
+            loop.call_soon_threadsafe(settle, items)

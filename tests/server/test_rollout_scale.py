@@ -1,0 +1,122 @@
+"""Server time per device report does not grow with the rollout (issue 12, at test size).
+
+Two rollouts in one SQLite database, one over 1,000 devices and one over 10,000, started (wave 0
+assigned) and then fed install progress reports through ``run_event``, the same function the
+device API calls, alternating between the two so that load on the machine hits both alike.
+Before per-device rows, each report re-read and re-wrote the whole document, so the 10k rollout
+took about ten times as long per report; now a report reads and writes one device row and the
+rollout's summary, whose size does not depend on the number of devices.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+from sqlalchemy import func, select
+
+from slmops.protocol.fleet import DeviceActionState
+from slmops.server.context import Context
+from slmops.server.db.models import Rollout, RolloutDevice, utcnow
+from slmops.server.db.session import Database, open_database
+from slmops.server.registry.store import BlobStore
+from slmops.server.rollout import (
+    DeviceReport,
+    DevicesMatched,
+    MatchedDevice,
+    OperatorAction,
+    OperatorCommand,
+    RolloutPolicy,
+    create_rollout,
+)
+from slmops.server.rollout_rows import load_full
+from slmops.server.rollouts import run_event
+from slmops.server.settings import load_settings
+
+SLOW = RolloutPolicy.from_data({"gates": {"min_soak_seconds": 1e6, "timeout_seconds": 2e6}})
+STAGES = [DeviceActionState.DOWNLOADING, DeviceActionState.VERIFYING, DeviceActionState.INSTALLING]
+
+
+def started_rollout(db: Database, ctx: Context, rollout_id: str, n: int) -> list[str]:
+    """A running rollout over ``n`` devices; returns the devices its first wave assigned."""
+    state = create_rollout(rollout_id, "2.0", now=ctx.now, policy=SLOW)
+    with db.sessions() as session:
+        session.add(
+            Rollout(
+                id=rollout_id,
+                blueprint=rollout_id,
+                model="m",
+                target_version="2.0",
+                state_json=state.to_json(),
+                status=state.status.value,
+                revision=0,
+                seq=1,
+                created_at=utcnow(),
+                updated_at=utcnow(),
+            )
+        )
+        session.commit()
+        devices = [
+            MatchedDevice(
+                device_id=f"{rollout_id}-{i:06}",
+                hardware_class=("pi5", "jetson", "nuc")[i % 3],
+                current_version="1.0",
+            )
+            for i in range(n)
+        ]
+        run_event(session, rollout_id, DevicesMatched(devices=devices), ctx)
+        start = OperatorCommand(action=OperatorAction.START, actor="test")
+        run_event(session, rollout_id, start, ctx)
+        row = session.get(Rollout, rollout_id)
+        assert row is not None
+        full = load_full(session, row)
+    return sorted(i for i, d in full.devices.items() if d.wave == 0)
+
+
+def test_time_per_device_report_is_flat_from_1k_to_10k_devices(tmp_path: Path) -> None:
+    db = open_database(load_settings(data_dir=tmp_path))
+    ctx = Context(BlobStore(tmp_path), 60.0, now=1000.0)
+    try:
+        small = started_rollout(db, ctx, "small", 1_000)
+        large = started_rollout(db, ctx, "large", 10_000)
+        assert (len(small), len(large)) == (10, 100)  # the default 1% canary
+        times: dict[str, list[float]] = {"small": [], "large": []}
+        with db.sessions() as session:
+            for k in range(90):
+                for rid, moved in (("small", small), ("large", large)):
+                    event = DeviceReport(device_id=moved[k % len(moved)], state=STAGES[k % 3])
+                    t0 = time.perf_counter()
+                    run_event(session, rid, event, ctx)
+                    times[rid].append(time.perf_counter() - t0)
+            sizes = {
+                rid: len(row.state_json)
+                for rid in times
+                if (row := session.get(Rollout, rid, populate_existing=True)) is not None
+            }
+            rows = dict(
+                session.execute(
+                    select(RolloutDevice.rollout_id, func.count()).group_by(
+                        RolloutDevice.rollout_id
+                    )
+                ).all()
+            )
+            large_row = session.get(Rollout, "large")
+            assert large_row is not None
+            status = load_full(session, large_row).tally.statuses
+    finally:
+        db.dispose()
+    assert rows == {"small": 1_000, "large": 10_000}
+    assert status == {
+        "queued": 9_900,
+        "scheduled": 10,
+        "downloading": 30,
+        "verifying": 30,
+        "installing": 30,
+    }
+    # the summary written on every report does not grow with the fleet
+    assert sizes["large"] < 1.5 * sizes["small"], sizes
+    median = {rid: statistics.median(t[10:]) for rid, t in times.items()}  # after warm-up
+    ratio = median["large"] / median["small"]
+    print(f"median s/report: {median}, ratio 10k/1k {ratio:.2f}")
+    assert ratio < 2.5, median
