@@ -108,3 +108,36 @@ def test_if_none_match() -> None:
     assert etag_matches('W/"abc", "x"', '"abc"')
     assert etag_matches("*", '"abc"')
     assert not etag_matches('"abd"', '"abc"') and not etag_matches(None, '"abc"')
+
+
+def test_processes_starting_together_migrate_one_at_a_time_on_postgresql() -> None:
+    """Several API processes started at once after an upgrade: one migrates, the others wait
+    on the advisory lock and find the schema current (without it, two upgrades race to create
+    the same tables)."""
+    import threading
+
+    from sqlalchemy import create_engine, text
+
+    from pg import postgres_cluster
+
+    with postgres_cluster() as url:
+        engines = [create_engine(url) for _ in range(3)]
+        errors: list[BaseException] = []
+
+        def run(engine: object) -> None:
+            try:
+                upgrade(engine)  # type: ignore[arg-type]
+            except BaseException as exc:  # noqa: BLE001 (reported below)
+                errors.append(exc)
+
+        threads = [threading.Thread(target=run, args=(e,)) for e in engines]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert errors == []
+        with engines[0].connect() as conn:
+            versions = conn.execute(text("SELECT version_num FROM alembic_version")).all()
+        assert len(versions) == 1 and versions[0][0].startswith("0008")
+        for e in engines:
+            e.dispose()
