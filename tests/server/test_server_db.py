@@ -127,7 +127,7 @@ def test_processes_starting_together_migrate_one_at_a_time_on_postgresql() -> No
         def run(engine: object) -> None:
             try:
                 upgrade(engine)  # type: ignore[arg-type]
-            except BaseException as exc:  # noqa: BLE001 (reported below)
+            except BaseException as exc:
                 errors.append(exc)
 
         threads = [threading.Thread(target=run, args=(e,)) for e in engines]
