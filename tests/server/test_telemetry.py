@@ -58,7 +58,9 @@ HOUR = 3600
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    yield from _server(tmp_path_factory)
+    # The tests feed metrics and tick themselves: the server's own ticker, every few seconds,
+    # would race them (rolling a canary back between two reads of the same figures).
+    yield from _server(tmp_path_factory, env={"SLMOPS_ROLLOUT_TICK_SECONDS": "3600"})
 
 
 @pytest.fixture
