@@ -62,6 +62,20 @@ class Plane:
         applied = self.api("PUT", f"/api/v1/blueprints/{name}", doc | {"spec": spec})
         return None if applied.get("rollout") is None else str(applied["rollout"])
 
+    def rollout_devices(self, rollout_id: str, wave: int | None = None) -> list[dict[str, Any]]:
+        """Every device entry of a rollout (``wave``: only those that wave moved), page by page
+        when the API pages ``device_list`` (``device_page.next``), in one read when it does not."""
+        out: list[dict[str, Any]] = []
+        after: str | None = None
+        while True:
+            query = "?limit=1000" + (f"&wave={wave}" if wave is not None else "")
+            query += f"&after={after}" if after else ""
+            doc = self.api("GET", f"/api/v1/rollouts/{rollout_id}{query}")
+            out += doc["device_list"]
+            after = (doc.get("device_page") or {}).get("next")
+            if not after:
+                return out
+
     def rollout(self, rollout_id: str) -> dict[str, Any]:
         for url in self.urls:  # any live process answers
             with contextlib.suppress(httpx.TransportError, RuntimeError):

@@ -158,6 +158,7 @@ def test_a_change_through_one_process_reaches_a_device_polling_another(
             assert "assistant" in r.json()["unplaceable"]
             assert r.headers["etag"] != etag
             assert took < 2.0, f"B answered the new desired state after {took:.2f} s"
+            print(f"apply through A reached a device polling B after {took:.3f} s")
             etag = r.headers["etag"]
             for _ in range(3):
                 assert _poll(c, url_b, auth, etag).status_code == 304
@@ -168,6 +169,7 @@ def test_a_change_through_one_process_reaches_a_device_polling_another(
             took, r = _until_not_304(c, url_b, auth, etag)
             assert r.status_code == 401, r.text
             assert took < 2.0, f"B still served a revoked credential {took:.2f} s later"
+            print(f"revoke through A refused on B after {took:.3f} s")
     finally:
         for p in procs:
             p.terminate()

@@ -5,7 +5,7 @@ two hardware classes, canaries (moved by wave 0), queued devices on their old ve
 already on the target (skipped), a device reporting as another class than it was matched in,
 devices outside the rollout on the versions the rollout's devices came from (baseline) or on
 another model (neither), windows spread over three hours so both the hourly roll-up and the
-edge windows are read. ``figures_for`` on the summary alone (the rows are joined in SQL) must
+edge windows are read; on SQLite and PostgreSQL. ``figures_for`` on the summary alone (the rows are joined in SQL) must
 equal ``figures_for`` on the state with every record loaded (the computation as it was), the
 request counts must equal what the test posted, and no statement may read the rollout's rows
 without a JOIN or a GROUP BY.
@@ -13,6 +13,7 @@ without a JOIN or a GROUP BY.
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
 from bisect import bisect_left
@@ -59,12 +60,24 @@ POLICY = RolloutPolicy.model_validate(
 )
 
 
-@pytest.fixture
-def db(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Database]:
-    monkeypatch.delenv("SLMOPS_DB_URL", raising=False)  # SQLite in tmp_path
-    database = open_database(load_settings(data_dir=tmp_path))
-    yield database
-    database.dispose()
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db(
+    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Database]:
+    """The same SQL on both engines (PostgreSQL: a throwaway cluster, tests/pg.py)."""
+    with contextlib.ExitStack() as stack:
+        if request.param == "postgresql":
+            from pg import postgres_cluster
+
+            monkeypatch.setenv("SLMOPS_DB_URL", stack.enter_context(postgres_cluster()))
+        else:
+            monkeypatch.delenv("SLMOPS_DB_URL", raising=False)  # SQLite in tmp_path
+        database = open_database(load_settings(data_dir=tmp_path))
+        assert database.engine.dialect.name == request.param
+        try:
+            yield database
+        finally:
+            database.dispose()
 
 
 def members() -> list[MatchedDevice]:

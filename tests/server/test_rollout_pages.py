@@ -187,7 +187,8 @@ class open_db:
 
 
 def test_bad_parameters_get_the_envelope(cp: ControlPlane) -> None:
-    for params in ({"limit": 1001}, {"limit": -1}, {"status": "nope"}, {"wave": -1}):
+    bad = ({"limit": 1001}, {"limit": -1}, {"status": "nope"}, {"wave": -1}, {"after": "a b"})
+    for params in bad:
         r = get(cp, **params)
         assert r.status_code in (400, 422), (params, r.status_code, r.text)
         assert "error" in r.json(), r.text

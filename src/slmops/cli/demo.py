@@ -49,7 +49,8 @@ def demo_command(
 ) -> None:
     """The whole loop: train the demo model, optimize it, evaluate it on three device profiles,
     bundle, sign and verify it, then run a local fleet (server, three agents) through a staged
-    rollout, a broken version rolled back at the canary, and a chat completion."""
+    rollout, a broken version rolled back at the canary, a chat completion, telemetry, a metric
+    gate, and two sites given their own LoRA adapters (only the adapters' bytes move)."""
     from slmops.evaluate.profiles import resolve_profiles
     from slmops.optimize.recipe import load_recipe
     from slmops.release import build_release

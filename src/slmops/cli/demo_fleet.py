@@ -6,8 +6,9 @@ signed bundle pushed to the server's registry, a blueprint applied, and a staged
 canary wave of one device, then the rest) followed to success. Then a deliberately broken
 version (every weights file truncated after bundling inputs were copied: the signature is valid,
 the model cannot load) is rolled out: the canary's health check fails, the gate rolls the
-rollout back, and the canary returns to the kept version. Finally one agent answers a chat
-completion on its OpenAI-compatible endpoint.
+rollout back, and the canary returns to the kept version. Then one agent answers a chat
+completion on its OpenAI-compatible endpoint, telemetry and a metric gate are shown, and two
+sites get their own LoRA adapters (cli/demo_adapters.py).
 
 Processes are children of the demo and die with it (``die_with_parent``); ``--keep-running``
 leaves them up until Ctrl-C so the URLs printed can be tried.
@@ -460,11 +461,16 @@ def run_fleet_demo(
         gated = metric_gate_demo(
             fleet, model=model, name=name, version=version, keys=keys, as_json=as_json
         )
+        from slmops.cli.demo_adapters import run_adapter_demo
+
+        if not as_json:
+            out_console.rule("[bold]11. per-site LoRA adapters: site=north and site=south[/]")
+        adapters = run_adapter_demo(fleet, model=model, bundled=bundled, keys=keys, as_json=as_json)
         token_file = root / "admin-token"
         with atomic_open(token_file, mode=0o600) as fh:
             fh.write(fleet.admin.encode() + b"\n")
         if not as_json:
-            out_console.rule("[bold]11. dashboard[/]")
+            out_console.rule("[bold]12. dashboard[/]")
             out_console.print(
                 f"dashboard [bold]{fleet.url}/ui/[/] (log in with the token in {token_file}); "
                 f"Prometheus metrics at {fleet.url}/metrics; logs in {root}"
@@ -486,5 +492,6 @@ def run_fleet_demo(
             "chat": answer,
             "telemetry": telemetry,
             "metric_gate": gated,
+            "adapters": adapters,
         }
     return summary

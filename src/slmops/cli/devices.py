@@ -38,6 +38,15 @@ def _done(result: dict[str, Any], as_json: bool) -> None:
     out_console.print(f"device/{result['device_id']} {result['action']}: {state}{extra}")
 
 
+def adapter_of(active: dict[str, Any] | None) -> str | None:
+    """``name:version`` of the LoRA adapter the device reported on top of its model, or None
+    (the same rule as the dashboard's Adapters panel, server/dashboard/adapters_panel.py)."""
+    adapter = (active or {}).get("adapter")
+    if not isinstance(adapter, dict) or not adapter.get("name"):
+        return None
+    return f"{adapter['name']}:{adapter.get('version') or '?'}"
+
+
 @app.command("list")
 def list_command(
     server: ServerOpt,
@@ -45,10 +54,14 @@ def list_command(
     selector: Annotated[str | None, typer.Option("--selector", "-l", help="k=v,k2!=v2")] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """List devices with their identity status and any re-enrollment waiting for approval."""
+    """List devices with their identity status, the LoRA adapter they last reported running
+    (``name:version``; also the ``adapter`` key of each item in --json) and any re-enrollment
+    waiting for approval."""
     query = str(httpx.QueryParams({"selector": selector})) if selector else ""
     path = "/api/v1/devices" + (f"?{query}" if query else "")
     result = run_command(as_json, lambda: call("GET", server, path, token))
+    for d in result["data"]:
+        d["adapter"] = adapter_of(d.get("active"))
     if as_json:
         emit_json(result)
         return
@@ -56,7 +69,8 @@ def list_command(
         pending = d.get("pending_request")
         wait = f"\tPENDING {pending['id']} ({pending['reason']})" if pending else ""
         seen = d.get("last_seen") or "never"
-        out_console.print(f"{d['device_id']}\t{d['status']}\tlast seen {seen}{wait}")
+        adapter = f"adapter {d['adapter'] or 'none'}"
+        out_console.print(f"{d['device_id']}\t{d['status']}\t{adapter}\tlast seen {seen}{wait}")
 
 
 def _post(action: str, device_id: str, server: str, token: str, body: Any, as_json: bool) -> None:

@@ -259,8 +259,9 @@ def wait_for(
         if line != last and not quiet:
             err_console.print(f"[dim]{id}: {line}[/]")
             last = line
-        if r["status"] == "succeeded":
-            return r
+        if r["status"] == "succeeded":  # the view with its first page of devices
+            done: dict[str, Any] = call("GET", server, f"/api/v1/rollouts/{id}", token)
+            return done
         if r["status"] in FINAL or r["status"] == "paused":
             why = r["history"][-1]["reason"] if r["history"] else r["status"]
             raise CheckFailedError(

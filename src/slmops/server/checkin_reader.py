@@ -54,6 +54,7 @@ _SEEN = (
     update(_TABLE).where(_TABLE.c.device_id == bindparam("did")).values(last_seen=bindparam("seen"))
 )
 _Waiter = tuple[str, asyncio.Future[Any], asyncio.AbstractEventLoop]
+_NOTHING: Any = object()  # the queue had nothing before it was time to flush
 
 
 class CheckinReader:
@@ -121,10 +122,10 @@ class CheckinReader:
             try:
                 first = self._queue.get(timeout=max(0.0, next_flush - time.monotonic()))
             except queue.Empty:
-                first = ()  # type: ignore[assignment]
+                first = _NOTHING
             if first is None:
                 return
-            batch: list[_Waiter] = [first] if first else []
+            batch: list[_Waiter] = [first] if first is not _NOTHING else []
             while len(batch) < MAX_BATCH:
                 try:
                     more = self._queue.get_nowait()

@@ -3,10 +3,12 @@
 Writers do not call the check-in cache; they mark the change on their session
 (``changed(session, device_id)``, or ``device_id=None`` for "any device"). Then:
 
-- on PostgreSQL, the same transaction also runs ``pg_notify('slmops_desired', payload)``
-  (``notify_on_commit``, installed by ``open_database`` on every database, so CLI commands
-  notify too). PostgreSQL delivers a notification only when (and if) the transaction commits,
-  so no process hears of a change that did not happen. Every API process LISTENs on one
+- on PostgreSQL, an API process sends ``pg_notify('slmops_desired', payload)`` right after the
+  commit, from a thread of its own that puts whatever was committed meanwhile in one
+  notification (``Invalidation._send``); a session without an app (a CLI command) sends it
+  inside its transaction instead (``notify_on_commit``, installed by ``open_database``), which
+  PostgreSQL delivers only if it commits. Either way no process hears of a change that did not
+  happen. Every API process LISTENs on one
   background connection (``Invalidation.listen``) and drops what the payload names:
   comma-separated device ids, or ``*`` (everything: too many ids for one payload, or a change
   that is not about one device);
@@ -25,11 +27,12 @@ an invalidation arrived must not cache what it read (see ``CheckinCache.put``).
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 from collections.abc import Callable
 from typing import Any
 
-from sqlalchemy import Engine, event, text
+from sqlalchemy import Connection, Engine, event, text
 from sqlalchemy.orm import Session, sessionmaker
 
 log = logging.getLogger("slmops.server.invalidation")
@@ -39,6 +42,7 @@ EVERYTHING = "*"
 MAX_PAYLOAD = 7000  # PostgreSQL refuses payloads of 8000 bytes or more
 _KEY = "slmops.changed"
 _COMMITTING = "slmops.committing"
+PUBLISHES = "slmops.publishes"  # session info: an app's Invalidation sends the NOTIFY after commit
 
 Drop = Callable[[set[str] | None], None]  # device ids to drop, or None for everything
 
@@ -81,7 +85,7 @@ def notify_on_commit(sessions: sessionmaker[Session], engine: Engine) -> None:
             session.info.pop(_COMMITTING, None)
             return
         session.info[_COMMITTING] = pending
-        if postgres:
+        if postgres and not session.info.get(PUBLISHES):
             session.execute(
                 text("SELECT pg_notify(:channel, :payload)"),
                 {"channel": CHANNEL, "payload": payload_of(pending)},
@@ -106,6 +110,8 @@ class Invalidation:
         self._stop = threading.Event()
         self._up = threading.Event()
         self._thread: threading.Thread | None = None
+        self._sender: threading.Thread | None = None
+        self._outbox: queue.SimpleQueue[set[str]] = queue.SimpleQueue()
 
     def subscribe(self, drop: Drop) -> None:
         self._subscribers.append(drop)
@@ -128,6 +134,8 @@ class Invalidation:
             ids: set[str] | None = session.info.pop(_COMMITTING, None)
             if ids:
                 self.drop(None if EVERYTHING in ids else ids)
+                if self._thread is not None:  # PostgreSQL: tell the other processes
+                    self._outbox.put(ids)
 
     # --- the PostgreSQL listener --------------------------------------------------------------
 
@@ -140,6 +148,10 @@ class Invalidation:
             target=self._run, args=(engine,), name="slmops-invalidation", daemon=True
         )
         self._thread.start()
+        self._sender = threading.Thread(
+            target=self._send, args=(engine,), name="slmops-notify", daemon=True
+        )
+        self._sender.start()
 
     def wait_live(self, timeout: float) -> bool:
         """Until the listener is connected (startup: so the first answers can be cached)."""
@@ -149,10 +161,45 @@ class Invalidation:
 
     def stop(self) -> None:
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
+        for thread in (self._sender, self._thread):
+            if thread is not None:
+                thread.join(timeout=5)
+        self._thread = self._sender = None
         self.live = False
+
+    def _send(self, engine: Engine) -> None:
+        """Send what this process committed, everything queued in one NOTIFY, on a connection
+        of its own: the committing transactions never wait on PostgreSQL's notification queue
+        lock (a NOTIFY inside them serializes their commits). A crash between a commit and its
+        NOTIFY leaves other processes' entries to their 60 s lifetime."""
+        conn: Connection | None = None
+        while not (self._stop.is_set() and self._outbox.empty()):
+            try:
+                ids = self._outbox.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            while True:
+                try:
+                    ids |= self._outbox.get_nowait()
+                except queue.Empty:
+                    break
+            for _ in range(2):
+                try:
+                    if conn is None:
+                        conn = engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+                    conn.execute(
+                        text("SELECT pg_notify(:channel, :payload)"),
+                        {"channel": CHANNEL, "payload": payload_of(ids)},
+                    )
+                    break
+                except Exception as exc:  # reconnect once, then give up on this one
+                    log.warning("invalidation NOTIFY failed: %s", exc)
+                    if conn is not None:
+                        conn.invalidate()
+                        conn.close()
+                        conn = None
+        if conn is not None:
+            conn.close()
 
     def _run(self, engine: Engine) -> None:
         backoff = 0.2

@@ -7,6 +7,7 @@ so a page shows what the API returns; rollout actions run the same ``run_event``
 
 from __future__ import annotations
 
+import re
 import time
 from collections import Counter
 from typing import Any
@@ -18,7 +19,8 @@ from sqlalchemy import select
 
 from slmops.server.api.deps import ServicesDep, SessionDep, SettingsDep
 from slmops.server.api.operator.devices import DevicePublic
-from slmops.server.api.operator.rollouts import detail, summary
+from slmops.server.api.operator.rollouts import CURSOR, detail, summary
+from slmops.server.dashboard.adapters_panel import adapter_of, adapter_rows
 from slmops.server.dashboard.auth import (
     COOKIE,
     COOKIE_PATH,
@@ -113,6 +115,7 @@ def fleet(request: Request, user: UserDep, session: SessionDep, settings: Settin
                 "profile": d.profile or "unknown",
                 "version": (d.active or {}).get("version") or "none",
                 "model": (d.active or {}).get("name"),
+                "adapter": adapter_of(d.active),
                 "last_seen": d.last_seen,
                 "age": seen_age,
                 "health": health(seen_age, settings.poll_seconds),
@@ -137,6 +140,7 @@ def fleet(request: Request, user: UserDep, session: SessionDep, settings: Settin
         profile_chart=bar_chart("devices by profile", sorted(by_profile.items()), "devices"),
         version_chart=bar_chart("devices by version", sorted(by_version.items()), "devices"),
         rollouts=active,
+        adapters=adapter_rows((r["adapter"], r["labels"]) for r in rows),
     )
 
 
@@ -185,7 +189,7 @@ def rollout_page(
     row = session.get(Rollout, rollout_id)
     if row is None:
         return render(request, "error.html", user, 404, message=f"no rollout {rollout_id!r}")
-    doc = detail(row, after=after[:128] if after else None)
+    doc = detail(row, after=after if after and re.fullmatch(CURSOR, after) else None)
     status = RolloutState.from_json(row.state_json).status
     waves = []
     moved = active = 0

@@ -14,7 +14,7 @@ from typing import Any
 
 from slmops.server.checkin_reader import CheckinReader
 from slmops.server.db.session import Database
-from slmops.server.invalidation import Invalidation
+from slmops.server.invalidation import PUBLISHES, Invalidation
 from slmops.server.telemetry.store import COUNTERS_KEY, Counters
 from slmops.server.telemetry.writer import TelemetryWriter
 
@@ -26,7 +26,7 @@ def start(app: Any, db: Database) -> Callable[[], None]:
     Call before anything else opens sessions on ``db`` (the ticker), so those notify too."""
     invalidation: Invalidation = app.state.invalidation
     counters = app.state.telemetry_counters = Counters()
-    db.sessions.configure(info={COUNTERS_KEY: counters})
+    db.sessions.configure(info={COUNTERS_KEY: counters, PUBLISHES: True})
     invalidation.install(db.sessions)
     invalidation.listen(db.engine)
     reader = app.state.checkin_reader = CheckinReader(db.engine)

@@ -74,6 +74,7 @@ class WavePublic(StrictModel):
 
 
 DEFAULT_LIMIT = 100
+CURSOR = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"  # a device id (protocol/device.py)
 MAX_LIMIT = 1000
 DeviceStatus = Literal[
     "queued",
@@ -259,7 +260,9 @@ def read_rollout(
         DEFAULT_LIMIT, ge=0, le=MAX_LIMIT, description="devices per page (0: counts only)"
     ),
     after: str | None = Query(
-        None, max_length=128, description="cursor: the `device_page.next` of the previous page"
+        None,
+        pattern=CURSOR,
+        description="cursor: the `device_page.next` of the previous page (a device id)",
     ),
     wave: int | None = Query(None, ge=0, le=1 << 20, description="only devices this wave moved"),
     status: DeviceStatus | None = Query(None, description="only devices with this status"),
