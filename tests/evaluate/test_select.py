@@ -193,7 +193,8 @@ def test_tie_goes_to_the_smaller_variant() -> None:
     sel = make_report().selection_for("pi")
     assert sel is not None and sel.variant == "q8"
     assert (
-        "q8 (KLD 0.0015) ties with f16 within 0.002 and is smaller (1.1 GiB vs 2.0 GiB)" in sel.reason
+        "q8 (KLD 0.0015) ties with f16 within 0.002 and is smaller (1.1 GiB vs 2.0 GiB)"
+        in sel.reason
     )
 
 
