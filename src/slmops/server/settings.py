@@ -68,7 +68,11 @@ class ServerSettings(BaseSettings):
         5.0, gt=0, description="how often rollouts re-check soak times and timeouts"
     )
     checkin_cache_seconds: float = Field(
-        5.0, ge=0, description="idle check-ins answered from memory this long; 0: off"
+        5.0,
+        ge=0,
+        description="idle check-ins answered from memory this long; 0: off. On PostgreSQL, "
+        "while this process listens for changes (LISTEN/NOTIFY), entries live 60 s instead: "
+        "every change drops them at once",
     )
     drift_check_seconds: float = Field(
         600.0, gt=0, description="how often field telemetry is checked for drift"
