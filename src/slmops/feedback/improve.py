@@ -30,8 +30,9 @@ from slmops.core.atomic import write_text_atomic
 from slmops.core.digest import tree_digest
 from slmops.core.errors import UserInputError
 from slmops.model.card import CARD_FILE, LineageCard, read_card
-from slmops.optimize.adjust import Direction, adjusted_recipe
+from slmops.optimize.adjust import adjusted_recipe
 from slmops.protocol.bundle import VariantDescriptor
+from slmops.protocol.document import Direction
 
 
 @dataclass

@@ -17,13 +17,13 @@ as a hand-written one.
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Any
 
 from slmops.core.errors import UserInputError
 from slmops.model.card import LineageCard
 from slmops.optimize.recipe import RecipeFile
+from slmops.protocol.document import Direction
 
-Direction = Literal["higher-precision", "smaller"]
 DIRECTIONS: tuple[Direction, ...] = ("higher-precision", "smaller")
 
 GGUF_LADDER = ("Q3_K_M", "Q4_0", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0", "F16")

@@ -23,18 +23,16 @@ groups in order < devices[device_id]. Unknown keys are refused with the file and
 
 from __future__ import annotations
 
-import re
 from typing import Literal
 
 from pydantic import Field, model_validator
 
 from slmops.core.config import StrictModel
 from slmops.protocol.device import GenerationDefaults
+from slmops.protocol.document import Document
 from slmops.protocol.registry_url import RegistryUrl
 from slmops.protocol.telemetry import TelemetryPolicy
 from slmops.server.rollout.policy import RolloutPolicy
-
-NAME = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?\Z")
 
 
 class GenerationOverrides(StrictModel):
@@ -96,20 +94,8 @@ class BlueprintSpec(StrictModel):
     )
 
 
-class Metadata(StrictModel):
-    name: str
-
-    @model_validator(mode="after")
-    def _name(self) -> Metadata:
-        if not NAME.match(self.name):
-            raise ValueError("metadata.name must be lowercase letters, digits, '.' or '-'")
-        return self
-
-
-class Blueprint(StrictModel):
-    apiVersion: Literal["slmops/v1"]  # the YAML key, as in Kubernetes
+class Blueprint(Document):
     kind: Literal["Blueprint"]
-    metadata: Metadata
     spec: BlueprintSpec
 
 

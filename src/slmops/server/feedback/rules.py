@@ -20,15 +20,12 @@ in order and every matching rule acts; each action runs at most once per alert.
 
 from __future__ import annotations
 
-import re
 from typing import Literal, Self
 
 from pydantic import Field, model_validator
 
 from slmops.core.config import StrictModel
-from slmops.optimize.adjust import Direction
-
-NAME = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?\Z")
+from slmops.protocol.document import Direction, Document
 
 
 class Match(StrictModel):
@@ -93,20 +90,8 @@ class RulesSpec(StrictModel):
         return self
 
 
-class RulesMetadata(StrictModel):
-    name: str
-
-    @model_validator(mode="after")
-    def _name(self) -> Self:
-        if not NAME.match(self.name):
-            raise ValueError("metadata.name must be lowercase letters, digits, '.' or '-'")
-        return self
-
-
-class FeedbackRules(StrictModel):
-    apiVersion: Literal["slmops/v1"]  # the YAML key, as in Kubernetes
+class FeedbackRules(Document):
     kind: Literal["FeedbackRules"]
-    metadata: RulesMetadata
     spec: RulesSpec
 
 
