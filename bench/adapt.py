@@ -142,7 +142,32 @@ def bench_adapter(model: Path, minutes: float, threads: int) -> dict[str, Any]:
         "general_kld_to_base": ev["general_kld_to_base"],
         "adapter_gguf_bytes": ev["gguf_adapter_bytes"],
         "base_bytes": open_model(model).size_bytes,
+        "decode": adapter_decode(model, WORK / "adapter" / "adapter.gguf"),
     }
+
+
+def adapter_decode(model: Path, adapter: Path) -> dict[str, Any]:
+    """Decode with the adapter vs the same Q8_0 base without it (llama.cpp, rounds alternating):
+    what a device serving base + adapter gives up."""
+    from adapter_decode import measure
+    from slmops.optimize.passes.base import build_pass
+
+    base_dir = WORK / "base-q8_0"
+    if not list(base_dir.glob("*.gguf")):
+        f16 = WORK / "base-f16"
+        for name, opts, src, dst in (
+            ("export-gguf", {"outtype": "f16"}, model, f16),
+            ("quantize-gguf", {"type": "Q8_0"}, f16, base_dir),
+        ):
+            shutil.rmtree(dst, ignore_errors=True)
+            dst.mkdir(parents=True)
+            p = build_pass(name, opts)
+            p.prepare()
+            p.run(open_model(src), dst)
+    gguf = next(base_dir.glob("*.gguf"))
+    # one thread: llama.cpp threads waiting on each other swing several-fold on a shared host
+    m = measure(gguf, adapter, rounds=9, tokens=128, threads=1)
+    return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in m.items()}
 
 
 def main() -> None:
@@ -194,6 +219,13 @@ def main() -> None:
         print(
             f"  adapter.gguf {a['adapter_gguf_bytes'] / 1e6:.2f} MB vs base "
             f"{a['base_bytes'] / 1e6:.1f} MB"
+        )
+        dec = a["decode"]
+        print(
+            f"  decode with the adapter {dec['adapter_tps']:.0f} vs {dec['base_tps']:.0f} tok/s "
+            f"without (Q8_0 base, llama.cpp, 1 thread, 9 alternating rounds): {dec['ratio']:.2f}x "
+            f"(target >= 0.9x); loading base + adapter {dec['load_with_adapter_s']:.2f} s vs "
+            f"{dec['load_base_s']:.2f} s"
         )
     print(f"load average before/after: {out['load_average']} / {out['load_average_after']}")
 
