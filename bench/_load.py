@@ -109,7 +109,7 @@ def plane(work: Path, db_url: str, processes: int, env: dict[str, str]) -> Itera
 def bundles(work: Path) -> dict[str, Path]:
     """Two versions over fabricated variants (tests/bundle's factories), weights differing per
     version so 2.0.0 is a real install, not a relabel of 1.0.0's content."""
-    path = ROOT / "tests" / "bundle" / "test_bundle_build.py"
+    path = ROOT / "tests" / "factories" / "bundles.py"
     spec = importlib.util.spec_from_file_location("_scale_bundle_factories", path)
     assert spec is not None and spec.loader is not None
     factories = importlib.util.module_from_spec(spec)

@@ -14,6 +14,7 @@ and the database size per device (SQLite).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import statistics
 import tempfile
@@ -21,60 +22,22 @@ import time
 from pathlib import Path
 from typing import Any
 
-from slmops.protocol.fleet import DeviceActionState
 from slmops.server.context import Context
-from slmops.server.db.models import Rollout, utcnow
-from slmops.server.db.session import Database, open_database
+from slmops.server.db.session import open_database
 from slmops.server.registry.store import BlobStore
-from slmops.server.rollout import (
-    DeviceReport,
-    DevicesMatched,
-    MatchedDevice,
-    OperatorAction,
-    OperatorCommand,
-    RolloutPolicy,
-    create_rollout,
-)
-from slmops.server.rollout_rows import load_full
+from slmops.server.rollout import DeviceReport
 from slmops.server.rollouts import run_event
 from slmops.server.settings import load_settings
 
-SLOW = RolloutPolicy.from_data({"gates": {"min_soak_seconds": 1e6, "timeout_seconds": 2e6}})
-STAGES = [DeviceActionState.DOWNLOADING, DeviceActionState.VERIFYING, DeviceActionState.INSTALLING]
 
-
-def started(db: Database, ctx: Context, rollout_id: str, n: int) -> list[str]:
-    """A running rollout over ``n`` devices; the devices its first wave assigned."""
-    state = create_rollout(rollout_id, "2.0", now=ctx.now, policy=SLOW)
-    with db.sessions() as session:
-        session.add(
-            Rollout(
-                id=rollout_id,
-                blueprint=rollout_id,
-                model="m",
-                target_version="2.0",
-                state_json=state.to_json(),
-                status=state.status.value,
-                revision=0,
-                seq=1,
-                created_at=utcnow(),
-                updated_at=utcnow(),
-            )
-        )
-        session.commit()
-        devices = [
-            MatchedDevice(
-                device_id=f"{rollout_id}-{i:07}",
-                hardware_class=("pi5", "jetson", "nuc")[i % 3],
-                current_version="1.0",
-            )
-            for i in range(n)
-        ]
-        run_event(session, rollout_id, DevicesMatched(devices=devices), ctx)
-        run_event(session, rollout_id, OperatorCommand(action=OperatorAction.START, actor="b"), ctx)
-        row = session.get(Rollout, rollout_id)
-        assert row is not None
-        return sorted(i for i, d in load_full(session, row).devices.items() if d.wave == 0)
+def _factory() -> Any:
+    """tests/factories/rollout_scale.py: the same rollout builder the report-cost test uses."""
+    path = Path(__file__).resolve().parents[1] / "tests" / "factories" / "rollout_scale.py"
+    spec = importlib.util.spec_from_file_location("_rollout_scale_factory", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def main() -> None:
@@ -91,16 +54,17 @@ def main() -> None:
     ctx = Context(BlobStore(data), 60.0, now=1000.0)
     out: dict[str, Any] = {"sizes": sizes, "reports": args.reports, "setup_s": {}}
     moved: dict[int, list[str]] = {}
+    factory = _factory()
     for n in sizes:
         t0 = time.perf_counter()
-        moved[n] = started(db, ctx, f"r{n}", n)
+        moved[n] = factory.started_rollout(db, ctx, f"r{n}", n)
         out["setup_s"][n] = round(time.perf_counter() - t0, 2)
     times: dict[int, list[float]] = {n: [] for n in sizes}
     with db.sessions() as session:
         for k in range(args.reports):
             for n in sizes:
                 ids = moved[n]
-                event = DeviceReport(device_id=ids[k % len(ids)], state=STAGES[k % 3])
+                event = DeviceReport(device_id=ids[k % len(ids)], state=factory.STAGES[k % 3])
                 t0 = time.perf_counter()
                 run_event(session, f"r{n}", event, ctx)
                 times[n].append(time.perf_counter() - t0)

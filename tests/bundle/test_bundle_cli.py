@@ -9,8 +9,7 @@ import os
 import stat
 from pathlib import Path
 
-from test_bundle_build import make_inputs
-
+from factories.bundles import make_inputs
 from helpers import run_cli as slmops
 
 

@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
-from test_bundle_build import VARIANTS, build
 
+from factories.bundles import VARIANTS, build
 from slmops.bundle.inspect import inspect_bundle
 from slmops.bundle.layout import BundleFormatError
 from slmops.core.errors import UserInputError

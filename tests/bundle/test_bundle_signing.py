@@ -8,9 +8,9 @@ import stat
 from pathlib import Path
 
 import pytest
-from test_bundle_build import build
-from test_bundle_verify import _blob, _load, _put, edit_manifest, edit_top
 
+from factories.bundle_edits import _blob, _load, _put, edit_manifest, edit_top
+from factories.bundles import build
 from slmops.bundle.inspect import inspect_bundle
 from slmops.bundle.signing import fingerprint_file, init_keys, sign_bundle
 from slmops.bundle.verify import BundleVerificationError, verify_bundle

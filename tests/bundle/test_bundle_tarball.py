@@ -12,8 +12,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from test_bundle_build import build, no_temp_left
 
+from factories.bundles import build, no_temp_left
 from slmops.bundle import tarball
 from slmops.bundle.tarball import UnsafeArchiveError, safe_extract, write_tar
 from slmops.bundle.verify import BundleVerificationError, verify_bundle

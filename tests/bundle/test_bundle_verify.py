@@ -12,78 +12,27 @@ import json
 import os
 import threading
 import tracemalloc
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import psutil
 import pytest
-from test_bundle_build import VARIANTS, build
 
+from factories.bundle_edits import (
+    Json,
+    _blob,
+    _load,
+    _put,
+    edit_index,
+    edit_manifest,
+    edit_top,
+    fails,
+    manifest,
+)
+from factories.bundles import VARIANTS, build
 from slmops.bundle.build import build_bundle
-from slmops.bundle.layout import canonical_json
 from slmops.bundle.verify import BundleVerificationError, verify_blob_file, verify_bundle
 from slmops.core.digest import tree_digest
-from slmops.core.errors import CheckFailedError
 from slmops.model.card import LineageCard
-
-Json = dict[str, Any]
-
-
-def _blob(bundle: Path, digest: str) -> Path:
-    return bundle / "blobs" / "sha256" / digest.split(":", 1)[1]
-
-
-def _load(bundle: Path, digest: str) -> Json:
-    return json.loads(_blob(bundle, digest).read_bytes())
-
-
-def _put(bundle: Path, obj: Json) -> tuple[str, int]:
-    data = canonical_json(obj)
-    digest = "sha256:" + hashlib.sha256(data).hexdigest()
-    _blob(bundle, digest).write_bytes(data)
-    return digest, len(data)
-
-
-def edit_top(bundle: Path, fn: Callable[[Json], None]) -> None:
-    top = json.loads((bundle / "index.json").read_text())
-    fn(top)
-    (bundle / "index.json").write_text(json.dumps(top))
-
-
-def edit_index(bundle: Path, fn: Callable[[Json], None]) -> None:
-    def relink(top: Json) -> None:
-        entry = top["manifests"][0]
-        index = _load(bundle, entry["digest"])
-        fn(index)
-        entry["digest"], entry["size"] = _put(bundle, index)
-
-    edit_top(bundle, relink)
-
-
-def edit_manifest(bundle: Path, i: int, fn: Callable[[Json], None]) -> None:
-    def relink(index: Json) -> None:
-        entry = index["manifests"][i]
-        manifest = _load(bundle, entry["digest"])
-        fn(manifest)
-        entry["digest"], entry["size"] = _put(bundle, manifest)
-
-    edit_index(bundle, relink)
-
-
-def manifest(bundle: Path, i: int) -> Json:
-    top = json.loads((bundle / "index.json").read_text())
-    return _load(bundle, _load(bundle, top["manifests"][0]["digest"])["manifests"][i]["digest"])
-
-
-def fails(bundle: Path, *needles: str) -> str:
-    with pytest.raises(BundleVerificationError) as exc:
-        verify_bundle(bundle, [], require_signature=False)
-    assert isinstance(exc.value, CheckFailedError) and exc.value.exit_code == 1
-    text = str(exc.value)
-    for needle in needles:
-        assert needle in text, text
-    return text
 
 
 @pytest.fixture

@@ -21,8 +21,8 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_bundle_build import build
 
+from factories.bundles import build
 from slmops.bundle.layout import OciLayout
 from slmops.bundle.tarball import open_bundle, write_tar
 from slmops.bundle.verify import verify_bundle

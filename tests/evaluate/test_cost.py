@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from test_select import make_report
 
+from factories.reports import make_report
 from slmops.evaluate.cost import DEFAULT_CLOUD_USD_PER_MILLION, estimate_cost
 from slmops.evaluate.schema import Selection
 

@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
-from test_select import VARIANTS, make_report
 
+from factories.reports import VARIANTS, make_report
 from slmops.core.errors import ConfigError
 from slmops.evaluate.gate import gate, load_report
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from test_select import VARIANTS, make_report
-
+from factories.reports import VARIANTS, make_report
 from slmops.evaluate.charts import profile_charts
 from slmops.evaluate.render import render_report, write_html, write_markdown
 

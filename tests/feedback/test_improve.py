@@ -25,8 +25,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "server"))
 
-from test_server_api import Server, _server, credential, enrollment_token, inventory
-
+from factories.server import Server, _server, credential, enrollment_token, inventory
 from helpers import run_cli
 from slmops.core.errors import UserInputError
 from slmops.feedback.improve import Candidate, improve, running_variant

@@ -48,7 +48,7 @@ REPORT_FIELDS = {
 
 
 def _factories() -> Any:
-    path = Path(__file__).parents[1] / "bundle" / "test_bundle_build.py"
+    path = Path(__file__).parents[1] / "factories" / "bundles.py"
     spec = importlib.util.spec_from_file_location("_sim_bundle_factories", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)

@@ -18,7 +18,8 @@ from typing import Any
 
 import httpx
 import pytest
-from test_server_api import Server, _server, credential, enrollment_token, inventory, make_token
+
+from factories.server import Server, _server, credential, enrollment_token, inventory, make_token
 
 MAIN_CLI = [sys.executable, "-m", "slmops.cli.main"]
 DIGEST = "sha256:" + "1" * 64

@@ -442,7 +442,11 @@ class Agent:
             model = active[1]
             want = self.desired.model if self.desired else None
             rollout = want.rollout_id if want and want.manifest_digest == model.digest else None
-            self.telemetry.set_model(model.name, model.version, model.variant, rollout)
+            lora = self._adapters.loaded_for(model)  # an adapter switch closes the window
+            adapter = f"{lora[1].name}:{lora[1].version}" if lora else None
+            self.telemetry.set_model(
+                model.name, model.version, model.variant, rollout, adapter=adapter
+            )
         self.telemetry.record_rss(own_peak_rss_bytes())
         self.outbox.put(windows=self.telemetry.close_due(), samples=self.telemetry.take_samples())
         for _ in range(8):  # a few batches per step: a long outage drains over several polls

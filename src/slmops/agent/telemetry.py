@@ -3,9 +3,10 @@
 The OpenAI API records every request here (from its worker threads, hence one lock); the
 daemon calls ``close_due`` on its loop and hands the closed windows to the outbox. Windows are
 aligned to multiples of ``window_seconds`` since the epoch, so windows of different devices
-line up and the server can add them bucket by bucket. A window never mixes two models or two
-policies: ``set_model`` and a ``set_policy`` that changes the window length or the budget close
-the current window early (its ``end`` is the moment of the change).
+line up and the server can add them bucket by bucket. A window never mixes two models, two LoRA
+adapters or two policies: ``set_model`` with another model or adapter, and a ``set_policy`` that
+changes the window length or the budget, close the current window early (its ``end`` is the
+moment of the change).
 
 Without DP, windows with no activity (no request, health probe or feedback) are not emitted,
 to save bytes on idle devices; a peak RSS reading alone is a gauge, not activity. With
@@ -56,6 +57,7 @@ class ModelIdentity:
     version: str | None = None
     variant: str | None = None
     rollout_id: str | None = None
+    adapter: str | None = None  # "name:version" of the LoRA adapter served over the model
 
 
 @dataclass
@@ -115,6 +117,7 @@ class _Window:
             version=self.model.version,
             variant=self.model.variant,
             rollout_id=self.model.rollout_id,
+            adapter=self.model.adapter,
             requests=self.requests,
             errors={k: float(v) for k, v in self.errors.items() if v},
             prompt_tokens=self.prompt_tokens,
@@ -228,9 +231,13 @@ class Aggregator:
         version: str | None,
         variant: str | None = None,
         rollout_id: str | None = None,
+        *,
+        adapter: str | None = None,
     ) -> None:
-        """Make later events count for this model; closes the open window if the model changes."""
-        identity = ModelIdentity(name, version, variant, rollout_id)
+        """Make later events count for this model and adapter (``name:version``, None: the
+        model alone); closes the open window if either changes, so the server can tell an
+        adapter's figures from the base model's."""
+        identity = ModelIdentity(name, version, variant, rollout_id, adapter)
         with self._lock:
             t = self._clock()
             if identity != self._model:

@@ -38,9 +38,9 @@ ADAPTER_VERSION = "1.0.0"
 LICENSES = Path("/usr/share/common-licenses")
 # site -> the licence its corpus is made from (different licences: different vocabulary)
 CORPORA = {"north": "Apache-2.0", "south": "GPL-3"}
-TRAIN_STEPS = 30  # and at most TRAIN_MINUTES: the demo model learns a licence's words in seconds
-TRAIN_MINUTES = 0.3
-LR = 3e-3  # a short budget wants a brisk learning rate
+TRAIN_STEPS = 30  # the steps bound the training, so each run learns the same (seeded) adapter
+TRAIN_MINUTES = 1.0  # a safety cap for a loaded machine; 30 steps take ~5 s on one core
+LR = 5e-3  # a short budget wants a brisk learning rate
 EVAL_TOKENS = 1024  # per held-out text: enough for a stable perplexity, fast in llama.cpp
 WINDOW = 64  # tokens per perplexity window, as `slmops adapt` trains and evaluates
 PROMPT = "The licensee"
@@ -75,7 +75,7 @@ def train_site_adapter(model: Path, corpus: Path, out: Path) -> dict[str, Any]:
     from slmops.adapt.train import TrainOptions
 
     opts = TrainOptions(
-        steps=TRAIN_STEPS, minutes=TRAIN_MINUTES, rank=8, lr=LR, batch=4, seqlen=WINDOW, threads=2
+        steps=TRAIN_STEPS, minutes=TRAIN_MINUTES, rank=8, lr=LR, batch=4, seqlen=WINDOW, threads=1
     )
     res = adapt(model, corpus, out, opts)
     return {"steps": res.training.get("steps"), **res.evaluation}
@@ -257,12 +257,15 @@ def run_adapter_demo(
             "training": trained[s.site],
         }
     for s in sites:
-        own = results[s.site]["perplexity"][s.site]
-        if not own["adapter"] < own["base"]:
+        ratio = results[s.site]["ratio"]
+        others = [o for o in ratio if o != s.site]
+        if not ratio[s.site] < min((ratio[o] for o in others), default=1.0):
             raise CheckFailedError(
-                f"site {s.site}'s adapter did not lower the perplexity of its own held-out text "
-                f"({own['base']} -> {own['adapter']})",
+                f"site {s.site}'s adapter did not move its model toward its own text: perplexity "
+                f"ratios (adapter / base) {ratio}",
                 where=root,
+                hint="the adapters are trained for a fixed number of steps; see their "
+                "evaluation.json files there",
             )
     if not as_json:
         print_sites(results)

@@ -102,7 +102,7 @@ class Feedback(_Finite):
 
 
 class WindowAggregate(_Finite):
-    """One window of one device's serving, for the model that was active in it."""
+    """One window of one device's serving, for the model (and adapter) that was active in it."""
 
     start: float = Field(ge=0, le=1e11, strict=True, description="epoch seconds, inclusive")
     end: float = Field(ge=0, le=1e11, strict=True, description="epoch seconds, exclusive")
@@ -110,6 +110,12 @@ class WindowAggregate(_Finite):
     version: str | None = Field(None, max_length=128)
     variant: str | None = Field(None, max_length=128)
     rollout_id: str | None = Field(None, max_length=64)
+    adapter: str | None = Field(
+        None,
+        max_length=200,
+        description="name:version of the LoRA adapter served over the model; null: none "
+        "(optional, so windows of agents that predate adapters still validate)",
+    )
     requests: Count = 0
     errors: dict[ErrorKind, Count] = Field(
         default_factory=dict, description="by kind (ERROR_KINDS)"

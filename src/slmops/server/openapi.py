@@ -1,6 +1,6 @@
 """The OpenAPI document: every request body, every status a route answers, one error schema.
 
-A fuzzer (tests/server/test_fuzz_api.py) and generated clients can only use what the document
+A fuzzer (tests/server/api/test_fuzz_api.py) and generated clients can only use what the document
 describes, so FastAPI's defaults are completed here, in two places:
 
 - on the routes, through helpers: ``responses=errors(404, 409)`` declares the errors a route
@@ -179,7 +179,7 @@ def _link(target: str, **parameters: str) -> dict[str, Any]:
 _DEVICE = "$response.body#/device_id"
 LINKS: dict[tuple[str, str], dict[str, dict[str, Any]]] = {
     # (source operation id, status): {link name: target} -- what a client does next with the
-    # object it just made; a stateful fuzzer follows these (tests/server/test_fuzz_api.py).
+    # object it just made; a stateful fuzzer follows these (tests/server/api/test_fuzz_api.py).
     ("tokens-create_token", "201"): {
         "Revoke": _link("tokens-revoke_token", token_id="$response.body#/id"),
     },

@@ -7,13 +7,16 @@ API process serving the same database answers the same numbers, and a restart lo
 Families (all prefixed ``slmops_``): ``devices{profile}`` fleet size per hardware class,
 ``devices_by_version{model,version}`` what devices report active, ``devices_seen_recently``
 (checked in within 5 minutes), ``rollouts{status}``, ``telemetry_latency_seconds`` and
-``telemetry_ttft_seconds``: summaries per ``{version,profile}`` over the *last hour* (quantile
-0.5 and 0.95 from merged buckets, ``_count`` and ``_sum`` of that hour; so unlike a process
-summary they are not cumulative, which the 1-hour quantiles are meant for), ``telemetry_requests_total`` / ``telemetry_errors_total{version}`` (everything still in
+``telemetry_ttft_seconds``: summaries per ``{version,adapter,profile}`` over the *last hour*
+(quantile 0.5 and 0.95 from merged buckets, ``_count`` and ``_sum`` of that hour; so unlike a
+process summary they are not cumulative, which the 1-hour quantiles are meant for),
+``telemetry_requests_total`` / ``telemetry_errors_total{version,adapter}`` (everything still in
 the hourly roll-up), and ``telemetry_{batches,windows,duplicate_batches,dropped_windows}_total``.
 
 Authentication: none. The figures are fleet aggregates (no device ids, labels or secrets) and
-the server listens on loopback by default (``settings.py``), which is where a Prometheus next to
+``adapter`` is the LoRA adapter served over the model (``name:version``), ``""`` for the model
+alone (an empty label is an absent one to PromQL, so ``{version="1.0"}`` selectors still match).
+The server listens on loopback by default (``settings.py``), which is where a Prometheus next to
 it scrapes; a deployment that exposes the API should keep ``/metrics`` off its proxy.
 """
 
@@ -102,9 +105,9 @@ class DatabaseCollector(Collector):
                 )
 
     def _latency(self) -> Iterator[Metric]:
-        merged: dict[tuple[str, str], aggregate.Acc] = {}
+        merged: dict[tuple[str, str, str], aggregate.Acc] = {}
         for row in load(self.session, since=self.now - LATENCY_WINDOW_S, until=None):
-            key = (row.version or "", row.profile or UNKNOWN_CLASS)
+            key = (row.version or "", row.adapter or "", row.profile or UNKNOWN_CLASS)
             merged[key] = aggregate.merge(merged.get(key) or aggregate.empty(), row.acc)
         for hist, name in (("latency_ms", "latency"), ("ttft_ms", "ttft")):
             family = Metric(
@@ -112,11 +115,11 @@ class DatabaseCollector(Collector):
                 f"{name} over the last hour: quantiles from merged histogram buckets",
                 "summary",
             )
-            for (version, profile), acc in sorted(merged.items()):
+            for (version, adapter, profile), acc in sorted(merged.items()):
                 h = acc["histograms"].get(hist)
                 if h is None or h["count"] <= 0:
                     continue
-                labels = {"version": version, "profile": profile}
+                labels = {"version": version, "adapter": adapter, "profile": profile}
                 for q in (0.5, 0.95):
                     value = aggregate.quantile(hist, h["counts"], q)
                     if value is not None:
@@ -126,22 +129,24 @@ class DatabaseCollector(Collector):
             yield family
 
     def _totals(self) -> Iterator[Metric]:
+        labels = ["version", "adapter"]
         requests = CounterMetricFamily(
-            "slmops_telemetry_requests", "requests served, by version", labels=["version"]
+            "slmops_telemetry_requests", "requests served, by version and adapter", labels=labels
         )
         errors = CounterMetricFamily(
-            "slmops_telemetry_errors", "requests that failed, by version", labels=["version"]
+            "slmops_telemetry_errors", "requests that failed, by version and adapter", labels=labels
         )
-        sums: dict[str, list[float]] = {}
-        for version, agg in self.session.execute(
-            select(TelemetryHourlyRow.version, TelemetryHourlyRow.aggregate)
+        sums: dict[tuple[str, str], list[float]] = {}
+        h = TelemetryHourlyRow
+        for version, adapter, agg in self.session.execute(
+            select(h.version, h.adapter, h.aggregate)
         ):
-            total = sums.setdefault(version, [0.0, 0.0])
+            total = sums.setdefault((version, adapter), [0.0, 0.0])
             total[0] += float(agg.get("requests", 0))
             total[1] += float(agg.get("errors", 0))
-        for version, (req, err) in sorted(sums.items()):
-            requests.add_metric([version], req)
-            errors.add_metric([version], err)
+        for key, (req, err) in sorted(sums.items()):
+            requests.add_metric(list(key), req)
+            errors.add_metric(list(key), err)
         yield requests
         yield errors
 

@@ -21,6 +21,7 @@
 Figures with no data are None. Ratios are None when their denominator is 0.
 
 Group keys: ``model``, ``version``, ``variant``, ``profile`` (hardware class), ``rollout_id``,
+``adapter`` (the LoRA adapter served over the model, ``name:version``; None: the model alone),
 ``device_id``, ``label:<key>`` (the device's effective labels *now*, not when it sent the window)
 and ``cohort:<rollout id>`` (``canary`` or ``baseline`` as ``cohorts.py`` defines them; windows in
 neither cohort are left out). ``where`` takes the same keys with the value to keep. ``since`` and

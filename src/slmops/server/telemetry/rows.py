@@ -22,7 +22,7 @@ from slmops.server.telemetry import aggregate
 from slmops.server.telemetry.store import HOUR
 from slmops.server.telemetry.tables import TelemetryHourlyRow, TelemetryWindowRow
 
-COLUMNS = ("model", "version", "variant", "profile", "rollout_id", "device_id")
+COLUMNS = ("model", "version", "variant", "profile", "rollout_id", "adapter", "device_id")
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,7 @@ class Row:
     variant: str | None
     profile: str | None
     rollout_id: str | None
+    adapter: str | None
     acc: aggregate.Acc
 
     def dim(self, name: str) -> str | None:
@@ -77,6 +78,7 @@ def load(
                 _none(r.variant),
                 _none(r.profile),
                 _none(r.rollout_id),
+                _none(r.adapter),
                 r.aggregate,
             )
 
@@ -111,5 +113,6 @@ def _windows(session: Session, lo: float, hi: float, where: Mapping[str, str]) -
             _none(r.variant),
             _none(r.profile),
             _none(r.rollout_id),
+            _none(r.adapter),
             aggregate.from_window(r.aggregate),
         )

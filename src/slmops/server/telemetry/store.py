@@ -9,8 +9,8 @@ counted. Two deliveries racing each other end the same way: on PostgreSQL the se
 waits for the first transaction and then fails; on SQLite writers take turns.
 
 Roll-up: each window is merged into the hourly row of (hour of its start, device, model,
-version, variant, rollout). The merge inserts in a savepoint; when the row exists it is read,
-merged and updated ``WHERE revision = <read>``, retried on a miss (another batch of the same
+version, variant, rollout, adapter). The merge inserts in a savepoint; when the row exists it is
+read, merged and updated ``WHERE revision = <read>``, retried on a miss (another batch of the same
 device merged first), so concurrent API processes never lose a window.
 """
 
@@ -45,6 +45,8 @@ backfill the figures of a rollout wave or a drift check that were already read."
 MAX_AHEAD_S = 300.0
 """Windows starting later than this in the server's future are not stored (clock skew bound)."""
 MAX_WINDOW_S = 86400.0  # the longest window a policy allows (TelemetryPolicy.window_seconds)
+DIMS = ("model", "version", "variant", "rollout_id", "adapter")
+"""The window's own dimensions, written back into its stored document as attributed."""
 
 
 @dataclass(frozen=True)
@@ -158,9 +160,7 @@ def store_batch(
         return Stored(batch.batch_id, 0, duplicate=True)
     for window in windows:
         dims = _dims(attribute(known, desired, window), profile)
-        doc = window.model_dump(mode="json") | {
-            k: dims[k] or None for k in ("model", "version", "variant", "rollout_id")
-        }
+        doc = window.model_dump(mode="json") | {k: dims[k] or None for k in DIMS}
         session.add(
             TelemetryWindowRow(
                 batch_pk=row.id,
@@ -212,11 +212,19 @@ def attribute(
     device runs or ran (a window may predate a switch); anything else is stored unattributed
     (no model, version or rollout), so it counts in fleet totals but in no model's, version's or
     rollout's figures. The rollout id is always the server's: that of the desired model when the
-    window's model and version are the desired ones."""
+    window's model and version are the desired ones. The adapter (``name:version``) is the
+    device's claim, kept with an attributed model and dropped with an unattributed one: an
+    adapter only means something over the model it was trained for."""
     claim = {"name": window.model, "version": window.version, "variant": window.variant}
     if claim not in known:
         return window.model_copy(
-            update={"model": None, "version": None, "variant": None, "rollout_id": None}
+            update={
+                "model": None,
+                "version": None,
+                "variant": None,
+                "rollout_id": None,
+                "adapter": None,
+            }
         )
     rollout = None
     if (desired.get("name"), desired.get("version")) == (window.model, window.version):
@@ -235,6 +243,7 @@ def _dims(window: WindowAggregate, profile: str) -> dict[str, str]:
         "variant": window.variant or "",
         "profile": profile,
         "rollout_id": window.rollout_id or "",
+        "adapter": window.adapter or "",
     }
 
 
@@ -248,6 +257,7 @@ def _roll_up(
         TelemetryHourlyRow.version == dims["version"],
         TelemetryHourlyRow.variant == dims["variant"],
         TelemetryHourlyRow.rollout_id == dims["rollout_id"],
+        TelemetryHourlyRow.adapter == dims["adapter"],
     )
     for _ in range(MAX_MERGE_ATTEMPTS):
         found = session.execute(

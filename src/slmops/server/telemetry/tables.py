@@ -1,13 +1,14 @@
-"""Telemetry tables (created by migration 0005).
+"""Telemetry tables (created by migration 0005; the ``adapter`` dimension by 0009).
 
 - ``telemetry_batches``: one row per delivered batch; ``UNIQUE(device_id, batch_id)`` makes a
   retried batch a no-op even when two deliveries race (the loser's insert fails).
 - ``telemetry_windows``: one row per window, with its dimensions as columns (empty string for
   "none", so they can take part in unique keys) and the window as received in ``aggregate``.
 - ``telemetry_hourly``: the roll-up, one row per (hour of the window's start, device, model,
-  version, variant, rollout) holding a merged aggregate (``aggregate.Acc`` form). Queries read
-  whole hours from here and only the partial hours at the edges of a range from the windows,
-  so a query over months reads one row per device-hour. ``revision`` makes merges optimistic.
+  version, variant, rollout, adapter) holding a merged aggregate (``aggregate.Acc`` form).
+  Queries read whole hours from here and only the partial hours at the edges of a range from the
+  windows, so a query over months reads one row per device-hour. ``revision`` makes merges
+  optimistic.
 - ``telemetry_counters``: ingestion counters for /metrics, incremented in SQL.
 - ``alerts``: drift and regression alerts.
 """
@@ -54,6 +55,7 @@ class _Dims:
     variant: Mapped[str] = mapped_column(String(128), default="")
     profile: Mapped[str] = mapped_column(String(128), default="")
     rollout_id: Mapped[str] = mapped_column(String(64), default="")
+    adapter: Mapped[str] = mapped_column(String(200), default="")  # "name:version" (migration 0009)
 
 
 class TelemetryWindowRow(_Dims, Base):
@@ -84,6 +86,7 @@ class TelemetryHourlyRow(_Dims, Base):
             "version",
             "variant",
             "rollout_id",
+            "adapter",
             name="uq_telemetry_hourly_key",
         ),
         Index("ix_telemetry_hourly_hour", "hour"),

@@ -45,6 +45,7 @@ from slmops.server.db.models import Device, DeviceAction, utcnow
 from slmops.server.telemetry import aggregate
 from slmops.server.telemetry.store import (
     COUNTERS_KEY,
+    DIMS,
     MAX_MERGE_ATTEMPTS,
     UNKNOWN_CLASS,
     Counters,
@@ -70,8 +71,8 @@ _BATCHES = cast(Table, TelemetryBatchRow.__table__)
 _WINDOWS = cast(Table, TelemetryWindowRow.__table__)
 _HOURLY = cast(Table, TelemetryHourlyRow.__table__)
 _ACTIONS = cast(Table, DeviceAction.__table__)
-_KEY = ("hour", "device_id", "model", "version", "variant", "rollout_id")
-HourKey = tuple[float, str, str, str, str, str]
+_KEY = ("hour", "device_id", "model", "version", "variant", "rollout_id", "adapter")
+HourKey = tuple[float, str, str, str, str, str, str]
 
 
 @dataclass
@@ -246,9 +247,7 @@ class TelemetryWriter:
             desired = desired if isinstance(desired, dict) else {}
             for window in (w for w in job.batch.windows if in_time(w, job.now)):
                 dims = _dims(attribute(known.get(device_id, []), desired, window), profile)
-                doc = window.model_dump(mode="json") | {
-                    k: dims[k] or None for k in ("model", "version", "variant", "rollout_id")
-                }
+                doc = window.model_dump(mode="json") | {k: dims[k] or None for k in DIMS}
                 windows.append(
                     {
                         "batch_pk": pk,
@@ -266,6 +265,7 @@ class TelemetryWriter:
                     dims["version"],
                     dims["variant"],
                     dims["rollout_id"],
+                    dims["adapter"],
                 )
                 acc = aggregate.from_window(doc)
                 merged[hkey] = aggregate.merge(merged[hkey], acc) if hkey in merged else acc
@@ -337,7 +337,7 @@ def _roll_up(
         hours = sorted({k[0] for k in todo})
         cols = [_HOURLY.c[n] for n in _KEY]
         found = {
-            tuple(r[:6]): (r.id, r.aggregate, r.revision)
+            tuple(r[: len(_KEY)]): (r.id, r.aggregate, r.revision)
             for r in conn.execute(
                 select(*cols, _HOURLY.c.id, _HOURLY.c.aggregate, _HOURLY.c.revision)
                 .where(_HOURLY.c.device_id.in_(devices), _HOURLY.c.hour.in_(hours))

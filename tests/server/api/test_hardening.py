@@ -21,9 +21,10 @@ from typing import Any
 import httpx
 import psutil
 import pytest
-from test_blueprints import MODEL, make_inputs
 
 from control_plane import ControlPlane, inventory, wait_for
+from factories.blueprints import MODEL
+from factories.bundles import make_inputs
 from helpers import free_port
 from slmops.bundle.build import build_bundle
 from slmops.bundle.media import ANN_BUNDLE_NAME, ANN_VERSION, MT_INDEX

@@ -15,9 +15,9 @@ from typing import Any
 
 import httpx
 import pytest
-from test_server_api import _server
 
 from control_plane import inventory
+from factories.server import _server
 from slmops.bundle.media import MT_MANIFEST
 from slmops.bundle.registry import pull, push
 
@@ -25,7 +25,7 @@ REPO = "models/demo"
 
 
 def _bundle_helpers() -> Any:
-    path = Path(__file__).parents[1] / "bundle" / "conftest.py"
+    path = Path(__file__).parents[2] / "bundle" / "conftest.py"
     spec = importlib.util.spec_from_file_location("_bundle_layout_helpers", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)

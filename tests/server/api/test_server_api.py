@@ -8,55 +8,30 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 
-from control_plane import inventory  # also imported from here by the other server suites
-from helpers import free_port
+from control_plane import inventory
+from factories.server import (
+    Server,
+    _server,
+    assert_envelope,
+    cli,
+    cli_json,
+    credential,
+    enroll,
+    enrollment_token,
+    make_token,
+)
 from slmops.protocol.device import DesiredState, EnrollResponse
 from slmops.server.db import create_enrollment_token, find_device
 from slmops.server.db.models import utcnow
 from slmops.server.db.session import open_database
 from slmops.server.settings import load_settings
-
-CLI = [sys.executable, "-m", "slmops.cli.server"]
-
-
-def cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*CLI, *map(str, args)],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=60,
-    )
-
-
-def cli_json(*args: str | Path) -> dict[str, Any]:
-    res = cli(*args, "--json")
-    assert res.returncode == 0, res.stderr + res.stdout
-    doc: dict[str, Any] = json.loads(res.stdout)
-    return doc
-
-
-@dataclass
-class Server:
-    url: str
-    data: Path
-    admin: str
-
-    def client(self, token: str | None = None) -> httpx.Client:
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        return httpx.Client(base_url=self.url, headers=headers, timeout=10)
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
@@ -76,78 +51,6 @@ def server(
             yield from _server(tmp_path_factory)
         finally:
             del os.environ["SLMOPS_DB_URL"]
-
-
-def _server(
-    tmp_path_factory: pytest.TempPathFactory, env: dict[str, str] | None = None
-) -> Iterator[Server]:
-    """Start `slmops server run`; ``env`` adds variables to the server process's environment."""
-    data = tmp_path_factory.mktemp("server")
-    admin = cli_json("token", "create", "--data", data, "--role", "admin", "--name", "root")
-    port = free_port()
-    log = (data / "server.log").open("w")
-    proc = subprocess.Popen(
-        [*CLI, "run", "--data", str(data), "--port", str(port)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, **env} if env else None,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(url + "/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("server did not start: " + (data / "server.log").read_text())
-            time.sleep(0.1)
-        yield Server(url, data, admin["token"])
-    finally:
-        proc.terminate()
-        proc.wait(timeout=15)
-        log.close()
-
-
-def make_token(server: Server, role: str) -> str:
-    with server.client(server.admin) as c:
-        r = c.post("/api/v1/tokens", json={"name": f"t-{role}", "role": role})
-    assert r.status_code == 201, r.text
-    token: str = r.json()["token"]
-    return token
-
-
-def enrollment_token(server: Server, labels: dict[str, str]) -> str:
-    with server.client(make_token(server, "operator")) as c:
-        r = c.post("/api/v1/enrollment-tokens", json={"labels": labels})
-    assert r.status_code == 201, r.text
-    token: str = r.json()["token"]
-    return token
-
-
-def enroll(server: Server, token: str, device_id: str, **inv: Any) -> httpx.Response:
-    body = {"enrollment_token": token, "device_id": device_id, "inventory": inventory(**inv)}
-    return httpx.post(server.url + "/device/v1/enroll", json=body, timeout=10)
-
-
-def credential(server: Server, token: str, device_id: str, **inv: Any) -> str:
-    r = enroll(server, token, device_id, **inv)
-    assert r.status_code == 201, r.text
-    return EnrollResponse.model_validate(r.json()).credential
-
-
-def assert_envelope(r: httpx.Response, status: int, code: str | None = None) -> dict[str, Any]:
-    assert r.status_code == status, r.text
-    body = r.json()
-    assert set(body) == {"error"}
-    assert set(body["error"]) == {"code", "message", "where", "hint"}
-    assert body["error"]["message"]
-    if code:
-        assert body["error"]["code"] == code
-    err: dict[str, Any] = body["error"]
-    return err
 
 
 def test_healthz_and_openapi_need_no_auth(server: Server) -> None:
@@ -238,7 +141,7 @@ def test_reenroll_rotates_the_credential_within_scope(server: Server) -> None:
     token = enrollment_token(server, {"site": "oslo"})
     old = credential(server, token, "rot-1")
     # re-enrolling an existing id needs its current credential (else: pending approval, see
-    # tests/server/test_device_identity.py)
+    # tests/server/identity/test_device_identity.py)
     body = {"enrollment_token": token, "device_id": "rot-1", "inventory": inventory()}
     r = httpx.post(server.url + "/device/v1/enroll", json=body | {"credential": old}, timeout=10)
     assert r.status_code == 201, r.text

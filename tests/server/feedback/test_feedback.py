@@ -20,8 +20,9 @@ from typing import Any
 
 import pytest
 from sqlalchemy import select
-from test_blueprints import MODEL, push_version
-from test_rollouts import (
+
+from factories.blueprints import MODEL, push_version
+from factories.rollouts import (
     CANARY_THEN_ALL,
     TICK,
     act,
@@ -34,8 +35,7 @@ from test_rollouts import (
     postgres_server,
     push_all,
 )
-from test_server_api import Server, _server, assert_envelope, make_token
-
+from factories.server import Server, _server, assert_envelope, make_token
 from helpers import free_port
 from slmops.server.db.session import open_database
 from slmops.server.settings import load_settings

@@ -17,8 +17,9 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 from playwright.sync_api import Browser, Page, Playwright, expect, sync_playwright
-from test_blueprints import FITS, MODEL, push_version
-from test_server_api import Server, _server, credential, enrollment_token, inventory, make_token
+
+from factories.blueprints import FITS, MODEL, push_version
+from factories.server import Server, _server, credential, enrollment_token, inventory, make_token
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = [

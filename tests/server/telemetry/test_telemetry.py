@@ -14,23 +14,29 @@ import statistics
 import subprocess
 import threading
 import time
-import uuid
-from bisect import bisect_left
 from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
-from test_server_api import (
+
+from factories.server import (
     Server,
     _server,
     assert_envelope,
-    credential,
-    enrollment_token,
-    inventory,
     make_token,
 )
-
+from factories.telemetry import (
+    HOUR,
+    batch,
+    check_in,
+    device,
+    hist,
+    in_bucket,
+    post,
+    query,
+    window,
+)
 from slmops.protocol.telemetry import BOUNDS
 from slmops.server.context import Context
 from slmops.server.db.models import Rollout
@@ -53,8 +59,6 @@ from slmops.server.telemetry.cohorts import feed_metrics, figures_for
 from slmops.server.telemetry.drift import check_drift, psi
 from slmops.server.telemetry.query import summarize
 
-HOUR = 3600
-
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
@@ -71,136 +75,6 @@ def db(server: Server) -> Iterator[Database]:
 
 
 # --- building batches from raw per-request values --------------------------------------------
-
-
-def hist(name: str, values: list[float]) -> dict[str, Any]:
-    counts = [0.0] * (len(BOUNDS[name]) + 1)
-    for v in values:  # bucket i holds (bounds[i-1], bounds[i]]
-        counts[bisect_left(BOUNDS[name], v)] += 1
-    return {"counts": counts, "sum": float(sum(values)), "count": float(len(values))}
-
-
-def window(
-    start: float,
-    *,
-    version: str,
-    latency: list[float],
-    tps: list[float] | None = None,
-    out_tokens: list[float] | None = None,
-    logprobs: list[float] | None = None,
-    errors: int = 0,
-    model: str = "m",
-    variant: str = "q4",
-    rollout_id: str | None = None,
-    feedback: tuple[int, int] = (0, 0),
-    noised: list[str] | None = None,
-) -> dict[str, Any]:
-    hists = {"latency_ms": hist("latency_ms", latency), "ttft_ms": hist("ttft_ms", latency)}
-    if tps:
-        hists["decode_tps"] = hist("decode_tps", tps)
-    if out_tokens:
-        hists["output_tokens"] = hist("output_tokens", out_tokens)
-    if logprobs:
-        hists["logprob"] = hist("logprob", logprobs)
-    w: dict[str, Any] = {
-        "start": start,
-        "end": start + 300,
-        "model": model,
-        "version": version,
-        "variant": variant,
-        "rollout_id": rollout_id,
-        "requests": len(latency),
-        "errors": {"runtime": errors} if errors else {},
-        "output_tokens": sum(out_tokens or []),
-        "histograms": hists,
-        "feedback": {"up": feedback[0], "down": feedback[1]},
-        "noised": noised or [],
-    }
-    if logprobs:
-        w["logprob_mean"] = statistics.fmean(logprobs)
-        w["quality_tokens"] = len(logprobs)
-    return w
-
-
-def batch(windows: list[dict[str, Any]], dropped: int = 0, batch_id: str | None = None) -> Any:
-    return {
-        "schema": "slmops.telemetry/v1",
-        "batch_id": batch_id or uuid.uuid4().hex,
-        "windows": windows,
-        "dropped_windows": dropped,
-    }
-
-
-def post(server: Server, cred: str, doc: Any, *, gz: bool = True) -> httpx.Response:
-    body = json.dumps(doc).encode()
-    headers = {"Authorization": f"Bearer {cred}", "Content-Type": "application/json"}
-    if gz:
-        body = gzip.compress(body)
-        headers["Content-Encoding"] = "gzip"
-    return httpx.post(server.url + "/device/v1/telemetry", content=body, headers=headers)
-
-
-def device(
-    server: Server,
-    device_id: str,
-    profile: str,
-    *,
-    runs: tuple[str, ...] = (),
-    model: str = "m",
-    variant: str = "q4",
-    **labels: str,
-) -> str:
-    """An enrolled device; with ``runs`` (active version first, then the previous one) it
-    checks in as running them, since the server attributes telemetry from its own record."""
-    token = enrollment_token(server, {"fleet": device_id.split("-")[0]})
-    cred = credential(server, token, device_id, profile=profile, labels=labels)
-    if runs:
-        check_in(server, cred, profile, labels, runs, model, variant)
-    return cred
-
-
-def check_in(
-    server: Server,
-    cred: str,
-    profile: str,
-    labels: dict[str, str],
-    runs: tuple[str, ...],
-    model: str = "m",
-    variant: str = "q4",
-) -> None:
-    models = [
-        {"name": model, "version": v, "variant": variant, "digest": "sha256:" + "0" * 64}
-        for v in runs
-    ]
-    body: dict[str, Any] = {"inventory": inventory(profile=profile, labels=labels)}
-    body |= {"active": models[0]} | ({"previous": models[1]} if len(models) > 1 else {})
-    r = httpx.post(
-        server.url + "/device/v1/checkin",
-        json=body,
-        headers={"Authorization": f"Bearer {cred}"},
-        timeout=10,
-    )
-    assert r.status_code in (200, 304), r.text
-
-
-def query(server: Server, **params: Any) -> list[dict[str, Any]]:
-    with server.client(make_token(server, "viewer")) as c:
-        r = c.get("/api/v1/telemetry", params=params)
-    assert r.status_code == 200, r.text
-    rows: list[dict[str, Any]] = r.json()["data"]
-    return rows
-
-
-def in_bucket(name: str, value: float | None, raw: list[float], q: float) -> None:
-    """``value`` lies in the bucket holding the raw ``q`` quantile (nearest rank)."""
-    assert value is not None
-    ordered = sorted(raw)
-    true = ordered[max(0, round(q * len(ordered)) - 1)]
-    bounds = BOUNDS[name]
-    i = bisect_left(bounds, true)
-    lo = bounds[i - 1] if i > 0 else 0
-    hi = bounds[i] if i < len(bounds) else bounds[-1]
-    assert lo <= value <= hi, (value, true, lo, hi)
 
 
 # --- pure parts ------------------------------------------------------------------------------
@@ -554,9 +428,9 @@ def test_metrics_pass_promtool(server: Server) -> None:
     assert check.returncode == 0, check.stdout + check.stderr
     for family in (
         'slmops_devices{profile="rpi5"}',
-        'slmops_telemetry_requests_total{version="5.0"}',
-        'slmops_telemetry_errors_total{version="5.0"}',
-        'slmops_telemetry_latency_seconds{profile="rpi5",quantile="0.95",version="5.0"}',
+        'slmops_telemetry_requests_total{adapter="",version="5.0"}',
+        'slmops_telemetry_errors_total{adapter="",version="5.0"}',
+        'slmops_telemetry_latency_seconds{adapter="",profile="rpi5",quantile="0.95",version="5.0"}',
         "slmops_devices_seen_recently",
         "slmops_telemetry_batches_total",
     ):
@@ -662,8 +536,8 @@ def test_drift_against_the_baseline_of_a_pushed_bundle(
     """End to end: the baseline comes from the variant descriptor of a bundle pushed to the
     registry (no injected baselines); a field distribution like it raises nothing, a shifted
     one raises one PSI alert."""
-    from test_blueprints import MODEL, make_inputs
-
+    from factories.blueprints import MODEL
+    from factories.bundles import make_inputs
     from slmops.bundle.build import build_bundle
     from slmops.bundle.inspect import inspect_bundle
     from slmops.bundle.registry import push

@@ -22,10 +22,10 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-from test_blueprints import FITS, MODEL, TOO_SMALL
-from test_rollouts import build_versions, push_all
-from test_server_api import Server, _server, credential, enrollment_token, inventory
 
+from factories.blueprints import FITS, MODEL, TOO_SMALL
+from factories.rollouts import build_versions, push_all
+from factories.server import Server, _server, credential, enrollment_token, inventory
 from slmops.protocol.device import DesiredState
 
 TICK = {"SLMOPS_ROLLOUT_TICK_SECONDS": "0.2"}
