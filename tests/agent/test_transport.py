@@ -288,3 +288,32 @@ def test_tls_verifies_against_a_ca_file_and_refuses_an_unknown_certificate(
     finally:
         srv.shutdown()
         srv.server_close()
+
+
+def test_a_redirect_never_takes_a_request_off_tls(monkeypatch: pytest.MonkeyPatch) -> None:
+    """https -> http to a remote host is refused before anything is sent there (the credential
+    would travel in clear); to a loopback host it is followed. The seam is the one-request
+    method: no TLS server is needed to show what the redirect loop does with the answer."""
+    from slmops.agent.transport import Response
+
+    sent: list[tuple[str, dict[str, str]]] = []
+
+    def once(
+        method: str, url: str, headers: dict[str, str], body: bytes, stream: bool, t: float
+    ) -> Response:
+        sent.append((url, dict(headers)))
+        if url.startswith("https://"):
+            target = url.replace("https://reg.example", "http://" + monkeypatch_target[0])
+            return Response(302, "Found", {"location": target})
+        return Response(200, "OK", {})
+
+    t = HttpTransport(timeout=5)
+    monkeypatch.setattr(t, "_once", once)
+    monkeypatch_target = ["reg.example"]
+    with pytest.raises(TransportError, match="https to plain http"):
+        t.request("GET", "https://reg.example/v2/x", {"Authorization": "Bearer s"})
+    assert [u for u, _ in sent] == ["https://reg.example/v2/x"]
+    sent.clear()
+    monkeypatch_target[0] = "127.0.0.1:5000"
+    assert t.request("GET", "https://reg.example/v2/x", {"Authorization": "Bearer s"}).status == 200
+    assert sent[1][0] == "http://127.0.0.1:5000/v2/x" and "Authorization" not in sent[1][1]

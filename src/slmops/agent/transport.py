@@ -32,6 +32,7 @@ from typing import Any, Protocol
 from urllib.parse import urljoin, urlsplit
 
 from slmops.core.errors import ToolError
+from slmops.protocol.registry_url import is_loopback
 
 LOOPBACK = ("localhost", "127.0.0.1", "::1")
 PIECE = 1 << 20
@@ -190,7 +191,17 @@ class HttpTransport:
                 return resp
             resp.close()
             new = urljoin(url, location)
-            if urlsplit(new).netloc != urlsplit(url).netloc:
+            to, came = urlsplit(new), urlsplit(url)
+            if (
+                came.scheme == "https"
+                and to.scheme == "http"
+                and not is_loopback(to.hostname or "")
+            ):
+                # a redirect must not take a request (and its credential) off TLS
+                raise TransportError(
+                    f"refused a redirect from https to plain http: {new}", where=url
+                )
+            if to.netloc != came.netloc:
                 hdrs = {k: v for k, v in hdrs.items() if k.lower() != "authorization"}
             url = new
         raise TransportError(f"more than {MAX_REDIRECTS} redirects", where=url)

@@ -86,8 +86,10 @@ class ActiveAdapter(StrictModel):
 
 
 class ActiveModel(StrictModel):
-    name: str
-    version: str
+    name: str = Field(max_length=255)
+    # the width of the server's version columns (rollouts.target_version, rollout_devices.
+    # from_version): a longer claim would fail every rollout of the device's blueprint
+    version: str = Field(max_length=64)
     variant: str
     digest: Digest = Field(description="variant manifest digest")
     adapter: ActiveAdapter | None = Field(None, description="the adapter loaded on top, if any")

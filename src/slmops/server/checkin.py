@@ -32,6 +32,7 @@ from slmops.protocol.device import ActionStatus, CheckIn, DesiredState
 from slmops.server.context import Context
 from slmops.server.db.models import Device, DeviceAction, as_utc, utcnow
 from slmops.server.desired import Refresher, canonical, etag_of
+from slmops.server.invalidation import changed
 from slmops.server.rollouts import join_if_matching, record_reports
 
 
@@ -159,6 +160,14 @@ def record_checkin(
 ) -> Answer:
     """The full path: record what changed, feed reports, join a rollout, recompute, commit."""
     rep = Reported.of(body)
+    etag_before = device.desired_etag
+    reported_changed = (
+        device.inventory != rep.inventory
+        or device.labels != rep.labels
+        or device.profile != rep.profile
+        or device.active != rep.active
+        or device.previous != rep.previous
+    )
     # assign only what changed, so an idle check-in writes nothing but (rarely) last_seen
     if device.inventory != rep.inventory:
         device.inventory = rep.inventory
@@ -176,6 +185,13 @@ def record_checkin(
         seen = now
     if body.actions:
         record_statuses(session, device, body.actions, ctx)
+    if reported_changed:
+        # The device's own row first, in its own transaction: joining a rollout takes the
+        # rollout row's lock, and a rollout step holds that lock while it updates device rows
+        # (lock order: rollout, then device; the other order can deadlock on PostgreSQL).
+        # No ETag until recomputed below, so a crash in between takes the full path again.
+        device.desired_etag = None
+        session.commit()
     refresher = Refresher(session, ctx.store, poll_seconds=ctx.poll_seconds, targets=ctx.targets)
     join_if_matching(refresher, device, ctx)  # reads no rollout through the refresher's cache
     refresher.refresh(device)
@@ -188,6 +204,8 @@ def record_checkin(
     etag = etag_of(payload)
     if device.desired_etag != etag:
         device.desired_etag = etag
+    if etag != etag_before:
+        changed(session, device.device_id)  # other processes' cached answers carry the old one
     session.commit()  # cheap when nothing was written
     return Answer(device.device_id, etag, payload, seen)
 

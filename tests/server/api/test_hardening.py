@@ -255,6 +255,11 @@ def test_a_device_reads_only_its_own_bundle(cp: ControlPlane, pushed: dict[str, 
     )
     assert tags.status_code == 403
     assert _manifest(cp, token(cp, "viewer"), "other-model", "1.0.0").status_code == 200
+    # claiming to run a model the server never assigned opens nothing (the claim is unchecked)
+    claim = {"name": MODEL, "version": "1.0.0", "variant": "q8", "digest": "sha256:" + "1" * 64}
+    assert check_in(cp, theirs, active=claim).status_code in (200, 304)
+    for ref in ("1.0.0", model["manifest_digest"]):
+        assert _manifest(cp, theirs, MODEL, ref).status_code == 403
 
 
 # --- 3. telemetry values --------------------------------------------------------------------------

@@ -142,9 +142,11 @@ def test_blob_range_reads(server: Server, pushed: tuple[Path, str]) -> None:
     data, url = big.read_bytes(), f"/v2/{REPO}/blobs/sha256:{big.name}"
     cred = device_credential(server)
     active = {"name": REPO, "version": "1.0.0", "variant": "v0", "digest": "sha256:" + "0" * 64}
-    with server.client(cred) as c:  # a device reads the bundle it runs (registry/scope.py)
+    with server.client(cred) as c:  # claiming to run it is not enough (registry/scope.py)
         r = c.post("/device/v1/checkin", json={"inventory": INVENTORY, "active": active})
         assert r.status_code == 200, r.text
+        assert c.get(url, headers={"Range": "bytes=100-199"}).status_code == 403
+    with server.client(token(server, "viewer")) as c:
         r = c.get(url, headers={"Range": "bytes=100-199"})
         assert r.status_code == 206 and r.content == data[100:200]
         assert r.headers["content-range"] == f"bytes 100-199/{len(data)}"

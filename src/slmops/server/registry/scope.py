@@ -1,7 +1,8 @@
 """What a device credential may read from the registry: its own bundles, nothing else.
 
 A device needs the bundle it should run (its desired state) and the one it runs (its last
-check-in's ``active``), with everything reachable from them: the bundle index, its variant
+check-in's ``active``, trusted only within the repository its desired state names, since the
+device reports it itself), with everything reachable from them: the bundle index, its variant
 manifests, their config and layer blobs, and the bundle's signature (the ``sha256-<hex>``
 referrers tag and what it points to). Any other repository, manifest or blob is refused, so a
 stolen or rogue device credential cannot read every model of the fleet.
@@ -52,16 +53,26 @@ def _roots(device: Device) -> list[tuple[str, str | None, str | None]]:
     model = (device.desired or {}).get("model") or {}
     if isinstance(model, dict) and model.get("repository") and model.get("bundle_digest"):
         found.append((str(model["repository"]), str(model["bundle_digest"]), None))
+    # What the device reports it runs is its own claim, unchecked: it widens the set only within
+    # the repository the server itself assigns it (another version of its own model), never to
+    # another model (a device under no blueprint could otherwise read any model by claiming it).
     active = device.active or {}
-    if isinstance(active, dict) and active.get("name") and active.get("version"):
+    assigned = (
+        str(model["repository"]) if isinstance(model, dict) and model.get("repository") else None
+    )
+    if (
+        isinstance(active, dict)
+        and active.get("name")
+        and active.get("version")
+        and str(active["name"]) == assigned
+    ):
         found.append((str(active["name"]), None, str(active["version"])))
-    # LoRA adapters (server/adapters.py): the desired one and the one loaded, by digest
-    for holder in (model, active):
-        adapter = holder.get("adapter") if isinstance(holder, dict) else None
-        if isinstance(adapter, dict) and adapter.get("name") and adapter.get("digest"):
-            found.append(
-                (str(adapter.get("repository") or adapter["name"]), str(adapter["digest"]), None)
-            )
+    # LoRA adapters (server/adapters.py): only the desired one, by digest
+    adapter = model.get("adapter") if isinstance(model, dict) else None
+    if isinstance(adapter, dict) and adapter.get("name") and adapter.get("digest"):
+        found.append(
+            (str(adapter.get("repository") or adapter["name"]), str(adapter["digest"]), None)
+        )
     return found
 
 
