@@ -28,7 +28,7 @@ import logging
 from collections import Counter
 from collections.abc import Sequence
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from slmops.protocol.device import ActionStatus, ActiveModel
@@ -166,13 +166,20 @@ def run_event(
 ) -> list[RolloutCommand]:
     """Step the stored rollout with ``event`` and commit, retrying on concurrent writers.
 
-    The row is read ``FOR UPDATE`` (PostgreSQL; SQLite serializes writers anyway): a canary
-    wave's devices all report to the same rollout within a second, and optimistic retries alone
-    ran out (20 conflicts in a row, a 500 to the device) when many API workers stepped it at
-    once. The lock makes them queue; the revision check stays as the guard.
+    The row is write-locked before it is read (a no-op UPDATE: a row lock on PostgreSQL, the
+    write lock on SQLite): a canary wave's devices all report to the same rollout within a
+    second, and optimistic retries alone ran out (20 conflicts in a row, a 500 to the device)
+    when many request threads or API processes stepped it at once, on both engines. The lock
+    makes them queue; the revision check stays as the guard.
     """
     for _ in range(MAX_ATTEMPTS):
-        row = session.get(Rollout, rollout_id, populate_existing=True, with_for_update=True)
+        session.execute(
+            update(Rollout)
+            .where(Rollout.id == rollout_id)
+            .values(revision=Rollout.revision)
+            .execution_options(synchronize_session=False)
+        )
+        row = session.get(Rollout, rollout_id, populate_existing=True)
         if row is None:
             raise LookupError(f"no rollout {rollout_id!r}")
         try:

@@ -137,7 +137,9 @@ class Run:
             self.need("moved")
         self.close_wave(outcome, actor)
         self.transition(RolloutStatus.ROLLING_BACK, reason, actor)
-        for device_id, d in list(self.state.devices.items()):
+        # in device id order: the same commands whether the server loaded all records or only
+        # the moved ones (which arrive in another order)
+        for device_id, d in sorted(self.state.devices.items()):
             if d.wave is not None and d.reverted_at is None:
                 self.edit(device_id).reverted_at = self.now
                 self.commands.append(RevertDevice(device_id=device_id, to_version=d.from_version))
