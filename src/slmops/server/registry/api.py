@@ -16,7 +16,6 @@ an operator or admin token, checked before an upload's body is read.
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from collections.abc import Callable, Coroutine
 from typing import Annotated, Any
@@ -30,21 +29,18 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from slmops.bundle.media import (
-    ANN_BUNDLE_NAME,
-    ANN_VERSION,
-    ARTIFACT_ADAPTER,
     MAX_MANIFEST_BYTES,
     MT_INDEX,
     MT_MANIFEST,
 )
-from slmops.bundle.oci_ref import _REPO_RE, _TAG_RE, DIGEST_RE, Desc, OciContentError
-from slmops.bundle.oci_ref import load_manifest as parse_manifest
+from slmops.bundle.oci_ref import _REPO_RE, _TAG_RE, DIGEST_RE
 from slmops.server.api.deps import SessionDep
 from slmops.server.context import Services
 from slmops.server.db import find_api_token, find_device_by_credential
 from slmops.server.db.models import ApiToken, Device, utcnow
 from slmops.server.openapi import oci_errors, raw_body
 from slmops.server.registry import models_api
+from slmops.server.registry.manifests import SIGNATURE_TAG, OciError, check_manifest
 from slmops.server.registry.scope import device_scope
 from slmops.server.registry.store import PIECE, BlobStore, StoreError
 from slmops.server.registry.tables import RegistryTag
@@ -52,14 +48,6 @@ from slmops.server.rollouts import reconcile_pushed
 from slmops.server.security import Role, TokenKind, looks_like
 
 CHALLENGE = {"WWW-Authenticate": 'Bearer realm="slmops"'}
-
-
-class OciError(Exception):
-    def __init__(
-        self, status: int, code: str, message: str, headers: dict[str, str] | None = None
-    ) -> None:
-        super().__init__(message)
-        self.status, self.code, self.message, self.headers = status, code, message, headers
 
 
 def oci_response(status: int, code: str, message: str, headers: Any = None) -> JSONResponse:
@@ -361,87 +349,12 @@ def get_manifest(
     return Response(body, status_code=200, headers=headers, media_type=media)
 
 
-def check_manifest(
-    store: BlobStore, data: bytes, content_type: str, name: str = "", tag: str | None = None
-) -> tuple[str, str]:
-    """(media type, digest) of an acceptable manifest; raises the OCI error otherwise.
-
-    An slmops bundle index (it names itself in its annotations) is accepted only under its own
-    name and version: pushed as another repository or tag, every agent would fail to verify it."""
-    try:
-        obj = json.loads(data)
-    except ValueError:
-        raise OciError(400, "MANIFEST_INVALID", "manifest is not JSON") from None
-    if not isinstance(obj, dict):
-        raise OciError(400, "MANIFEST_INVALID", "manifest is not a JSON object")
-    media = obj.get("mediaType") if isinstance(obj, dict) else None
-    media = media or content_type
-    if media not in (MT_INDEX, MT_MANIFEST) or content_type not in ("", media):
-        raise OciError(400, "MANIFEST_INVALID", f"unsupported or conflicting type {media!r}")
-    if obj.get("schemaVersion") != 2:
-        raise OciError(400, "MANIFEST_INVALID", "schemaVersion must be 2")
-    if media == MT_INDEX:
-        check_bundle_name(obj, name, tag)
-        check_adapter_subject(store, obj)
-    desc = Desc(media, "sha256:" + "0" * 64, len(data))
-    try:
-        _, children, blobs = parse_manifest(data, desc)
-    except OciContentError as exc:
-        raise OciError(400, "MANIFEST_INVALID", exc.message) from None
-    for child in children:
-        if store.manifest_type(child.digest) is None:
-            raise OciError(400, "MANIFEST_BLOB_UNKNOWN", f"manifest {child.digest} not pushed")
-    for blob in blobs:
-        if (size := store.size(blob.digest)) is None:
-            raise OciError(400, "MANIFEST_BLOB_UNKNOWN", f"blob {blob.digest} not pushed")
-        if size != blob.size:
-            raise OciError(400, "MANIFEST_INVALID", f"blob {blob.digest} is {size} bytes")
-    return media, store.put_manifest(data, media)
-
-
-def check_bundle_name(obj: dict[str, Any], name: str, tag: str | None) -> None:
-    """A bundle index whose signed name or version differs from repository:tag -> 400."""
-    notes = obj.get("annotations")
-    if not isinstance(notes, dict) or tag is None or SIGNATURE_TAG.match(tag):
-        return
-    signed_name, signed_version = notes.get(ANN_BUNDLE_NAME), notes.get(ANN_VERSION)
-    if signed_name is None:
-        return  # not an slmops bundle index (they name themselves): nothing to compare
-    if (signed_name, signed_version) != (name, tag):
-        raise OciError(
-            400,
-            "MANIFEST_INVALID",
-            f"the bundle is signed as {signed_name}:{signed_version} but was pushed as "
-            f"{name}:{tag}; push it under its own name and version",
-        )
-
-
-def check_adapter_subject(store: BlobStore, obj: dict[str, Any]) -> None:
-    """An adapter (bundle/adapter.py) is accepted only once its base bundle (subject) is here:
-    devices install it over that base, so it is unusable without it."""
-    if obj.get("artifactType") != ARTIFACT_ADAPTER:
-        return
-    subject = obj.get("subject")
-    digest = subject.get("digest") if isinstance(subject, dict) else None
-    if not isinstance(digest, str) or not DIGEST_RE.match(digest):
-        raise OciError(400, "MANIFEST_INVALID", "an adapter index needs a subject (its base)")
-    if store.manifest_type(digest) is None:
-        raise OciError(
-            400,
-            "MANIFEST_BLOB_UNKNOWN",
-            f"the adapter's base bundle {digest} is not in this registry; push the base first",
-        )
-
-
 def tag_manifest(session: Session, name: str, tag: str, digest: str, media: str) -> None:
     query = select(RegistryTag).where(RegistryTag.repository == name, RegistryTag.tag == tag)
     row = session.scalar(query) or RegistryTag(repository=name, tag=tag)
     row.digest, row.media_type, row.updated_at = digest, media, utcnow()
     session.add(row)
     session.commit()
-
-
-SIGNATURE_TAG = re.compile(r"^sha256-[0-9a-f]{64}\Z")
 
 
 def version_signed(request: Request, session: Session, name: str, reference: str) -> None:
