@@ -5,9 +5,14 @@ would break later in-process GGUF exports, see DESIGN.md)."""
 
 from __future__ import annotations
 
+import json
 import random
 import struct
 from pathlib import Path
+
+from slmops.bundle.layout import Index, Manifest, OciLayout, parse_model
+from slmops.bundle.media import MT_INDEX, MT_LORA_GGUF
+from slmops.protocol.device import DesiredAdapter
 
 SHOPS = {
     "s1": ["espresso", "flat white", "croissant", "bagel", "green tea", "muffin"],
@@ -76,3 +81,23 @@ def build_base(model: Path, root: Path, priv: Path, version: str = "1.0.0") -> P
     )
     sign_bundle(built.path, priv)
     return built.path
+
+
+def adapter_desired(layout_dir: Path) -> DesiredAdapter:
+    """What the control plane would send for an adapter artifact folder."""
+    layout = OciLayout(layout_dir)
+    root = next(d for d in layout.read_index().manifests if d.media_type == MT_INDEX)
+    index = parse_model(Index, json.loads(layout.blob_path(root.digest).read_bytes()), where="t")
+    entry = index.manifests[0]
+    m = parse_model(Manifest, json.loads(layout.blob_path(entry.digest).read_bytes()), where="t")
+    layer = next(x for x in m.layers if x.media_type == MT_LORA_GGUF)
+    name = str(index.annotation("io.slmops.bundle.name"))
+    return DesiredAdapter(
+        name=name,
+        version=str(index.annotation("org.opencontainers.image.version")),
+        digest=root.digest,
+        manifest_digest=entry.digest,
+        layer_digest=layer.digest,
+        size=layer.size,
+        repository=name,
+    )

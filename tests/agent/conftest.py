@@ -16,6 +16,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -209,3 +210,50 @@ def api_gguf(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
     run_pass("export-gguf", {"outtype": "f16"}, tiny_model, root / "f16")
     run_pass("quantize-gguf", {"type": "Q8_0"}, root / "f16", root / "q8")
     return root / "q8"
+
+
+# --- adapters (tests/agent/test_adapter_*.py) -------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def adapters(
+    tiny_model: Path, bundles: Any, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Path]:
+    """Signed adapter artifacts s1 and s2 for acme/bot:1.0.0, and an unsigned one."""
+    from adapter_fixtures import make_adapter
+    from slmops.bundle.adapter import build_adapter_bundle
+    from slmops.bundle.signing import sign_bundle
+
+    root = tmp_path_factory.mktemp("adapters")
+    out: dict[str, Path] = {}
+    for site in ("s1", "s2"):
+        folder = make_adapter(tiny_model, root / f"adapter-{site}", site)
+        built = build_adapter_bundle(
+            folder, bundles.v1, name=f"store-{site}", version="1.0.0", out=root / f"art-{site}"
+        )
+        out[site] = built.path
+        if site == "s1":
+            unsigned = root / "art-unsigned"
+            build_adapter_bundle(folder, bundles.v1, name="store-x", version="1.0.0", out=unsigned)
+            out["unsigned"] = unsigned
+        sign_bundle(built.path, bundles.priv)
+    return out
+
+
+@pytest.fixture(scope="module")
+def model_data(
+    bundles: Any,
+    desired: Callable[[Path, str], DesiredModel],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Path:
+    """A data dir whose agent runs acme/bot:1.0.0 (no adapter): copied by each adapter test."""
+    from slmops.agent.fetch import LayoutSource
+    from slmops.agent.install import Installer
+    from slmops.protocol.fleet import DeviceActionState as S
+
+    data = tmp_path_factory.mktemp("adapter-data") / "data"
+    final = Installer(data, [bundles.pub], threads=1).apply(
+        desired(bundles.v1, "1.0.0"), LayoutSource(bundles.v1), lambda s: None
+    )
+    assert final.state is S.ACTIVE, final.detail
+    return data

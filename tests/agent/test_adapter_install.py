@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 import pytest
 
-from adapter_fixtures import make_adapter
+from adapter_fixtures import adapter_desired, write_gguf_header
 from control_plane import ControlPlane, cli_json, immediate_rollout, start_agent, status, stop_agent
 from control_plane import wait_for as _wait_for
 from helpers import free_port
@@ -30,14 +30,15 @@ from slmops.agent import CRASH_ENV
 from slmops.agent.adapter_slots import AdapterSlots
 from slmops.agent.adapters import AdapterInstaller
 from slmops.agent.fetch import LayoutSource
-from slmops.agent.install import Installer
 from slmops.agent.slots import SlotStore
-from slmops.bundle.adapter import build_adapter_bundle
+from slmops.bundle import adapter_verify
+from slmops.bundle.adapter import CARD_FILE
+from slmops.bundle.adapter_meta import ADAPTER_FILE, AdapterDescriptor
 from slmops.bundle.layout import Index, Manifest, OciLayout, parse_model
-from slmops.bundle.media import MT_INDEX, MT_LORA_GGUF
+from slmops.bundle.media import MT_INDEX
 from slmops.bundle.registry import push
 from slmops.bundle.signing import load_trusted_keys, sign_bundle
-from slmops.protocol.device import DesiredAdapter, DesiredModel
+from slmops.protocol.device import DesiredModel
 from slmops.protocol.fleet import DeviceActionState as S
 
 NAME = "acme/bot"
@@ -48,62 +49,52 @@ def wait_for(what: str, check: Callable[[], Any], timeout: float = 120.0) -> Any
     return _wait_for(what, check, timeout)
 
 
-def adapter_desired(layout_dir: Path) -> DesiredAdapter:
-    """What the control plane would send for an adapter artifact folder."""
-    layout = OciLayout(layout_dir)
-    root = next(d for d in layout.read_index().manifests if d.media_type == MT_INDEX)
-    index = parse_model(Index, json.loads(layout.blob_path(root.digest).read_bytes()), where="t")
-    entry = index.manifests[0]
-    m = parse_model(Manifest, json.loads(layout.blob_path(entry.digest).read_bytes()), where="t")
-    layer = next(x for x in m.layers if x.media_type == MT_LORA_GGUF)
-    name = str(index.annotation("io.slmops.bundle.name"))
-    return DesiredAdapter(
-        name=name,
-        version=str(index.annotation("org.opencontainers.image.version")),
-        digest=root.digest,
-        manifest_digest=entry.digest,
-        layer_digest=layer.digest,
-        size=layer.size,
-        repository=name,
-    )
-
-
-@pytest.fixture(scope="module")
-def adapters(
-    tiny_model: Path, bundles: Any, tmp_path_factory: pytest.TempPathFactory
-) -> dict[str, Path]:
-    """Signed adapter artifacts s1 and s2 for acme/bot:1.0.0, and an unsigned one."""
-    root = tmp_path_factory.mktemp("adapters")
-    out: dict[str, Path] = {}
-    for site in ("s1", "s2"):
-        folder = make_adapter(tiny_model, root / f"adapter-{site}", site)
-        built = build_adapter_bundle(
-            folder, bundles.v1, name=f"store-{site}", version="1.0.0", out=root / f"art-{site}"
-        )
-        out[site] = built.path
-        if site == "s1":
-            unsigned = root / "art-unsigned"
-            build_adapter_bundle(folder, bundles.v1, name="store-x", version="1.0.0", out=unsigned)
-            out["unsigned"] = unsigned
-        sign_bundle(built.path, bundles.priv)
-    return out
-
-
 def layer_size(artifact: Path) -> int:
     return adapter_desired(artifact).size
 
 
-# --- in-process: verification and refusals ------------------------------------------------------
+def _read(artifact: Path) -> tuple[Index, Manifest]:
+    layout = OciLayout(artifact)
+    root = next(d for d in layout.read_index().manifests if d.media_type == MT_INDEX)
+    index = parse_model(Index, json.loads(layout.blob_path(root.digest).read_bytes()), where="t")
+    entry = index.manifests[0]
+    m = parse_model(Manifest, json.loads(layout.blob_path(entry.digest).read_bytes()), where="t")
+    return index, m
 
 
-@pytest.fixture(scope="module")
-def model_data(bundles: Any, desired: Desired, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    data = tmp_path_factory.mktemp("adapter-data") / "data"
-    final = Installer(data, [bundles.pub], threads=1).apply(
-        desired(bundles.v1, "1.0.0"), LayoutSource(bundles.v1), lambda s: None
+def descriptor_of(artifact: Path) -> AdapterDescriptor:
+    config = _read(artifact)[1].config
+    return AdapterDescriptor.model_validate_json(
+        OciLayout(artifact).blob_path(config.digest).read_bytes()
     )
-    assert final.state is S.ACTIVE, final.detail
-    return data
+
+
+def forged(artifact: Path, out: Path, priv: Path, gguf: bytes, **desc: Any) -> Path:
+    """A signed artifact for the same base whose adapter.gguf is `gguf` and whose descriptor
+    is the real one with `desc` changes: what a broken build pipeline holding the fleet's key
+    could ship (`bundle-adapter` refuses to write one), so the device must catch it."""
+    from slmops.bundle.adapter import _write
+
+    layout = OciLayout(artifact)
+    index, m = _read(artifact)
+    real = descriptor_of(artifact)
+    src = out.with_name(out.name + "-src")
+    src.mkdir()
+    (src / ADAPTER_FILE).write_bytes(gguf)
+    card = next(x for x in m.layers if x.annotation("org.opencontainers.image.title") == CARD_FILE)
+    shutil.copyfile(layout.blob_path(card.digest), src / CARD_FILE)
+    descriptor = real.model_copy(update={"disk_bytes": len(gguf), **desc})
+    assert index.subject is not None
+    _write(OciLayout.init(out), src, descriptor, index.subject, "2026-01-01T00:00:00+00:00")
+    # `slmops sign` checks the LoRA header before signing, so that check is switched off for
+    # this one signature (the agent binds its own reference at import: it still checks)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(adapter_verify, "check_adapter_gguf", lambda *a, **k: None)
+        sign_bundle(out, priv)
+    return out
+
+
+# --- in-process: verification and refusals ------------------------------------------------------
 
 
 def _apply(data: Path, bundles: Any, model: DesiredModel, artifact: Path) -> Any:
@@ -148,6 +139,39 @@ def test_install_switch_rollback_and_refusals(
     raw[len(raw) // 2] ^= 0xFF
     blob.write_bytes(bytes(raw))
     refused(want(broken), broken, S.VERIFYING, "does not match")
+
+    # signed by the fleet's key, for this base, yet unfit: the device reads the GGUF header
+    real = descriptor_of(adapters["s2"])
+    header = tmp_path / "header.gguf"
+
+    def signed(name: str, gguf: bytes, **desc: Any) -> Path:
+        return forged(adapters["s2"], tmp_path / name, bundles.priv, gguf, **desc)
+
+    # wrong rank: the LoRA pairs are rank 4, the signed descriptor says otherwise
+    write_gguf_header(
+        header,
+        {
+            f"{k}.{p}": d
+            for k, (i, o) in real.shapes.items()
+            for p, d in (("lora_a", (i, 4)), ("lora_b", (4, o)))
+        },
+    )
+    art = signed("rank", header.read_bytes())
+    refused(want(art), art, S.VERIFYING, f"LoRA rank 4, the descriptor says {real.rank}")
+    # wrong shape: a LoRA for a wider model (its descriptor agrees), not this base's tensors
+    r = real.rank
+    write_gguf_header(
+        header,
+        {"blk.0.attn_q.weight.lora_a": (96, r), "blk.0.attn_q.weight.lora_b": (r, 96)},
+    )
+    art = signed("wide", header.read_bytes(), shapes={"blk.0.attn_q.weight": [96, 96]})
+    refused(want(art), art, S.VERIFYING, "does not fit the base: blk.0.attn_q.weight is [64, 64]")
+    # a corrupt (truncated) adapter file, signed as it is: its digest matches, its header not
+    raw = OciLayout(adapters["s2"]).blob_path(adapter_desired(adapters["s2"]).layer_digest)
+    art = signed("cut", raw.read_bytes()[:200])
+    refused(want(art), art, S.VERIFYING, "adapter.gguf: GGUF header is truncated")
+    served = slots.loaded_for(model)
+    assert served is not None and served[1].name == "store-s1"  # what the API loads
 
     # a second adapter: the first is kept; asking for it again is an instant switch back
     t0 = time.perf_counter()
@@ -316,12 +340,24 @@ def test_agent_gets_only_the_adapter_by_label(
             f"install {moved2['seconds']:.2f} s; blueprint change to serving {switch_s:.2f} s"
         )
 
-        # only the unsigned adapter matches: the server does not assign it, and says why
-        cp.apply("shops", spec(anyone))
-        wait_for("adapter unloaded", lambda: status(data).get("adapter", "x") is None)
+        # only the unsigned adapter matches: the release cannot be placed on the device, so it
+        # keeps the adapter it runs; the rollout pauses with the reason and the device's
+        # desired state says why (an unsigned adapter never reaches a device)
+        rid = cp.apply("shops", spec(anyone))
+        assert rid is not None
+        paused = wait_for("the rollout pauses", lambda: cp.rollout(rid)["status"] == "paused")
+        assert paused
+        reasons = cp.rollout(rid)["unplaceable"]
+        assert any("store-x:N.N is not signed" in why for why in reasons), reasons  # folded
+
+        def told_why() -> str:
+            doc = json.loads((data / "desired.json").read_text())
+            return str(doc.get("unplaceable") or "")
+
+        assert "store-x:1.0.0 is not signed" in wait_for("the reason", told_why)
         desired = json.loads((data / "desired.json").read_text())
-        assert desired["model"]["adapter"] is None
-        assert "store-x:1.0.0 is not signed" in desired["adapter_unplaceable"]
+        assert desired["model"]["adapter"]["name"] == "store-s2"
+        assert (status(data).get("adapter") or {}).get("name") == "store-s2"
         r = httpx.post(
             api + "/completions",
             json={"model": NAME, "prompt": "Store:", "max_tokens": 4},

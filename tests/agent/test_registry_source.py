@@ -6,15 +6,14 @@ there is one way to run a throwaway registry in this repository.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from factories.registry import registry_helpers
 from slmops.agent.fetch import RegistrySource
 from slmops.agent.install import Installer
 from slmops.agent.slots import SlotStore
@@ -27,19 +26,9 @@ from slmops.protocol.fleet import DeviceActionState as S
 Desired = Callable[[Path, str], DesiredModel]
 
 
-def _registry_helpers() -> Any:
-    path = Path(__file__).parents[1] / "bundle" / "conftest.py"
-    spec = importlib.util.spec_from_file_location("_bundle_registry_helpers", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while being defined
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def pushed(bundles: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    helpers = _registry_helpers()
+    helpers = registry_helpers()
     if not helpers.REGISTRY_BIN.is_file():
         pytest.fail(f"{helpers.REGISTRY_BIN} is missing: {helpers.INSTALL_HINT}", pytrace=False)
     with helpers.run_registry(tmp_path_factory.mktemp("agent-registry")) as server:

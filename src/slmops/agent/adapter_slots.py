@@ -22,7 +22,7 @@ from pydantic import ValidationError
 from slmops.agent.slots import SlotState, SlotStore
 from slmops.bundle.adapter_meta import ADAPTER_FILE, AdapterDescriptor
 from slmops.core.errors import CheckFailedError
-from slmops.protocol.device import ActiveAdapter, ActiveModel
+from slmops.protocol.device import ActiveAdapter, ActiveModel, DesiredAdapter
 
 DESCRIPTOR_FILE = "adapter.json"
 
@@ -41,6 +41,19 @@ class AdapterSlots(SlotStore):
         models = {k: v for k, v in st.models.items() if k == st.active}
         self._write(SlotState(active=None, previous=st.active, models=models))
         return True
+
+    def must_change(self, want: DesiredAdapter | None) -> bool:
+        """Whether applying `want` loads, switches or unloads an adapter: the agent loop asks
+        before reporting a model as already running, because then the adapter's outcome, not
+        the model's, is the device's report for the rollout. An unreadable state counts as no
+        adapter loaded (recover() at start repairs it)."""
+        try:
+            current = self.active()
+        except CheckFailedError:
+            current = None
+        if want is None:
+            return current is not None
+        return current is None or current[1].digest != want.digest
 
     def descriptor(self, slot_path: Path) -> AdapterDescriptor | None:
         try:

@@ -10,13 +10,15 @@ and shapes that fit the running GGUF's tensors. Only then is it hardlinked into 
 slot, sealed, loaded with the base in a child process (generate a few tokens) and switched to
 by one rename (adapter_slots.py). Any failure leaves the previous adapter (or none) loaded.
 
-States reported (ActionStatus ``version`` = ``adapter NAME:VERSION``): downloading, verifying,
-installing, health-checking, active; or failed with the stage and why.
+States reported (ActionStatus ``version`` = ``adapter NAME:VERSION``, ``rollout_id`` = the
+desired model's): downloading, verifying, installing, health-checking, then active (rolled-back
+when the control plane ordered a revert: ``want.revert``); or failed with the stage and why.
+An adapter-only rollout (same model, another adapter) counts these statuses as the device's
+report, so the rollout's health gate sees an adapter that fails its checks.
 """
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import shutil
@@ -29,6 +31,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from slmops.agent import crash_point
 from slmops.agent.adapter_slots import DESCRIPTOR_FILE, AdapterSlots, as_entry
+from slmops.agent.apply_steps import StepFailed, disk_full, failure, staging_dir
 from slmops.agent.config import AgentConfig
 from slmops.agent.fetch import BlobSource, FetchedVariant, fetch_metadata
 from slmops.agent.health import HealthResult, health_check
@@ -43,20 +46,12 @@ from slmops.bundle.adapter_verify import (
 from slmops.bundle.layout import BundleFormatError, verify_stream
 from slmops.core.atomic import write_bytes_atomic
 from slmops.core.digest import sha256_bytes
-from slmops.core.errors import CheckFailedError, ResourceError, SlmopsError
 from slmops.core.safepath import safe_join
 from slmops.protocol.device import ActionStatus, ActiveModel, DesiredAdapter, DesiredModel
-from slmops.protocol.digest import is_digest
 from slmops.protocol.fleet import DeviceActionState as S
 
 Report = Callable[[ActionStatus], None]
 STAGING = "adapter-staging"
-
-
-class _Failed(Exception):
-    def __init__(self, stage: S, detail: str) -> None:
-        super().__init__(detail)
-        self.stage, self.detail = stage, detail
 
 
 @dataclass
@@ -104,19 +99,27 @@ class AdapterInstaller:
         name = label(adapter)
 
         def status(state: S, stage: S | None = None, detail: str = "") -> ActionStatus:
-            st = ActionStatus(version=name, state=state, stage=stage, detail=detail[:2000])
+            st = ActionStatus(
+                rollout_id=model.rollout_id,
+                version=name,
+                state=state,
+                stage=stage,
+                detail=detail[:2000],
+            )
             report(st)
             return st
 
+        # a revert the control plane ordered ends in rolled-back, whichever way it was reached
+        done = S.ROLLED_BACK if model.revert else S.ACTIVE
         stage = S.SCHEDULED
         base_dir, base = running
         try:
             current, kept = self.slots.active(), self.slots.previous()
             if current is not None and current[1].digest == adapter.digest:
-                return status(S.ACTIVE, detail="already loaded")
+                return status(done, detail="already loaded")
             if kept is not None and kept[1].digest == adapter.digest and self._fits(kept, base):
                 self.slots.rollback()  # the kept adapter: instant, it was checked before
-                return status(S.ACTIVE, detail=f"switched back to the kept {name}")
+                return status(done, detail=f"switched back to the kept {name}")
             stage = S.DOWNLOADING
             status(S.DOWNLOADING)
             staging = self._staging(adapter.digest)
@@ -141,30 +144,27 @@ class AdapterInstaller:
             self._health(base_dir, self.slots.path(slot) / ADAPTER_FILE)
             crash_point("adapter-switch")
             self.slots.switch_to(slot, as_entry(verified.descriptor, verified.digest, base.variant))
-        except _Failed as exc:
-            return status(S.FAILED, exc.stage, exc.detail)
-        except CheckFailedError as exc:
-            where = S.VERIFYING if stage in (S.DOWNLOADING, S.VERIFYING) else stage
-            return status(S.FAILED, where, exc.render())
-        except (SlmopsError, OSError) as exc:
-            if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-                exc = ResourceError("no space left on device", hint="free disk space")
-            text = exc.render() if isinstance(exc, SlmopsError) else f"{type(exc).__name__}: {exc}"
-            return status(S.FAILED, stage, text)
-        except Exception as exc:  # a bug must be reported, not take the agent down
-            return status(S.FAILED, stage, f"unexpected {type(exc).__name__}: {exc}")
+        except Exception as exc:  # refusals, I/O, and bugs: reported, never fatal to the agent
+            return status(S.FAILED, *failure(exc, stage))
         shutil.rmtree(staging, ignore_errors=True)
         health = self.last_health.detail if self.last_health else ""
-        return status(S.ACTIVE, detail=f"{name} loaded over {base.name}:{base.version}; {health}")
+        return status(done, detail=f"{name} loaded over {base.name}:{base.version}; {health}")
 
-    def unload(self, report: Report) -> ActionStatus | None:
-        """The blueprint assigns no adapter: run the model alone, keep the adapter as previous."""
+    def unload(
+        self, report: Report, *, rollout_id: str | None = None, revert: bool = False
+    ) -> ActionStatus | None:
+        """The blueprint assigns no adapter: run the model alone, keep the adapter as previous.
+
+        Outside a rollout the status is rolled-back (as it always was: the adapter went away).
+        In a rollout it is the device's outcome: active when the new desired state is reached,
+        rolled-back when that state is a revert the control plane ordered."""
         active = self.slots.active()
         if active is None or not self.slots.clear():
             return None
         st = ActionStatus(
+            rollout_id=rollout_id,
             version=f"adapter {active[1].name}:{active[1].version}",
-            state=S.ROLLED_BACK,
+            state=S.ROLLED_BACK if revert or rollout_id is None else S.ACTIVE,
             detail="unloaded: no adapter is assigned to this device any more (kept as previous)",
         )
         report(st)
@@ -176,15 +176,7 @@ class AdapterInstaller:
         return desc is not None and desc.variant(base.digest) is not None
 
     def _staging(self, digest: str) -> Path:
-        if not is_digest(digest):
-            raise _Failed(S.DOWNLOADING, f"refused malformed adapter digest {digest!r}")
-        name = digest.split(":", 1)[1][:32]
-        root = self.data_dir / STAGING
-        if root.is_dir():
-            for p in root.iterdir():
-                if p.name != name:
-                    shutil.rmtree(p, ignore_errors=True)
-        return safe_join(self.data_dir, STAGING, name)
+        return staging_dir(self.data_dir, STAGING, digest, "adapter")
 
     def _verify(
         self,
@@ -203,21 +195,21 @@ class AdapterInstaller:
                 self.keys,
             )
         except BundleFormatError as exc:
-            raise _Failed(S.VERIFYING, exc.render()) from None
+            raise StepFailed(S.VERIFYING, exc.render()) from None
         want = (adapter.name, adapter.version, adapter.manifest_digest, adapter.layer_digest)
         got = (v.name, v.version, v.manifest_digest, v.gguf.digest)
         if got != want:
-            raise _Failed(S.VERIFYING, f"the signed adapter is {got}, the desired state {want}")
+            raise StepFailed(S.VERIFYING, f"the signed adapter is {got}, the desired state {want}")
         if v.descriptor.base.bundle_digest != model.bundle_digest:
             b = v.descriptor.base
-            raise _Failed(
+            raise StepFailed(
                 S.VERIFYING,
                 f"the adapter is for {b.name}:{b.version} ({b.bundle_digest}), not the base "
                 f"{model.name}:{model.version} this device runs; refused",
             )
         if v.descriptor.variant(base.digest) is None:
             fits = ", ".join(x.name for x in v.descriptor.variants)
-            raise _Failed(
+            raise StepFailed(
                 S.VERIFYING,
                 f"the adapter fits the variants {fits}; this device runs {base.variant} "
                 f"({base.digest}); refused",
@@ -231,7 +223,7 @@ class AdapterInstaller:
             verify_stream(fh, v.gguf.digest, v.gguf.size, what=f"{ADAPTER_FILE}")
         ggufs = sorted(base_dir.glob("*.gguf"))
         if not ggufs:
-            raise _Failed(
+            raise StepFailed(
                 S.VERIFYING, "the running model has no GGUF file: adapters need llama.cpp"
             )
         base_header = read_header(ggufs[0])
@@ -257,9 +249,10 @@ class AdapterInstaller:
             self.slots.seal(slot, as_entry(v.descriptor, v.digest, base.variant), files)
         except OSError as exc:
             shutil.rmtree(root, ignore_errors=True)
-            if exc.errno == errno.ENOSPC:
-                raise ResourceError("no space left on device", where=root) from None
-            raise
+            full = disk_full(exc, root)
+            if full is exc:
+                raise
+            raise full from None
         return slot
 
     def _health(self, base_dir: Path, lora: Path) -> None:
@@ -272,7 +265,16 @@ class AdapterInstaller:
         )
         self.last_health = result
         if not result.ok:
-            raise _Failed(S.HEALTH_CHECKING, f"base + adapter: {result.detail}")
+            raise StepFailed(S.HEALTH_CHECKING, f"base + adapter: {result.detail}")
+
+
+@dataclass
+class AdapterSync:
+    """What `sync_adapter` did: the final status it reported (None: nothing to do) and the
+    bytes moved (for agent-status.json), if anything moved."""
+
+    final: ActionStatus | None = None
+    fetch: dict[str, float] | None = None
 
 
 def sync_adapter(
@@ -282,18 +284,19 @@ def sync_adapter(
     want: DesiredModel,
     active: tuple[Path, ActiveModel],
     report: Report,
-) -> dict[str, float] | None:
+) -> AdapterSync:
     """What the agent loop runs after the model is in place: unload when no adapter is
     assigned, nothing when the assigned one is loaded, else an install from the control
-    plane's registry. Returns the bytes moved (for agent-status.json), if anything moved."""
+    plane's registry. Every status carries the desired model's rollout id."""
     slots = AdapterSlots(cfg.data_dir)
     current = slots.active()
     if want.adapter is None:
-        if current is not None:
-            AdapterInstaller(cfg.data_dir, {}, threads=1).unload(report)
-        return None
+        if current is None:
+            return AdapterSync()
+        unloader = AdapterInstaller(cfg.data_dir, {}, threads=1)
+        return AdapterSync(unloader.unload(report, rollout_id=want.rollout_id, revert=want.revert))
     if current is not None and current[1].digest == want.adapter.digest:
-        return None
+        return AdapterSync()
     from slmops.agent.fetch import RegistrySource
     from slmops.bundle.signing import load_trusted_keys
 
@@ -305,25 +308,26 @@ def sync_adapter(
             server_url, want.adapter.repository, allow_http=cfg.allow_http, token=token
         )
     except Exception as exc:  # a bad key file or repository name: report, do not crash
-        report(
-            ActionStatus(
-                version=label(want.adapter),
-                state=S.FAILED,
-                stage=S.DOWNLOADING,
-                detail=f"cannot start the adapter install: {exc}"[:2000],
-            )
+        failed = ActionStatus(
+            rollout_id=want.rollout_id,
+            version=label(want.adapter),
+            state=S.FAILED,
+            stage=S.DOWNLOADING,
+            detail=f"cannot start the adapter install: {exc}"[:2000],
         )
-        return None
+        report(failed)
+        return AdapterSync(failed)
     t0 = time.perf_counter()
     try:
-        installer.apply(want, active, source, report)
+        final = installer.apply(want, active, source, report)
     finally:
         source.close()
     if installer.last_fetch is None:
-        return None
-    return {
+        return AdapterSync(final)
+    moved = {
         "layer_bytes": installer.last_fetch.layer_bytes,
         "metadata_bytes": installer.last_fetch.metadata_bytes,
         "resumed": installer.last_fetch.resumed,
         "seconds": round(time.perf_counter() - t0, 3),
     }
+    return AdapterSync(final, moved)

@@ -103,6 +103,8 @@ class Agent:
         self.client = DeviceClient(self.server_url, cfg.data_dir)
         self.store = SlotStore(cfg.data_dir)
         self._adapters = AdapterSlots(cfg.data_dir)
+        # a desired adapter state whose apply failed: not retried until it changes or a restart
+        self._adapter_failed: tuple[str, str | None, str | None, bool] | None = None
         self.device_id = ""
         self.etag: str | None = None
         self.desired: DesiredState | None = None
@@ -313,6 +315,11 @@ class Agent:
                     digest=want.manifest_digest,
                 )
             )
+            if self._adapters.must_change(want.adapter):
+                # the adapter's final status is this device's report for the rollout: the
+                # model's "already running" must not count as success before it is in place
+                self._apply_adapter(want)
+                return
             if want.rollout_id:  # e.g. told to revert to what it kept serving after a failure
                 done = S.ROLLED_BACK if want.revert else S.ACTIVE
                 self._report(
@@ -355,13 +362,19 @@ class Agent:
 
     def _apply_adapter(self, want: DesiredModel) -> None:
         """Load, switch or unload the LoRA adapter the desired state names over the running
-        model (agent/adapters.py); the model is never touched, only the adapter's bytes move."""
+        model (agent/adapters.py); the model is never touched, only the adapter's bytes move.
+        A failed apply is retried only when that desired state changes, or after a restart."""
         active = self.store.active()
         if active is None or active[1].digest != want.manifest_digest:
             return  # the model install failed: keep whatever adapter state there is
+        adapter = want.adapter.digest if want.adapter else None
+        key = (want.manifest_digest, adapter, want.rollout_id, want.revert)
+        if key == self._adapter_failed:
+            log.info("adapter apply failed for this desired state; waiting for it to change")
+            return
         from slmops.agent.adapters import sync_adapter
 
-        moved = sync_adapter(
+        done = sync_adapter(
             self.cfg,
             self.server_url,
             self.client.credential(),
@@ -369,8 +382,10 @@ class Agent:
             active,
             self._report,
         )
-        if moved is not None:
-            self.stats["adapter_fetch"] = moved
+        failed = done.final is not None and done.final.state is S.FAILED
+        self._adapter_failed = key if failed else None
+        if done.fetch is not None:
+            self.stats["adapter_fetch"] = done.fetch
 
     # serving ---------------------------------------------------------------------------------
     def _api_key(self) -> str | None:

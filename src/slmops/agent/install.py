@@ -16,7 +16,6 @@ old model or the new one, complete.
 
 from __future__ import annotations
 
-import errno
 import os
 import shutil
 from collections.abc import Callable, Mapping, Sequence
@@ -25,24 +24,18 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from slmops.agent import crash_point
+from slmops.agent.apply_steps import StepFailed, disk_full, failure, staging_dir
 from slmops.agent.fetch import BlobSource, FetchedVariant, FetchStats, fetch_layers, fetch_metadata
 from slmops.agent.health import HealthResult, health_check
 from slmops.agent.slots import SlotFile, SlotName, SlotStore
 from slmops.agent.verify_variant import VerifiedVariant, verify_layers, verify_metadata
 from slmops.bundle.signing import load_trusted_keys
-from slmops.core.errors import CheckFailedError, ResourceError, SlmopsError
+from slmops.core.errors import CheckFailedError
 from slmops.core.safepath import safe_join
 from slmops.protocol.device import ActionStatus, ActiveModel, DesiredModel
-from slmops.protocol.digest import is_digest
 from slmops.protocol.fleet import DeviceActionState as S
 
 Report = Callable[[ActionStatus], None]
-
-
-class _Failed(Exception):
-    def __init__(self, stage: S, detail: str) -> None:
-        super().__init__(detail)
-        self.stage, self.detail = stage, detail
 
 
 class Installer:
@@ -120,19 +113,8 @@ class Installer:
             crash_point("switch")
             self.store.switch_to(slot, model)
             crash_point("switched")
-        except _Failed as exc:
-            return status(S.FAILED, exc.stage, exc.detail)
-        except CheckFailedError as exc:
-            # bytes that do not match their digest are a verification failure wherever caught
-            where = S.VERIFYING if stage in (S.DOWNLOADING, S.VERIFYING) else stage
-            return status(S.FAILED, where, exc.render())
-        except (SlmopsError, OSError) as exc:
-            if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-                exc = ResourceError("no space left on device", hint="free disk space")
-            text = exc.render() if isinstance(exc, SlmopsError) else f"{type(exc).__name__}: {exc}"
-            return status(S.FAILED, stage, text)
-        except Exception as exc:  # a bug must be reported, not take the agent down
-            return status(S.FAILED, stage, f"unexpected {type(exc).__name__}: {exc}")
+        except Exception as exc:  # refusals, I/O, and bugs: reported, never fatal to the agent
+            return status(S.FAILED, *failure(exc, stage))
         problem = self.store.check(slot, model)  # post-switch: the state names a whole slot
         if problem:
             # recover() drops the broken active slot and falls back to the kept one (or none)
@@ -168,15 +150,7 @@ class Installer:
     # steps ------------------------------------------------------------------------------------
     def _staging_for(self, manifest_digest: str) -> Path:
         """This target's staging folder; other targets' leftovers are dropped (disk is scarce)."""
-        if not is_digest(manifest_digest):  # a server-chosen name must not leave staging/
-            raise _Failed(S.DOWNLOADING, f"refused malformed manifest digest {manifest_digest!r}")
-        name = manifest_digest.split(":", 1)[1][:32]
-        staging = safe_join(self.data_dir, "staging", name)
-        if self.staging_root.is_dir():
-            for p in self.staging_root.iterdir():
-                if p.name != name:
-                    shutil.rmtree(p, ignore_errors=True)
-        return staging
+        return staging_dir(self.data_dir, self.staging_root.name, manifest_digest, "manifest")
 
     def _verify_metadata(self, fetched: FetchedVariant, desired: DesiredModel) -> VerifiedVariant:
         variant = verify_metadata(
@@ -190,7 +164,7 @@ class Installer:
         )
         got = (variant.name, variant.version, variant.descriptor.name)
         if got != (desired.name, desired.version, desired.variant):
-            raise _Failed(
+            raise StepFailed(
                 S.VERIFYING,
                 f"the signed bundle holds {got[0]}:{got[1]} variant {got[2]}, "
                 f"not {desired.name}:{desired.version} variant {desired.variant}",
@@ -217,9 +191,10 @@ class Installer:
             self.store.seal(slot, self._model(variant), files)
         except OSError as exc:
             shutil.rmtree(root, ignore_errors=True)
-            if exc.errno == errno.ENOSPC:
-                raise ResourceError("no space left on device", where=root) from None
-            raise
+            full = disk_full(exc, root)
+            if full is exc:
+                raise
+            raise full from None
         return slot
 
     @staticmethod
@@ -246,4 +221,4 @@ class Installer:
         )
         self.last_health = result
         if not result.ok:
-            raise _Failed(S.HEALTH_CHECKING, result.detail)
+            raise StepFailed(S.HEALTH_CHECKING, result.detail)

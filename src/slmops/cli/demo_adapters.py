@@ -5,7 +5,8 @@ demo's base bundle through an ordinary rollout. Then each site gets its own LoRA
 trained here with `slmops adapt`'s functions on a small corpus made offline from text every
 Debian system ships (two different licences in /usr/share/common-licenses: disjoint wording,
 nothing downloaded), bundled with the base bundle as its subject, signed, pushed, and assigned
-by the blueprint's ``adapters:`` by site label. The demo then shows what each site fetched (the
+by the blueprint's ``adapters:`` by site label, which rolls out like a version (a canary wave,
+its gates, then the rest). The demo then shows what each site fetched (the
 adapter's layer and its small manifests, never the base again) and that each site's model moved
 toward its own text: perplexity of both sites' held-out paragraphs through llama.cpp on the
 device's own files (its base GGUF slot plus its adapter slot), and one completion per site from
@@ -209,7 +210,11 @@ def run_adapter_demo(
     doc["spec"]["adapters"] = [
         {"selector": {"site": s.site}, "adapter": s.name, "version": ADAPTER_VERSION} for s in sites
     ]
-    fleet.api("PUT", f"/api/v1/blueprints/{SITES_BLUEPRINT}", doc)
+    # an adapter change is a release like a version change: it rolls out in the blueprint's
+    # waves, behind the same gates, and rolls back by itself when the canary fails
+    moved = apply_and_wait(fleet, name, version, as_json, doc=doc)
+    if moved["status"] != "succeeded":
+        raise CheckFailedError(f"the adapters' rollout ended {moved['status']}", where=fleet.root)
 
     def status(s: SiteAdapter) -> dict[str, Any]:
         import json

@@ -74,12 +74,21 @@ def list_command(
         table.add_row(
             r["id"],
             r["blueprint"],
-            f"{r['model']}:{r['target_version']}",
+            release(r),
             _styled(r["status"]),
             wave,
             f"{r['devices']} ({counts})" if counts else str(r["devices"]),
         )
     out_console.print(table)
+
+
+def release(r: dict[str, Any]) -> str:
+    """MODEL:VERSION, and the adapters the release assigns (by name:version) if any."""
+    text = f"{r['model']}:{r['target_version']}"
+    adapters = r.get("adapters") or []
+    if adapters:
+        text += " + " + ", ".join(f"{a['adapter']}:{a['version']}" for a in adapters)
+    return text
 
 
 def _counts(r: dict[str, Any]) -> str:
@@ -90,7 +99,7 @@ def print_rollout(r: dict[str, Any], *, devices: bool = True) -> None:
     """The rollout as a person reads it; ``devices``: the table of ``device_list`` too."""
     wave = "not started" if r["wave"] is None else f"at wave {r['wave']} of 0..{r['waves'] - 1}"
     out_console.print(
-        f"[bold]{r['id']}[/] ({r['blueprint']}): {r['model']}:{r['target_version']} "
+        f"[bold]{r['id']}[/] ({r['blueprint']}): {release(r)} "
         f"{_styled(r['status'])}, {wave}, {r['devices']} device(s) to move"
     )
     out_console.print(f"{r.get('matched', 0)} matched: {_counts(r)}")

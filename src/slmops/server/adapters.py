@@ -9,14 +9,15 @@ resolved for the device (its descriptor lists the variant manifests it fits, so 
 variant never gets a GGUF LoRA). Otherwise the device runs the model alone and the desired
 state says why in ``adapter_unplaceable``.
 
-Adapter changes reach devices through the desired state directly; they do not go through
-rollouts (waves, gates) yet.
+Which assignments hold for a device is a release's: an adapter change is a rollout like a
+version change (``server/rollouts.py``: waves, gates, automatic rollback), devices it moved get
+its assignments, the others the blueprint's stable ones (``desired.release_adapters``).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from sqlalchemy import select
@@ -31,7 +32,7 @@ from slmops.bundle.media import (
 )
 from slmops.bundle.oci_ref import referrers_tag
 from slmops.protocol.device import DesiredAdapter, DesiredModel
-from slmops.server.blueprint import Blueprint, assigned_adapter
+from slmops.server.blueprint import AdapterAssignment, Blueprint, assigned_adapter
 from slmops.server.registry.store import BlobStore, StoreError
 from slmops.server.registry.tables import RegistryTag
 
@@ -94,17 +95,30 @@ def resolve_adapter(
 
 
 def place_adapter(
-    bp: Blueprint, labels: dict[str, str], model: DesiredModel, resolve: AdapterResolver
+    bp: Blueprint,
+    labels: dict[str, str],
+    model: DesiredModel,
+    resolve: AdapterResolver,
+    assignments: Sequence[AdapterAssignment] | None = None,
 ) -> tuple[DesiredModel, str | None]:
-    """`model` with the adapter the blueprint assigns for `labels`, or unchanged and why not
-    (None: no adapter is assigned, nothing to explain)."""
-    wanted = assigned_adapter(bp, labels)
+    """`model` with the adapter the blueprint assigns for `labels` (from ``assignments``, a
+    release's list; None: the spec's), or unchanged and why not (None: no adapter is assigned,
+    nothing to explain)."""
+    wanted = assigned_adapter(bp, labels, assignments)
     if wanted is None:
         return model, None
     found = resolve(wanted.adapter, wanted.version)
-    label = f"adapter {wanted.adapter}:{wanted.version}"
     if isinstance(found, str):
         return model, found
+    return attach(model, wanted.adapter, wanted.version, found)
+
+
+def attach(
+    model: DesiredModel, name: str, version: str, found: AdapterTarget
+) -> tuple[DesiredModel, str | None]:
+    """`model` with the resolved adapter NAME:VERSION, when it was made for `model`'s base
+    bundle and variant; else `model` unchanged and why not."""
+    label = f"adapter {name}:{version}"
     base = found.descriptor.base
     if base.bundle_digest != model.bundle_digest:
         return model, (
@@ -118,32 +132,12 @@ def place_adapter(
             "(ONNX variants cannot load GGUF LoRA adapters)"
         )
     adapter = DesiredAdapter(
-        name=wanted.adapter,
-        version=wanted.version,
+        name=name,
+        version=version,
         digest=found.digest,
         manifest_digest=found.manifest_digest,
         layer_digest=found.layer_digest,
         size=found.size,
-        repository=wanted.adapter,
+        repository=name,
     )
     return model.model_copy(update={"adapter": adapter}), None
-
-
-def adapter_signed(session: Session, store: BlobStore, name: str, *, poll_seconds: float) -> int:
-    """An artifact's signature arrived: if blueprints assign an adapter by this name, recompute
-    devices now (an adapter pushed after its blueprint reaches devices without a re-apply).
-    Returns the devices recomputed (0 when no blueprint names it)."""
-    from slmops.server.blueprints_table import BlueprintRow
-    from slmops.server.desired import refresh_devices  # desired imports this module
-
-    rows = session.scalars(select(BlueprintRow)).all()
-    named = any(
-        isinstance(a, dict) and a.get("adapter") == name
-        for row in rows
-        for a in (row.spec or {}).get("adapters") or []
-    )
-    if not named:
-        return 0
-    counts = refresh_devices(session, store, poll_seconds=poll_seconds)
-    session.commit()
-    return sum(counts.values())

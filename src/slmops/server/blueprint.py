@@ -23,7 +23,9 @@ groups in order < devices[device_id]. Unknown keys are refused with the file and
 
 from __future__ import annotations
 
-from typing import Literal
+import json
+from collections.abc import Sequence
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -103,11 +105,27 @@ def matches(selector: dict[str, str], labels: dict[str, str]) -> bool:
     return all(labels.get(k) == v for k, v in selector.items())
 
 
-def assigned_adapter(bp: Blueprint, labels: dict[str, str]) -> AdapterAssignment | None:
+def assigned_adapter(
+    bp: Blueprint, labels: dict[str, str], assignments: Sequence[AdapterAssignment] | None = None
+) -> AdapterAssignment | None:
     """The matching assignment with the most selector keys; ties to the smallest adapter name
-    (as blueprint precedence: the answer never depends on the order in the file)."""
-    fitting = [a for a in bp.spec.adapters if matches(a.selector, labels)]
+    (as blueprint precedence: the answer never depends on the order in the file).
+    ``assignments``: a release's list (a rollout's or the stable one) instead of the spec's."""
+    listed = bp.spec.adapters if assignments is None else assignments
+    fitting = [a for a in listed if matches(a.selector, labels)]
     return min(fitting, key=lambda a: (-len(a.selector), a.adapter, a.version), default=None)
+
+
+def adapter_release(assignments: Sequence[AdapterAssignment]) -> list[dict[str, Any]]:
+    """Adapter assignments as stored with a rollout or as the stable release: JSON, in one
+    canonical order, so two releases compare equal exactly when they assign the same adapters."""
+    docs = [a.model_dump(mode="json") for a in assignments]
+    return sorted(docs, key=lambda d: json.dumps(d, sort_keys=True))
+
+
+def parse_release(docs: Sequence[dict[str, Any]] | None) -> list[AdapterAssignment]:
+    """A stored release back as assignments (None, as on a blueprint before any release: [])."""
+    return [AdapterAssignment.model_validate(d) for d in docs or []]
 
 
 def effective_generation(

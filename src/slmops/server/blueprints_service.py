@@ -56,7 +56,8 @@ def apply_blueprint(session: Session, doc: Blueprint, *, actor: str, ctx: Contex
         session.add(row)
     elif changed:
         if row.spec.get("model", {}).get("name") != doc.spec.model.name:
-            row.stable_version = None  # another model: its versions say nothing about this one
+            # another model: its versions (and adapters made for them) say nothing about it
+            row.stable_version, row.stable_adapters = None, None
         row.spec, row.generation, row.updated_at = spec, row.generation + 1, utcnow()
     session.commit()
     if not changed:

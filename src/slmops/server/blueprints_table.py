@@ -5,6 +5,8 @@ the document round-trips exactly; ``generation`` counts the applies that changed
 operator can tell which revision a device's desired state came from. ``stable_version`` is the
 version the blueprint's devices run outside a rollout: it moves only when a rollout succeeds
 (``server/rollouts.py``), so a rolled-back or aborted version never reaches new devices.
+``stable_adapters`` is the same for the blueprint's adapter assignments (as stored by
+``blueprint.adapter_release``; null: no release has succeeded yet, so none).
 """
 
 from __future__ import annotations
@@ -26,5 +28,6 @@ class BlueprintRow(Base):
     spec: Mapped[dict[str, Any]] = mapped_column(JSON)
     generation: Mapped[int] = mapped_column(Integer, default=1)
     stable_version: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    stable_adapters: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON, nullable=True)
     created_at: Mapped[datetime] = mapped_column(Tz, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(Tz, default=utcnow)

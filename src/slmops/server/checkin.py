@@ -17,21 +17,25 @@ Two paths, one protocol:
   other check-ins, ``server/checkin_reader.py``) and, at most every half poll, a ``last_seen``
   written in the next batched flush; it computes nothing.
 - **full** (``record_checkin``): anything else goes through the ORM on a worker thread: record
-  the changes, feed the reports, join a rollout, recompute, store.
+  the changes, feed the reports, join a rollout, recompute, store. The store is conditional on
+  the ETag read before the recompute (``server/desired_store.py``), so a wave change committed
+  by another request meanwhile is never overwritten with this check-in's older document.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import select
+from sqlalchemy import CursorResult, select, update
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.attributes import set_committed_value
 
 from slmops.protocol.device import ActionStatus, CheckIn, DesiredState
 from slmops.server.context import Context
 from slmops.server.db.models import Device, DeviceAction, as_utc, utcnow
-from slmops.server.desired import Refresher, canonical, etag_of
+from slmops.server.desired import Refresher, canonical, etag_of, refresh_devices
 from slmops.server.invalidation import changed
 from slmops.server.rollouts import join_if_matching, record_reports
 
@@ -124,20 +128,35 @@ def idle_answer(
 # --- full ------------------------------------------------------------------------------------
 
 
+KEY_WIDTH = 64  # device_actions.rollout_id and .version are String(64)
+
+
+def bounded(value: str, width: int = KEY_WIDTH) -> str:
+    """``value`` as stored in a ``width``-character key column: unchanged when it fits, else
+    cut and ended with ``~`` and 16 hex digits of its SHA-256, so two long values stay two
+    keys. An adapter's status names ``adapter NAME:VERSION`` (names up to 255 characters),
+    which PostgreSQL would refuse in the column (SQLite stores any length); the model versions
+    readers look up there are at most 64 characters, so they are never cut."""
+    if len(value) <= width:
+        return value
+    return value[: width - 17] + "~" + hashlib.sha256(value.encode()).hexdigest()[:16]
+
+
 def record_actions(session: Session, device_id: str, actions: list[ActionStatus]) -> None:
-    """Store each status as the device's latest for its (rollout, version)."""
+    """Store each status as the device's latest for its (rollout, version), both bounded to
+    their columns (``bounded``)."""
     now = utcnow()
     for status in actions:
-        rollout_id = status.rollout_id or ""
+        rollout_id, version = bounded(status.rollout_id or ""), bounded(status.version)
         row = session.scalar(
             select(DeviceAction).where(
                 DeviceAction.device_id == device_id,
                 DeviceAction.rollout_id == rollout_id,
-                DeviceAction.version == status.version,
+                DeviceAction.version == version,
             )
         )
         if row is None:
-            row = DeviceAction(device_id=device_id, rollout_id=rollout_id, version=status.version)
+            row = DeviceAction(device_id=device_id, rollout_id=rollout_id, version=version)
             session.add(row)
         row.state = status.state.value
         row.stage = status.stage.value if status.stage else None
@@ -194,7 +213,17 @@ def record_checkin(
         session.commit()
     refresher = Refresher(session, ctx.store, poll_seconds=ctx.poll_seconds, targets=ctx.targets)
     join_if_matching(refresher, device, ctx)  # reads no rollout through the refresher's cache
-    refresher.refresh(device)
+    # Recomputed from a snapshot taken after the join (which may have assigned the device),
+    # written only if nobody wrote the device meanwhile, else recomputed with its row locked
+    # (desired_store.py): a wave change committed in another process while this check-in
+    # computed is never overwritten by an older document.
+    refresh_devices(
+        session,
+        ctx.store,
+        poll_seconds=ctx.poll_seconds,
+        device_ids={device.device_id},
+        targets=ctx.targets,
+    )
     doc = (
         DesiredState.model_validate(device.desired)
         if device.desired
@@ -202,12 +231,29 @@ def record_checkin(
     )
     payload = canonical(doc)
     etag = etag_of(payload)
-    if device.desired_etag != etag:
-        device.desired_etag = etag
-    if etag != etag_before:
-        changed(session, device.device_id)  # other processes' cached answers carry the old one
+    fixed = device.desired_etag != etag and _fix_etag(session, device, etag)
+    if etag != etag_before and (reported_changed or fixed):
+        # our own writes (the cleared ETag above, the fix): other processes' cached answers
+        # carry the old one; a recompute's write marked itself (store_desired)
+        changed(session, device.device_id)
     session.commit()  # cheap when nothing was written
     return Answer(device.device_id, etag, payload, seen)
+
+
+def _fix_etag(session: Session, device: Device, etag: str) -> bool:
+    """Store the ETag of the stored document as re-rendered (a document stored before a
+    schema change renders differently), if nobody wrote the device since it was read."""
+    done = session.execute(
+        update(Device)
+        .where(Device.device_id == device.device_id)
+        .where(Device.desired_etag.is_not_distinct_from(device.desired_etag))
+        .values(desired_etag=etag)
+        .execution_options(synchronize_session=False)
+    )
+    if not cast(CursorResult[Any], done).rowcount:
+        return False
+    set_committed_value(device, "desired_etag", etag)
+    return True
 
 
 def parse(raw: bytes) -> CheckIn:

@@ -15,6 +15,10 @@ and its last action report (``rollouts.note_running``). The version's bundle ind
 from the registry store, and ``resolve_variant`` picks a variant for the device's inventory;
 when none fits, the device keeps what it runs and gets the reason in ``unplaceable``.
 
+Adapters follow the same rule (``release_adapters``): a device the rollout moved (or skipped:
+already there) gets the rollout's adapter assignments, any other one the blueprint's stable
+assignments, and outside an assignment a device keeps the adapter it runs (``keep_adapter``).
+
 So a blueprint change never moves devices by itself: it creates a rollout (``server/rollouts``),
 and only the rollout's assignments change what devices are told. Everything here is computed
 from stored rows, so any API process gives the same answer.
@@ -30,6 +34,7 @@ import json
 import threading
 from collections import Counter
 from dataclasses import dataclass
+from typing import Any
 
 from pydantic import ValidationError
 from sqlalchemy import select
@@ -37,11 +42,19 @@ from sqlalchemy.orm import Session, object_session
 
 from slmops.protocol.bundle import VariantDescriptor
 from slmops.protocol.device import DesiredModel, DesiredState, Inventory
-from slmops.server.adapters import AdapterResolver, place_adapter, resolve_adapter
-from slmops.server.blueprint import Blueprint, ModelRef, effective_generation, matches
+from slmops.server import desired_store
+from slmops.server.adapters import AdapterResolver, attach, place_adapter, resolve_adapter
+from slmops.server.blueprint import (
+    AdapterAssignment,
+    Blueprint,
+    ModelRef,
+    assigned_adapter,
+    effective_generation,
+    matches,
+    parse_release,
+)
 from slmops.server.blueprints_table import BlueprintRow
 from slmops.server.db.models import Device, Rollout
-from slmops.server.invalidation import changed
 from slmops.server.registry.catalog import describe
 from slmops.server.registry.store import BlobStore
 from slmops.server.registry.tables import RegistryChannel, RegistryTag
@@ -74,6 +87,7 @@ class Plan:
     rollout_id: str | None = None
     revert: bool = False
     known: bool = False  # the rollout has this device (moved, queued or skipped)
+    release: bool = False  # the rollout's adapters (moved or skipped), else the stable ones
 
 
 def plan_for(
@@ -98,17 +112,29 @@ def plan_for(
         if record.reverted_at is not None:
             return Plan(record.from_version, rid, revert=True, known=True)
         if record.wave is not None:
-            return Plan(rollout.target_version, rid, known=True)
+            return Plan(rollout.target_version, rid, known=True, release=True)
     plan: Plan
     if rollout is None or record is None or record.unplaceable is not None:
         plan = Plan(stable)
     elif record.skipped:
-        plan = Plan(rollout.target_version, known=True)
+        plan = Plan(rollout.target_version, known=True, release=True)
     else:
         plan = Plan(record.from_version, known=True)
     if plan.version is not None and current is not None and plan.version != current:
         return Plan(None, known=plan.known)  # not an assignment: never another version
     return plan
+
+
+def release_adapters(
+    plan: Plan, rollout: RolloutState | None, stable: list[AdapterAssignment]
+) -> list[AdapterAssignment]:
+    """The adapter assignments that hold for a device under ``plan``: the rollout's release for
+    a device it moved (or skipped: already there), the blueprint's stable ones otherwise (a
+    reverted device included: what it ran before). A rollout of the version alone (no
+    ``adapters`` recorded) changes no adapter."""
+    if plan.release and rollout is not None and rollout.adapters is not None:
+        return parse_release(rollout.adapters)
+    return stable
 
 
 def desired_for(
@@ -121,10 +147,12 @@ def desired_for(
     poll_seconds: float,
     plan: Plan | None = None,
     adapters: AdapterResolver | None = None,
+    assignments: list[AdapterAssignment] | None = None,
 ) -> DesiredState:
     """The desired state under ``bp``; ``target`` is the resolved version, why there is none,
     or None (keep what runs); ``plan`` adds the rollout id and revert flag to the model;
-    ``adapters`` resolves the blueprint's adapter for the device (server/adapters.py)."""
+    ``adapters`` resolves the adapter ``assignments`` give the device (None: the spec's;
+    server/adapters.py)."""
     generation = effective_generation(bp, device_id, labels)
     base = DesiredState(
         device_id=device_id,
@@ -154,7 +182,7 @@ def desired_for(
         registry=bp.spec.registry,  # the bytes from there; variants resolved from our copy
     )
     if adapters is not None:
-        model, why = place_adapter(bp, labels, model, adapters)
+        model, why = place_adapter(bp, labels, model, adapters, assignments)
         base = base.model_copy(update={"adapter_unplaceable": why})
     return base.model_copy(update={"model": model})
 
@@ -256,14 +284,27 @@ class TargetCache:
 
 
 def store_desired(device: Device, doc: DesiredState) -> str:
-    """Write the desired state and its ETag on the device row (the caller commits). A new ETag
-    is marked on the session: when it commits, every API process drops the device's cached
-    check-in answer (``server/invalidation.py``)."""
+    """Write the desired state and its ETag on the device row (the caller commits), only if
+    the row still has the ETag the device object was read with (``server/desired_store.py``:
+    a recompute from an older snapshot must not overwrite a newer one). Inside
+    ``refresh_devices`` the write is gathered and done with the batch (a miss is recomputed
+    there); called on its own, a miss clears the ETag so the next check-in recomputes. A write
+    that happened marks the device on the session: when it commits, every API process drops
+    the device's cached check-in answer (``server/invalidation.py``)."""
     etag = etag_of(canonical(doc))
-    if device.desired_etag != etag:
-        device.desired = doc.model_dump(mode="json", by_alias=True)
-        device.desired_etag = etag
-        changed(object_session(device), device.device_id)
+    if device.desired_etag == etag:
+        return etag
+    session = object_session(device)
+    dumped = doc.model_dump(mode="json", by_alias=True)
+    if session is None:  # a detached object (pure tests): nothing to race with
+        device.desired, device.desired_etag = dumped, etag
+        return etag
+    one = desired_store.Write(device, dumped, etag, device.desired_etag)
+    pending: list[desired_store.Write] | None = session.info.get(desired_store.PENDING)
+    if pending is not None:
+        pending.append(one)
+    elif desired_store.write(session, [one]):
+        desired_store.clear(session, device)
     return etag
 
 
@@ -303,6 +344,8 @@ class Refresher:
         rows = list(session.scalars(select(BlueprintRow)))
         self.blueprints = [to_blueprint(r) for r in rows]
         self.stable = {r.name: r.stable_version for r in rows}
+        self.stable_adapters = {r.name: parse_release(r.stable_adapters) for r in rows}
+        self.resolve_adapter: AdapterResolver = functools.partial(resolve_adapter, session, store)
         self._targets: dict[tuple[str, str], Target | str] = {}
         self._rollouts: dict[str, RolloutState | None] = {}
         self._records: dict[str, dict[str, DeviceRecord]] = {}  # preloaded, per rollout id
@@ -354,7 +397,9 @@ class Refresher:
         rollout = self.rollout(bp)
         record = self.record(rollout, device.device_id) if rollout is not None else None
         current = current_version(device, bp.spec.model.name)
-        plan = plan_for(self.stable.get(bp.metadata.name), rollout, record, current)
+        name = bp.metadata.name
+        plan = plan_for(self.stable.get(name), rollout, record, current)
+        assignments = release_adapters(plan, rollout, self.stable_adapters.get(name, []))
         target: Target | str | None
         if plan.version is not None:
             target = self.target(bp.spec.model.name, plan.version)
@@ -374,16 +419,76 @@ class Refresher:
             target,
             poll_seconds=self.poll_seconds,
             plan=plan,
-            adapters=functools.partial(resolve_adapter, self.session, self.store),
+            adapters=self.resolve_adapter,
+            assignments=assignments,
         )
+        if plan.rollout_id is None:
+            doc = self.keep_adapter(device, doc)
         if not plan.known and rollout is not None and not rollout.status.is_terminal:
-            why = self.misfit(device, rollout.target_version, bp)
+            why = self.misfit(device, rollout.target_version, bp, rollout.adapters)
             if why:  # the rollout cannot place it: say so, and keep the stable version
                 doc = doc.model_copy(update={"unplaceable": why})
         return doc
 
-    def misfit(self, device: Device, version: str, bp: Blueprint) -> str | None:
-        """Why ``version`` of the blueprint's model cannot be placed on the device, or None."""
+    def keep_adapter(self, device: Device, doc: DesiredState) -> DesiredState:
+        """Outside a rollout's assignment a device keeps the adapter it runs, as it keeps its
+        version: only a rollout moves it to another one. A device running no adapter gets the
+        stable one (like a first install); one whose adapter left the registry, or no longer
+        fits the model it is told to run, gets what the stable release says."""
+        model = doc.model
+        running = (device.active or {}).get("adapter") or {}
+        if model is None or not running.get("digest"):
+            return doc
+        if model.adapter is not None and model.adapter.digest == running["digest"]:
+            return doc
+        if current_version(device, model.name) != model.version:
+            return doc
+        found = self.resolve_adapter(str(running.get("name")), str(running.get("version")))
+        if isinstance(found, str) or found.digest != running["digest"]:
+            return doc
+        kept, why = attach(model, str(running["name"]), str(running["version"]), found)
+        if why is not None:
+            return doc
+        return doc.model_copy(update={"model": kept, "adapter_unplaceable": None})
+
+    def on_release(
+        self, device: Device, bp: Blueprint, version: str, adapters: list[dict[str, Any]] | None
+    ) -> bool | None:
+        """Whether the device already runs the release ``version`` + ``adapters`` (the adapter
+        those assignments give it, or none); None for a release without adapters recorded."""
+        if adapters is None:
+            return None
+        if current_version(device, bp.spec.model.name) != version:
+            return False
+        target = self.target(bp.spec.model.name, version)
+        if isinstance(target, str):
+            return False
+        doc = desired_for(
+            device.device_id,
+            inventory_of(device),
+            device.effective_labels,
+            bp,
+            target,
+            poll_seconds=self.poll_seconds,
+            adapters=self.resolve_adapter,
+            assignments=parse_release(adapters),
+        )
+        want = doc.model.adapter.digest if doc.model and doc.model.adapter else None
+        running = ((device.active or {}).get("adapter") or {}).get("digest")
+        return want == running
+
+    def misfit(
+        self,
+        device: Device,
+        version: str,
+        bp: Blueprint,
+        adapters: list[dict[str, Any]] | None = None,
+    ) -> str | None:
+        """Why the release ``version`` (+ ``adapters``, a rollout's assignments) cannot be placed
+        on the device, or None. An adapter the release gives the device that is not pushed, not
+        signed or unreadable makes it unplaceable: it keeps what it runs (its current adapter
+        included) until the adapter arrives. An adapter made for another base or variant does
+        not: the device runs the model alone and its desired state says why."""
         target = self.target(bp.spec.model.name, version)
         if isinstance(target, str):
             return target
@@ -391,7 +496,13 @@ class Refresher:
         if inv is None:
             return "the device has not reported an inventory"
         res = resolve_variant(inv, [d for d, _ in target.variants])
-        return None if res.variant else f"{target.name}:{version}: {res.reason}"
+        if not res.variant:
+            return f"{target.name}:{version}: {res.reason}"
+        wanted = assigned_adapter(bp, device.effective_labels, parse_release(adapters))
+        if adapters is None or wanted is None:
+            return None
+        found = self.resolve_adapter(wanted.adapter, wanted.version)
+        return found if isinstance(found, str) else None
 
     def refresh(self, device: Device) -> Blueprint | None:
         """Recompute one device; returns its governing blueprint. A device nothing governs
@@ -414,21 +525,40 @@ def refresh_devices(
     targets: TargetCache | None = None,
 ) -> Counter[str]:
     """Recompute every device (or those named) without committing; counts devices per
-    governing blueprint name."""
-    refresher = Refresher(session, store, poll_seconds=poll_seconds, targets=targets)
-    counts: Counter[str] = Counter()
-    query = select(Device)
-    if device_ids is not None:
-        if not device_ids:
-            return counts
-        query = query.where(Device.device_id.in_(sorted(device_ids)))
-    if device_ids is None or len(device_ids) > 50:
-        refresher.preload(device_ids)  # a few reads per rollout rather than one per device
-    for device in session.scalars(query):
-        bp = refresher.refresh(device)
-        if bp is not None:
-            counts[bp.metadata.name] += 1
-    return counts
+    governing blueprint name.
+
+    The devices' ETags are read first, then the snapshot (``Refresher``), and the documents are
+    written conditionally on those ETags (``server/desired_store.py``). Devices another writer
+    changed meanwhile are recomputed once more with their rows locked, from a new snapshot, so
+    whoever writes last wrote from the newest one."""
+    governing_of: dict[str, str | None] = {}
+    ids = None if device_ids is None else set(device_ids)
+    for attempt in range(3):
+        if ids is not None and not ids:
+            break
+        if attempt:
+            desired_store.lock(session, ids or ())
+        query = select(Device).order_by(Device.device_id)
+        if ids is not None:
+            query = query.where(Device.device_id.in_(sorted(ids)))
+        # fresh rows (and ETags) before the snapshot: the ETag a write is conditional on
+        devices = list(session.scalars(query.execution_options(populate_existing=True)))
+        refresher = Refresher(session, store, poll_seconds=poll_seconds, targets=targets)
+        if ids is None or len(ids) > 50:
+            refresher.preload(ids)  # a few reads per rollout rather than one per device
+        pending: list[desired_store.Write] = []
+        outer = session.info.get(desired_store.PENDING)
+        session.info[desired_store.PENDING] = pending
+        try:
+            for device in devices:
+                bp = refresher.refresh(device)
+                governing_of[device.device_id] = bp.metadata.name if bp is not None else None
+        finally:
+            session.info[desired_store.PENDING] = outer
+            if outer is None:
+                del session.info[desired_store.PENDING]
+        ids = {w.device.device_id for w in desired_store.write(session, pending)}
+    return Counter(name for name in governing_of.values() if name is not None)
 
 
 def governed(session: Session) -> Counter[str]:

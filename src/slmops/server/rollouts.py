@@ -1,7 +1,8 @@
 """Rollouts on the control plane: the I/O around the pure machine in ``server/rollout``.
 
-A rollout is created when a blueprint's resolved version changes (an apply, or a channel it
-follows moving): ``reconcile`` matches the devices the blueprint governs (those the new version
+A rollout is created when a blueprint's release changes: its resolved version (an apply, or a
+channel it follows moving) or its adapter assignments (the release's ``adapters``, made stable
+with the version when the rollout succeeds): ``reconcile`` matches the devices the blueprint governs (those the new version
 cannot be placed on as unplaceable, with the reason), and starts the rollout unless its policy
 says ``start: manual``. From then on the
 machine is fed events: device reports (from check-ins and ``/device/v1/actions``), late
@@ -27,6 +28,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Sequence
+from typing import Any
 
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
@@ -34,7 +36,7 @@ from sqlalchemy.orm import Session
 from slmops.protocol.device import ActionStatus, ActiveModel
 from slmops.protocol.fleet import DeviceActionState
 from slmops.server import rollout_rows as rows
-from slmops.server.blueprint import Blueprint, ModelRef
+from slmops.server.blueprint import Blueprint, ModelRef, adapter_release, parse_release
 from slmops.server.blueprints_table import BlueprintRow
 from slmops.server.context import Context
 from slmops.server.db.models import Device, Rollout, utcnow
@@ -70,6 +72,7 @@ from slmops.server.rollout_rows import RolloutConflict
 
 log = logging.getLogger("slmops.server.rollouts")
 MAX_ATTEMPTS = 20
+SETTLE_BATCH = 1_000  # devices recomputed per transaction by ``settle``
 UNKNOWN_CLASS = "unknown"
 REVOKED = "revoked"  # identity.REVOKED (identity imports this module)
 NO_EARLIER_VERSION = "nothing to revert to (no model before the rollout): keeps what it runs"
@@ -155,6 +158,8 @@ def _carry_out(
         bp_row = session.scalar(select(BlueprintRow).where(BlueprintRow.name == blueprint))
         if bp_row is not None:
             bp_row.stable_version = new.target_version
+            if new.adapters is not None:
+                bp_row.stable_adapters = new.adapters
     if moved:
         refresh_devices(
             session, ctx.store, poll_seconds=ctx.poll_seconds, device_ids=moved, targets=ctx.targets
@@ -198,7 +203,7 @@ def run_event(
 
 
 def matched_devices(
-    refresher: Refresher, bp: Blueprint, version: str
+    refresher: Refresher, bp: Blueprint, version: str, adapters: list[dict[str, Any]] | None
 ) -> list[tuple[Device, str | None]]:
     """Every device ``bp`` governs, with why ``version`` cannot be placed on it (None: it can).
     The rollout records the unplaceable ones too (they keep what they run), so it accounts for
@@ -209,17 +214,33 @@ def matched_devices(
         if device.status == REVOKED:
             continue
         if refresher.governing(device) is bp:
-            out.append((device, refresher.misfit(device, version, bp)))
+            out.append((device, refresher.misfit(device, version, bp, adapters)))
     return out
 
 
-def match_of(device: Device, model: str, unplaceable: str | None = None) -> MatchedDevice:
+def match_of(
+    device: Device, model: str, unplaceable: str | None = None, on_target: bool | None = None
+) -> MatchedDevice:
     return MatchedDevice(
         device_id=device.device_id,
         hardware_class=hardware_class(device),
         current_version=current_version(device, model),
         unplaceable=unplaceable,
+        on_target=on_target,
     )
+
+
+def sighting(
+    refresher: Refresher, device: Device, bp: Blueprint, state: RolloutState, why: str | None
+) -> MatchedDevice:
+    """What a rollout learns of a matched device: its class, version, whether the release can
+    be placed on it and whether it runs the release already (version and adapter)."""
+    on = refresher.on_release(device, bp, state.target_version, state.adapters)
+    return match_of(device, bp.spec.model.name, why, on)
+
+
+def release_of(bp: Blueprint) -> list[dict[str, Any]]:
+    return adapter_release(bp.spec.adapters)
 
 
 def reconcile(session: Session, bp_row: BlueprintRow, *, actor: str, ctx: Context) -> str | None:
@@ -235,22 +256,27 @@ def reconcile(session: Session, bp_row: BlueprintRow, *, actor: str, ctx: Contex
         version = resolve_version(session, bp.spec.model)
     except LookupError:
         return None  # devices get the reason as `unplaceable` from the refresh
+    adapters = release_of(bp)
+    stable = adapter_release(parse_release(bp_row.stable_adapters))
     active = active_rollout(session, name)
     if active is not None:
-        if (active.model, active.target_version) == (bp.spec.model.name, version):
+        running = RolloutState.from_json(active.state_json)
+        same = (active.model, active.target_version) == (bp.spec.model.name, version)
+        if same and running.adapters in (None, adapters):
             return None
-        back = version == bp_row.stable_version and RolloutStatus(active.status) in (
-            RolloutStatus.RUNNING,
-            RolloutStatus.PAUSED,
-        )
+        back = (version, adapters) == (bp_row.stable_version, stable) and RolloutStatus(
+            active.status
+        ) in (RolloutStatus.RUNNING, RolloutStatus.PAUSED)
+        wants = f"version {version}" + (f" with adapters {_names(adapters)}" if adapters else "")
         command = OperatorCommand(
             action=OperatorAction.ROLLBACK if back else OperatorAction.ABORT,
             actor=actor,
-            reason=f"blueprint {name} now wants version {version}",
+            reason=f"blueprint {name} now wants {wants}",
         )
         run_event(session, active.id, command, ctx)
     session.refresh(bp_row)
-    if version == bp_row.stable_version:
+    stable = adapter_release(parse_release(bp_row.stable_adapters))
+    if (version, adapters) == (bp_row.stable_version, stable):
         return None
     refresher = Refresher(session, ctx.store, poll_seconds=ctx.poll_seconds, targets=ctx.targets)
     bp = next(b for b in refresher.blueprints if b.metadata.name == name)
@@ -258,7 +284,9 @@ def reconcile(session: Session, bp_row: BlueprintRow, *, actor: str, ctx: Contex
         return None
     seq = (session.scalar(select(func.max(Rollout.seq)).where(Rollout.blueprint == name)) or 0) + 1
     rollout_id = f"{name}-{seq}"
-    state = create_rollout(rollout_id, version, now=ctx.now, policy=bp.spec.rollout)
+    state = create_rollout(
+        rollout_id, version, now=ctx.now, policy=bp.spec.rollout, adapters=adapters
+    )
     session.add(
         Rollout(
             id=rollout_id,
@@ -274,17 +302,20 @@ def reconcile(session: Session, bp_row: BlueprintRow, *, actor: str, ctx: Contex
         )
     )
     session.commit()
-    devices = [
-        match_of(d, bp.spec.model.name, why) for d, why in matched_devices(refresher, bp, version)
-    ]
+    matched = matched_devices(refresher, bp, version, adapters)
+    devices = [sighting(refresher, d, bp, state, why) for d, why in matched]
     run_event(session, rollout_id, DevicesMatched(devices=devices), ctx)
     if bp.spec.rollout.start == "auto":
         start = OperatorCommand(
             action=OperatorAction.START, actor=actor, reason=f"blueprint {name} applied"
         )
         run_event(session, rollout_id, start, ctx)
-    log.info("rollout %s created: %s -> %s", rollout_id, name, version)
+    log.info("rollout %s created: %s -> %s %s", rollout_id, name, version, _names(adapters))
     return rollout_id
+
+
+def _names(adapters: list[dict[str, Any]]) -> str:
+    return ", ".join(f"{a['adapter']}:{a['version']}" for a in adapters) or "(none)"
 
 
 def reconcile_following(
@@ -322,6 +353,25 @@ def reconcile_pushed(session: Session, model: str, version: str, *, ctx: Context
         if rid:
             created.append(rid)
     if created:
+        settle(session, ctx)
+    return created
+
+
+def reconcile_adapter(session: Session, name: str, *, ctx: Context) -> list[str]:
+    """An adapter's signature just arrived: the devices a rollout could not place for want of
+    it are matched again (``settle``: now queued), devices whose stable release names it get
+    it (it may have been missing), and a blueprint's release that names it is reconciled.
+    Returns the rollouts created."""
+    created, named = [], False
+    for row in list(session.scalars(select(BlueprintRow).order_by(BlueprintRow.name))):
+        releases = [row.spec.get("adapters") or [], row.stable_adapters or []]
+        if not any(isinstance(a, dict) and a.get("adapter") == name for r in releases for a in r):
+            continue
+        named = True
+        rid = reconcile(session, row, actor=f"push of adapter {name}", ctx=ctx)
+        if rid:
+            created.append(rid)
+    if named:
         settle(session, ctx)
     return created
 
@@ -370,6 +420,8 @@ def note_running(device: Device, actions: Sequence[ActionStatus]) -> None:
             status.state is DeviceActionState.ROLLED_BACK and status.stage is None
         )
         want = (device.desired or {}).get("model") or {}
+        if done and _note_adapter(device, want, status.version):
+            continue
         if not done or want.get("version") != status.version:
             continue
         running = ActiveModel(
@@ -380,6 +432,31 @@ def note_running(device: Device, actions: Sequence[ActionStatus]) -> None:
         ).model_dump(mode="json")
         if device.active != running:
             device.active = running
+
+
+def _note_adapter(device: Device, want: dict[str, Any], reported: str) -> bool:
+    """An adapter report (``adapter NAME:VERSION``, agent/adapters.py) naming the adapter the
+    server told the device to load: it runs that adapter now (or none, after an unload of
+    an adapter it was no longer told to run). False: not an adapter report."""
+    if not reported.startswith("adapter "):
+        return False
+    active = dict(device.active or {})
+    if not active or active.get("version") != want.get("version"):
+        return True  # the model it runs is not the one told: its next check-in says more
+    told = want.get("adapter") or None
+    if told and reported == f"adapter {told['name']}:{told['version']}":
+        running: dict[str, Any] | None = {
+            "name": told["name"],
+            "version": told["version"],
+            "digest": told["digest"],
+        }
+    elif told is None:
+        running = None  # unloaded, as told
+    else:
+        return True  # a report about another adapter (the one it left)
+    if active.get("adapter") != running:
+        device.active = active | {"adapter": running}
+    return True
 
 
 def join_if_matching(refresher: Refresher, device: Device, ctx: Context) -> None:
@@ -401,17 +478,25 @@ def join_if_matching(refresher: Refresher, device: Device, ctx: Context) -> None
         known = rows.device_record(session, active.id, device.device_id)
     if known is not None and known.status != "unplaceable":
         return
-    why = refresher.misfit(device, summary.target_version, bp)
+    why = refresher.misfit(device, summary.target_version, bp, summary.adapters)
     if known is not None and known.unplaceable == why:
         return
-    event = DevicesMatched(devices=[match_of(device, bp.spec.model.name, why)])
+    event = DevicesMatched(devices=[sighting(refresher, device, bp, summary, why)])
     run_event(session, active.id, event, ctx)
 
 
-def settle(session: Session, ctx: Context) -> Counter[str]:
+def settle(session: Session, ctx: Context, *, batch: int = SETTLE_BATCH) -> Counter[str]:
     """After a change that may re-govern devices (apply, delete, channel move): every active
     rollout takes the devices its blueprint now governs and it does not know yet, then every
-    device's desired state is recomputed. Commits; counts devices per blueprint."""
+    device's desired state is recomputed. Commits; counts devices per blueprint.
+
+    The recompute goes ``batch`` devices at a time in device id order (keyset pagination),
+    committing after each: at 100k devices one transaction would hold every device row's lock
+    (SQLite's write lock) for the whole recompute. Each batch reads its own snapshot and
+    writes conditionally (``desired.refresh_devices``, ``server/desired_store.py``), so a
+    wave change committed meanwhile is never overwritten by this older recompute. Taking the
+    active rollouts' row locks for the settle instead would not cover a rollout created in
+    another process after the locks were taken, and would stall every device report."""
     refresher = Refresher(session, ctx.store, poll_seconds=ctx.poll_seconds, targets=ctx.targets)
     terminal = [s.value for s in RolloutStatus if s.is_terminal]
     for row in list(session.scalars(select(Rollout).where(Rollout.status.not_in(terminal)))):
@@ -420,18 +505,35 @@ def settle(session: Session, ctx: Context) -> Counter[str]:
             continue
         known = rows.known_ids(session, row)
         unplaced = rows.known_ids(session, row, "unplaceable")  # may fit now: look again
+        summary = RolloutState.from_json(row.state_json)
         new = [
-            match_of(d, bp.spec.model.name, why)
-            for d, why in matched_devices(
-                refresher, bp, RolloutState.from_json(row.state_json).target_version
-            )
+            sighting(refresher, d, bp, summary, why)
+            for d, why in matched_devices(refresher, bp, summary.target_version, summary.adapters)
             if d.device_id not in known or d.device_id in unplaced
         ]
         if new:
             run_event(session, row.id, DevicesMatched(devices=new), ctx)
-    counts = refresh_devices(session, ctx.store, poll_seconds=ctx.poll_seconds, targets=ctx.targets)
     session.commit()
-    return counts
+    counts: Counter[str] = Counter()
+    after: str | None = None
+    while True:
+        query = select(Device.device_id).order_by(Device.device_id).limit(batch)
+        if after is not None:
+            query = query.where(Device.device_id > after)
+        ids = list(session.scalars(query))
+        if not ids:
+            return counts
+        counts.update(
+            refresh_devices(
+                session,
+                ctx.store,
+                poll_seconds=ctx.poll_seconds,
+                device_ids=set(ids),
+                targets=ctx.targets,
+            )
+        )
+        session.commit()
+        after = ids[-1]
 
 
 # --- time ------------------------------------------------------------------------------------

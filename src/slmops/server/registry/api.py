@@ -4,7 +4,9 @@ Blobs: HEAD/GET with ``Range`` (206), uploads by POST (optionally monolithic wit
 PATCH chunks and PUT ``?digest=`` to finish. Manifests: HEAD/GET/PUT by tag or digest, stored
 byte for byte (their digest is over those bytes) after checking that they are an OCI manifest
 or index whose every referenced blob or child manifest is already here, so a tag never points
-at incomplete content. ``Accept`` is not enforced: we only store OCI types.
+at incomplete content. A version tag is immutable: a PUT that would point it at another
+digest is refused with 409 (only the ``sha256-<hex>`` signature tags move). ``Accept`` is not
+enforced: we only store OCI types.
 
 Errors use the OCI shape ``{"errors": [{"code", "message", "detail"}]}`` rather than the slmops
 envelope, because distribution clients parse that; ``OciRoute`` renders them before the app's
@@ -25,6 +27,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.routing import APIRoute
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
@@ -44,7 +47,7 @@ from slmops.server.registry.manifests import SIGNATURE_TAG, OciError, check_mani
 from slmops.server.registry.scope import device_scope
 from slmops.server.registry.store import PIECE, BlobStore, StoreError
 from slmops.server.registry.tables import RegistryTag
-from slmops.server.rollouts import reconcile_pushed
+from slmops.server.rollouts import reconcile_adapter, reconcile_pushed
 from slmops.server.security import Role, TokenKind, looks_like
 
 CHALLENGE = {"WWW-Authenticate": 'Bearer realm="slmops"'}
@@ -350,11 +353,50 @@ def get_manifest(
 
 
 def tag_manifest(session: Session, name: str, tag: str, digest: str, media: str) -> None:
+    """Point ``name:tag`` at ``digest``; the same digest again is a no-op (pushes retry).
+
+    A version tag is immutable: re-pointing ``demo:1.0.0`` would change what a version means
+    under devices that run it and under rollouts that name it, and idle devices would never
+    hear of it (their desired state names the old digest). So it is refused with 409; the new
+    content is a new version. Only the ``sha256-<hex>`` referrers tags move (each push merges
+    its signatures into the index there); channels are rows of their own, not tags. Two pushes
+    of one new tag at once meet on the unique key: the loser is judged like a late pusher."""
     query = select(RegistryTag).where(RegistryTag.repository == name, RegistryTag.tag == tag)
-    row = session.scalar(query) or RegistryTag(repository=name, tag=tag)
+    row = session.scalar(query)
+    if row is not None and row.digest != digest and not SIGNATURE_TAG.match(tag):
+        raise immutable(name, tag, row.digest)
+    if row is not None and row.digest == digest:
+        return
+    row = row or RegistryTag(repository=name, tag=tag)
     row.digest, row.media_type, row.updated_at = digest, media, utcnow()
     session.add(row)
-    session.commit()
+    try:
+        session.commit()
+    except IntegrityError:
+        session.rollback()
+        won = session.scalar(query)
+        if won is None or won.digest == digest or SIGNATURE_TAG.match(tag):
+            raise
+        raise immutable(name, tag, won.digest) from None
+
+
+def check_tag(session: Session, name: str, tag: str, hexdigest: str) -> None:
+    """409 when ``name:tag`` is a version tag naming another digest (see ``tag_manifest``)."""
+    if SIGNATURE_TAG.match(tag):
+        return
+    query = select(RegistryTag.digest).where(RegistryTag.repository == name, RegistryTag.tag == tag)
+    current = session.scalar(query)
+    if current is not None and current != "sha256:" + hexdigest:
+        raise immutable(name, tag, current)
+
+
+def immutable(name: str, tag: str, digest: str) -> OciError:
+    return OciError(
+        409,
+        "DENIED",
+        f"{name}:{tag} already names {digest}; versions are immutable: push the new content "
+        "as a new version (build the bundle with another --version)",
+    )
 
 
 def version_signed(request: Request, session: Session, name: str, reference: str) -> None:
@@ -368,16 +410,14 @@ def version_signed(request: Request, session: Session, name: str, reference: str
     ctx = services.context()
     for version in versions:
         reconcile_pushed(session, name, version, ctx=ctx)
-    from slmops.server.adapters import adapter_signed
-
-    adapter_signed(session, ctx.store, name, poll_seconds=ctx.poll_seconds)
+    reconcile_adapter(session, name, ctx=ctx)  # an adapter's: its rollouts may start now
 
 
 @v2.put(
     "/{name:path}/manifests/{reference}",
     status_code=201,
     response_class=Response,
-    responses=oci_errors(400, 401, 403, 413),
+    responses=oci_errors(400, 401, 403, 409, 413),
     openapi_extra=raw_body(MT_MANIFEST, MT_INDEX, description="an OCI manifest or index"),
 )
 async def put_manifest(
@@ -396,6 +436,8 @@ async def put_manifest(
     if by_digest and reference != "sha256:" + hashlib.sha256(data).hexdigest():
         raise OciError(400, "DIGEST_INVALID", f"manifest content does not match {reference}")
     tag = None if by_digest else reference
+    if tag is not None:  # refused before anything is stored (tag_manifest checks again)
+        await run_in_threadpool(check_tag, session, name, tag, hashlib.sha256(data).hexdigest())
     media, digest = await run_in_threadpool(
         check_manifest, store, bytes(data), content_type, name, tag
     )

@@ -27,6 +27,17 @@ class MatchedDevice(RolloutModel):
     unplaceable: str | None = Field(
         None, description="why the target cannot be placed on it; null: it can"
     )
+    on_target: bool | None = Field(
+        None,
+        description="already runs the rollout's release (version and the adapter the release "
+        "gives it); null: decide by comparing current_version with the target version",
+    )
+
+    def at_target(self, target_version: str) -> bool:
+        """Whether the device is on the release already (skipped, never moved)."""
+        if self.on_target is not None:
+            return self.on_target
+        return self.current_version == target_version
 
 
 class DevicesMatched(RolloutModel):

@@ -95,7 +95,7 @@ def _matched(run: Run, event: DevicesMatched) -> None:
             record = DeviceRecord(
                 hardware_class=m.hardware_class,
                 from_version=m.current_version,
-                skipped=m.unplaceable is None and m.current_version == s.target_version,
+                skipped=m.unplaceable is None and m.at_target(s.target_version),
                 unplaceable=m.unplaceable,
             )
             run.add(m.device_id, record)
@@ -107,7 +107,7 @@ def _matched(run: Run, event: DevicesMatched) -> None:
             continue
         d = run.edit(m.device_id)
         if known.unplaceable is not None and m.unplaceable is None:  # placeable at last
-            d.skipped = m.current_version == s.target_version
+            d.skipped = m.at_target(s.target_version)
         d.hardware_class, d.from_version, d.unplaceable = seen
     run.fill()
 

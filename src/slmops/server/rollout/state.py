@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from enum import StrEnum
-from typing import Literal, Self
+from typing import Any, Literal, Self
 
 from pydantic import Field, model_validator
 
@@ -190,6 +190,12 @@ class RolloutState(RolloutModel):
     schema_: Literal["slmops.rollout-state/v1"] = Field(STATE_SCHEMA, alias="schema")
     rollout_id: str = Field(min_length=1)
     target_version: str = Field(min_length=1)
+    adapters: list[dict[str, Any]] | None = Field(
+        None,
+        description="the release's adapter assignments (blueprint `adapters:`, as JSON): moved "
+        "devices get these, the others the blueprint's stable ones; null: a rollout of the "
+        "version alone (made before adapters rolled out)",
+    )
     seed: str = Field(description="orders devices into waves; fixed at creation")
     policy: RolloutPolicy
     status: RolloutStatus
@@ -245,6 +251,7 @@ def create_rollout(
     policy: RolloutPolicy | None = None,
     seed: str | None = None,
     start_at: float | None = None,
+    adapters: list[dict[str, Any]] | None = None,
 ) -> RolloutState:
     """A new rollout: ``created`` (waits for a start command) or ``scheduled`` at ``start_at``.
 
@@ -253,6 +260,7 @@ def create_rollout(
     return RolloutState(
         rollout_id=rollout_id,
         target_version=target_version,
+        adapters=adapters,
         seed=rollout_id if seed is None else seed,
         policy=policy or RolloutPolicy(),
         status=RolloutStatus.CREATED if start_at is None else RolloutStatus.SCHEDULED,

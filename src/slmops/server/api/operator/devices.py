@@ -32,7 +32,7 @@ from slmops.server.api.deps import (
 from slmops.server.audit import Actor
 from slmops.server.db import find_device
 from slmops.server.db.models import ApiToken, Device, DeviceAction, as_utc
-from slmops.server.desired import Refresher
+from slmops.server.desired import Refresher, refresh_devices
 from slmops.server.errors import api_error
 from slmops.server.identity_tables import EnrollmentRequest
 from slmops.server.openapi import errors
@@ -252,7 +252,14 @@ def update_device_labels(
     ctx = services.context()
     refresher = Refresher(session, ctx.store, poll_seconds=ctx.poll_seconds, targets=ctx.targets)
     join_if_matching(refresher, device, ctx)
-    refresher.refresh(device)
+    # conditional on the ETag it read, recomputed from a fresh snapshot if another writer won
+    refresh_devices(
+        session,
+        ctx.store,
+        poll_seconds=ctx.poll_seconds,
+        device_ids={device_id},
+        targets=ctx.targets,
+    )
     session.commit()
     return DevicePublic.of(device, _actions(session, device_id))
 

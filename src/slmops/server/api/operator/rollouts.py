@@ -44,6 +44,11 @@ class RolloutSummary(StrictModel):
     blueprint: str
     model: str
     target_version: str
+    adapters: list[dict[str, Any]] | None = Field(
+        None,
+        description="the release's adapter assignments (selector, adapter, version); null: a "
+        "rollout of the version alone",
+    )
     status: str
     wave: int | None = Field(description="current wave index; null before the start")
     waves: int = Field(description="waves in the policy")
@@ -148,6 +153,7 @@ def summary(row: Rollout, state: RolloutState) -> RolloutSummary:
         blueprint=row.blueprint,
         model=row.model,
         target_version=state.target_version,
+        adapters=state.adapters,
         status=state.status.value,
         wave=state.wave,
         waves=len(state.policy.waves),
