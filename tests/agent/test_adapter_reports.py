@@ -213,3 +213,46 @@ def test_agent_loop_reports_adapter_outcomes_for_the_rollout(
         assert all(st.rollout_id for st in loop.agent.pending.values())
     finally:
         loop.close()
+
+
+def test_a_new_model_with_an_adapter_step_reports_the_adapter_as_the_outcome(
+    registry: str,
+    model_data: Path,
+    bundles: Any,
+    adapters: dict[str, Path],
+    desired: Desired,
+    tmp_path: Path,
+) -> None:
+    """A release of a new model version *and* an adapter change: the model's own final state is
+    not the device's outcome for the rollout (a wave could pass on it before the adapter is in
+    place); the adapter step's final state is. With no adapter step, the model's state is."""
+    for version, bundle in (("1.0.0", bundles.v1), ("1.1.0", bundles.v2)):
+        push(bundle, f"oci://{registry.removeprefix('http://')}/acme/bot:{version}")
+    data = tmp_path / "data"
+    shutil.copytree(model_data, data)
+    loop = Loop(registry, data, bundles.pub)
+    v1, v2 = desired(bundles.v1, "1.0.0"), desired(bundles.v2, "1.1.0")
+    try:
+        s1 = adapter_desired(adapters["s1"])
+        seen = loop.apply(v1.model_copy(update={"adapter": s1, "rollout_id": "r1"}))
+        assert seen[-1].state is S.ACTIVE and loop.loaded() == "store-s1"
+        # 1.1.0 with an adapter the device refuses (unsigned): the model installs, and only
+        # the adapter's failure speaks for the rollout (the model's "active" is logged)
+        bad = adapter_desired(adapters["unsigned"])
+        seen = loop.apply(v2.model_copy(update={"adapter": bad, "rollout_id": "r2"}))
+        for_rollout = [(s.version, s.state) for s in seen if s.rollout_id == "r2"]
+        assert ("1.1.0", S.ACTIVE) not in for_rollout, for_rollout
+        assert any(s.version == "1.1.0" and s.state is S.ACTIVE for s in seen)
+        assert for_rollout[-1] == ("adapter store-x:1.0.0", S.FAILED), for_rollout
+        assert loop.agent.store.active()[1].version == "1.1.0"  # type: ignore[index]
+        # the release with no adapter: the unload is the adapter step, and its state speaks
+        seen = loop.apply(v2.model_copy(update={"rollout_id": "r3"}))
+        for_rollout = [(s.version, s.state) for s in seen if s.rollout_id == "r3"]
+        assert for_rollout and for_rollout[-1][0].startswith("adapter "), for_rollout
+        assert for_rollout[-1][1] is S.ACTIVE and loop.loaded() is None
+        # back to 1.0.0, nothing loaded and none asked for: the model's own state decides
+        seen = loop.apply(v1.model_copy(update={"rollout_id": "r4"}))
+        for_rollout = [(s.version, s.state) for s in seen if s.rollout_id == "r4"]
+        assert for_rollout[-1] == ("1.0.0", S.ACTIVE), for_rollout
+    finally:
+        loop.close()

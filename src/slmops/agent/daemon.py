@@ -33,7 +33,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from slmops.agent.adapter_slots import AdapterSlots
 from slmops.agent.client import DeviceClient, PendingApproval, Rejected, Unreachable
@@ -58,6 +58,9 @@ from slmops.protocol.device import (
 from slmops.protocol.fleet import DeviceActionState as S
 from slmops.protocol.telemetry import TelemetryPolicy
 from slmops.runtimes.base import Runtime
+
+if TYPE_CHECKING:  # imported where used: the adapter path loads only when there is work
+    from slmops.agent.adapters import AdapterSync
 
 log = logging.getLogger("slmops.agent")
 STATUS_FILE = "agent-status.json"
@@ -352,26 +355,41 @@ class Agent:
                 )
             )
             return
+        # a release of a model and an adapter: the model's own final state must not count as
+        # the device's outcome for the rollout before the adapter is in place (a wave could
+        # pass on it); it is held back, and the adapter's final state reports instead
+        follows = want.rollout_id is not None and self._adapters.must_change(want.adapter)
+        held: list[ActionStatus] = []
+
+        def report(st: ActionStatus) -> None:
+            final = st.state in (S.ACTIVE, S.ROLLED_BACK) and st.stage is None
+            if follows and final and st.version == want.version:
+                held.append(st)
+                st = st.model_copy(update={"rollout_id": None})  # logged, not the outcome
+            self._report(st)
+
         try:
-            installer.apply(want, source, self._report)
+            installer.apply(want, source, report)
             if installer.last_health is not None:
                 self.telemetry.record_health(installer.last_health.ok)
         finally:
             source.close()
-        self._apply_adapter(want)
+        outcome = self._apply_adapter(want)
+        if held and (outcome is None or outcome.final is None):
+            self._report(held[-1])  # no adapter step reported: the model's state decides
 
-    def _apply_adapter(self, want: DesiredModel) -> None:
+    def _apply_adapter(self, want: DesiredModel) -> AdapterSync | None:
         """Load, switch or unload the LoRA adapter the desired state names over the running
         model (agent/adapters.py); the model is never touched, only the adapter's bytes move.
         A failed apply is retried only when that desired state changes, or after a restart."""
         active = self.store.active()
         if active is None or active[1].digest != want.manifest_digest:
-            return  # the model install failed: keep whatever adapter state there is
+            return None  # the model install failed: keep whatever adapter state there is
         adapter = want.adapter.digest if want.adapter else None
         key = (want.manifest_digest, adapter, want.rollout_id, want.revert)
         if key == self._adapter_failed:
             log.info("adapter apply failed for this desired state; waiting for it to change")
-            return
+            return None
         from slmops.agent.adapters import sync_adapter
 
         done = sync_adapter(
@@ -386,6 +404,7 @@ class Agent:
         self._adapter_failed = key if failed else None
         if done.fetch is not None:
             self.stats["adapter_fetch"] = done.fetch
+        return done
 
     # serving ---------------------------------------------------------------------------------
     def _api_key(self) -> str | None:

@@ -212,9 +212,9 @@ def run_adapter_demo(
     ]
     # an adapter change is a release like a version change: it rolls out in the blueprint's
     # waves, behind the same gates, and rolls back by itself when the canary fails
-    moved = apply_and_wait(fleet, name, version, as_json, doc=doc)
-    if moved["status"] != "succeeded":
-        raise CheckFailedError(f"the adapters' rollout ended {moved['status']}", where=fleet.root)
+    release = apply_and_wait(fleet, name, version, as_json, doc=doc)
+    if release["status"] != "succeeded":
+        raise CheckFailedError(f"the adapters' rollout ended {release['status']}", where=fleet.root)
 
     def status(s: SiteAdapter) -> dict[str, Any]:
         import json

@@ -26,7 +26,7 @@ from slmops.server.blueprints_table import BlueprintRow
 from slmops.server.context import Context
 from slmops.server.db.models import utcnow
 from slmops.server.desired import governed
-from slmops.server.rollouts import reconcile, settle, stop_for_blueprint
+from slmops.server.reconcile import reconcile, settle, stop_for_blueprint
 
 
 @dataclass(frozen=True)

@@ -17,9 +17,9 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from slmops.server.desired import TargetCache
 from slmops.server.registry.store import BlobStore
 from slmops.server.settings import ServerSettings
+from slmops.server.targets import TargetCache
 
 
 @dataclass

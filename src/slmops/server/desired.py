@@ -28,10 +28,8 @@ The upper half is pure (shared by tests); the lower half reads the database and 
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
-import threading
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
@@ -40,10 +38,15 @@ from pydantic import ValidationError
 from sqlalchemy import select
 from sqlalchemy.orm import Session, object_session
 
-from slmops.protocol.bundle import VariantDescriptor
 from slmops.protocol.device import DesiredModel, DesiredState, Inventory
 from slmops.server import desired_store
-from slmops.server.adapters import AdapterResolver, attach, place_adapter, resolve_adapter
+from slmops.server.adapters import (
+    AdapterResolver,
+    AdapterTarget,
+    attach,
+    place_adapter,
+    resolve_adapter,
+)
 from slmops.server.blueprint import (
     AdapterAssignment,
     Blueprint,
@@ -55,22 +58,18 @@ from slmops.server.blueprint import (
 )
 from slmops.server.blueprints_table import BlueprintRow
 from slmops.server.db.models import Device, Rollout
-from slmops.server.registry.catalog import describe
 from slmops.server.registry.store import BlobStore
-from slmops.server.registry.tables import RegistryChannel, RegistryTag
 from slmops.server.resolve import resolve_variant
 from slmops.server.rollout import DeviceRecord, RolloutState
 from slmops.server.rollout_rows import device_record, records_of
-
-
-@dataclass(frozen=True)
-class Target:
-    """One bundle version as pushed: its index digest and its variants' descriptors."""
-
-    name: str
-    version: str
-    bundle_digest: str
-    variants: tuple[tuple[VariantDescriptor, str], ...]  # (descriptor, variant manifest digest)
+from slmops.server.targets import (
+    Target,
+    TargetCache,
+    load_blueprints,
+    resolve_target,
+    resolve_version,
+    to_blueprint,
+)
 
 
 def governing(blueprints: list[Blueprint], labels: dict[str, str]) -> Blueprint | None:
@@ -201,88 +200,6 @@ def etag_of(body: bytes) -> str:
 # --- database and registry ------------------------------------------------------------------
 
 
-def to_blueprint(row: BlueprintRow) -> Blueprint:
-    return Blueprint.model_validate(
-        {"apiVersion": "slmops/v1", "kind": "Blueprint", "metadata": {"name": row.name}}
-        | {"spec": row.spec}
-    )
-
-
-def load_blueprints(session: Session) -> list[Blueprint]:
-    return [to_blueprint(r) for r in session.scalars(select(BlueprintRow))]
-
-
-def resolve_version(session: Session, ref: ModelRef) -> str:
-    """The version ``ref`` pins or its channel points at; ``LookupError`` says why there is none."""
-    if ref.version is not None:
-        return ref.version
-    channel = session.scalar(
-        select(RegistryChannel).where(
-            RegistryChannel.repository == ref.name, RegistryChannel.channel == ref.channel
-        )
-    )
-    if channel is None:
-        raise LookupError(f"model {ref.name!r} has no channel {ref.channel!r}")
-    return channel.version
-
-
-def resolve_target(
-    session: Session, store: BlobStore, ref: ModelRef, cache: TargetCache | None = None
-) -> Target | str:
-    """The pushed version ``ref`` names, or a sentence saying why it cannot be resolved.
-
-    ``cache`` (the app's, ``server/context.Services``) spares re-reading the bundle's
-    manifests from disk; without one every call reads them."""
-    try:
-        version = resolve_version(session, ref)
-    except LookupError as exc:
-        return str(exc)
-    tag = session.scalar(
-        select(RegistryTag).where(RegistryTag.repository == ref.name, RegistryTag.tag == version)
-    )
-    if tag is None:
-        return f"model {ref.name!r} has no version {version!r} in the registry"
-    key = (str(store.blobs), ref.name, version, tag.digest)
-    cached = cache.get(key) if cache is not None else None
-    if cached is not None:
-        return cached
-    described = describe(store, ref.name, version, tag.digest, 0)
-    variants = tuple((v.descriptor, v.digest) for v in described.variants if v.descriptor)
-    if not variants and described.problems:
-        return f"{ref.name}:{version} cannot be read: " + "; ".join(described.problems[:2])
-    target = Target(ref.name, version, tag.digest, variants)
-    if cache is not None:
-        cache.put(key, target)
-    return target
-
-
-class TargetCache:
-    """Resolved versions of one app (``server/context.Services``), at most ``limit``.
-
-    Bundle contents are immutable per digest, so a resolved version is cached by its tag's
-    digest (a re-tag gives a new key). This keeps check-ins from re-reading manifests from disk
-    each time; failures are not cached, as a blob may still be arriving. App-scoped rather than
-    a module global, so two apps in one process (tests) never share entries.
-    """
-
-    def __init__(self, limit: int = 256) -> None:
-        self.limit = limit
-        self._items: dict[tuple[str, str, str, str], Target] = {}
-        self._lock = threading.Lock()
-
-    def get(self, key: tuple[str, str, str, str]) -> Target | None:
-        return self._items.get(key)
-
-    def put(self, key: tuple[str, str, str, str], target: Target) -> None:
-        with self._lock:
-            if len(self._items) >= self.limit:
-                self._items.pop(next(iter(self._items)))
-            self._items[key] = target
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-
 def store_desired(device: Device, doc: DesiredState) -> str:
     """Write the desired state and its ETag on the device row (the caller commits), only if
     the row still has the ETag the device object was read with (``server/desired_store.py``:
@@ -345,10 +262,18 @@ class Refresher:
         self.blueprints = [to_blueprint(r) for r in rows]
         self.stable = {r.name: r.stable_version for r in rows}
         self.stable_adapters = {r.name: parse_release(r.stable_adapters) for r in rows}
-        self.resolve_adapter: AdapterResolver = functools.partial(resolve_adapter, session, store)
+        self._adapters: dict[tuple[str, str], AdapterTarget | str] = {}
         self._targets: dict[tuple[str, str], Target | str] = {}
         self._rollouts: dict[str, RolloutState | None] = {}
         self._records: dict[str, dict[str, DeviceRecord]] = {}  # preloaded, per rollout id
+
+    def resolve_adapter(self, name: str, version: str) -> AdapterTarget | str:
+        """``adapters.resolve_adapter``, once per snapshot (matching a release asks for the
+        same few adapters once per device)."""
+        key = (name, version)
+        if key not in self._adapters:
+            self._adapters[key] = resolve_adapter(self.session, self.store, name, version)
+        return self._adapters[key]
 
     def target(self, name: str, version: str) -> Target | str:
         key = (name, version)
@@ -423,18 +348,23 @@ class Refresher:
             assignments=assignments,
         )
         if plan.rollout_id is None:
-            doc = self.keep_adapter(device, doc)
+            doc = self.keep_adapter(device, doc, bp, rollout)
         if not plan.known and rollout is not None and not rollout.status.is_terminal:
             why = self.misfit(device, rollout.target_version, bp, rollout.adapters)
             if why:  # the rollout cannot place it: say so, and keep the stable version
                 doc = doc.model_copy(update={"unplaceable": why})
         return doc
 
-    def keep_adapter(self, device: Device, doc: DesiredState) -> DesiredState:
-        """Outside a rollout's assignment a device keeps the adapter it runs, as it keeps its
-        version: only a rollout moves it to another one. A device running no adapter gets the
-        stable one (like a first install); one whose adapter left the registry, or no longer
-        fits the model it is told to run, gets what the stable release says."""
+    def keep_adapter(
+        self, device: Device, doc: DesiredState, bp: Blueprint, rollout: RolloutState | None
+    ) -> DesiredState:
+        """Outside a rollout's assignment a device keeps the adapter version it runs, as it
+        keeps its model version: only a rollout moves it to another one. That holds while the
+        stable release or the latest rollout's release gives the device's labels an adapter of
+        that name; a label change that assigns another adapter (another site) gives it the
+        stable one, as it would give a device the rollout moved. A device running no adapter
+        gets the stable one (like a first install); one whose adapter left the registry, or no
+        longer fits the model it is told to run, gets what the stable release says."""
         model = doc.model
         running = (device.active or {}).get("adapter") or {}
         if model is None or not running.get("digest"):
@@ -442,6 +372,13 @@ class Refresher:
         if model.adapter is not None and model.adapter.digest == running["digest"]:
             return doc
         if current_version(device, model.name) != model.version:
+            return doc
+        labels = device.effective_labels
+        releases = [self.stable_adapters.get(bp.metadata.name, [])]
+        if rollout is not None and rollout.adapters is not None:
+            releases.append(parse_release(rollout.adapters))
+        named = {a.adapter for r in releases if (a := assigned_adapter(bp, labels, r))}
+        if running.get("name") not in named:
             return doc
         found = self.resolve_adapter(str(running.get("name")), str(running.get("version")))
         if isinstance(found, str) or found.digest != running["digest"]:

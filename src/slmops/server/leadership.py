@@ -122,7 +122,14 @@ class AdvisoryLock:
                 log.debug("closing the lock connection failed", exc_info=True)
 
     def release(self) -> None:
-        """Give the lead up (closing the session frees the lock for a standby at once)."""
+        """Give the lead up: unlock first (closing the connection alone frees the lock only
+        when the backend notices the closed socket, which took long enough under load for a
+        standby's next try to miss it), then close the session."""
+        if self._leader and self._conn is not None:
+            try:
+                self._conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": self.key})
+            except Exception:
+                log.debug("unlocking the ticker lock failed; closing frees it", exc_info=True)
         self._leader = False
         self._drop()
         self._engine.dispose()

@@ -164,11 +164,11 @@ def test_a_rollout_of_unplaceable_devices_pauses_and_says_why() -> None:
     assert "6 matched" in reason and "1 already run v2" in reason
     assert "5 unplaceable (5: needs N GB RAM, has N GB)" in reason
     assert state.tally.unplaceable == {"needs N GB RAM, has N GB": 5}
-    # one becomes placeable: resuming moves it in wave 0
+    # one becomes placeable: the rollout that paused itself starts, and moves it in wave 0
     fits = MatchedDevice(device_id="x0", hardware_class="pi5", current_version="v1")
-    state, _ = step(state, DevicesMatched(devices=[fits]), 2.0)
-    state, commands = step(state, OperatorCommand(action=OperatorAction.RESUME, actor="op"), 3.0)
+    state, commands = step(state, DevicesMatched(devices=[fits]), 2.0)
     assert state.status.value == "running" and state.wave == 0
+    assert "devices became placeable" in state.history[-1].reason
     assert [c.kind for c in commands if c.kind == "assign-target"] == ["assign-target"]
 
 

@@ -33,7 +33,7 @@ from slmops.server.checkin import record_checkin
 from slmops.server.db.models import Device
 from slmops.server.db.session import Database
 from slmops.server.desired import Refresher, refresh_devices
-from slmops.server.rollouts import settle
+from slmops.server.reconcile import settle
 
 CHANGED = "slmops.changed"  # server/invalidation.py: the session's marks, sent on commit
 

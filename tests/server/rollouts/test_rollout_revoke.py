@@ -24,6 +24,7 @@ from slmops.server.blueprints_table import BlueprintRow
 from slmops.server.context import Context
 from slmops.server.db.models import Device, Rollout
 from slmops.server.db.session import Database, open_database
+from slmops.server.reconcile import settle
 from slmops.server.registry.store import BlobStore
 from slmops.server.rollout import (
     DeviceReport,
@@ -37,7 +38,7 @@ from slmops.server.rollout import (
     step,
 )
 from slmops.server.rollout_rows import device_record, load, save
-from slmops.server.rollouts import run_event, settle
+from slmops.server.rollouts import run_event
 from slmops.server.settings import load_settings
 
 POLICY = RolloutPolicy.model_validate(

@@ -31,7 +31,6 @@ from slmops.server.api.deps import (
 from slmops.server.blueprint import Blueprint
 from slmops.server.blueprints_service import apply_blueprint, find_blueprint
 from slmops.server.db.models import as_utc, utcnow
-from slmops.server.desired import to_blueprint
 from slmops.server.errors import api_error
 from slmops.server.feedback.engine import next_version
 from slmops.server.feedback.rules import FeedbackRules
@@ -40,6 +39,7 @@ from slmops.server.feedback.webhooks import public_detail
 from slmops.server.openapi import errors
 from slmops.server.registry.tables import RegistryTag
 from slmops.server.security import Role
+from slmops.server.targets import to_blueprint
 
 router = APIRouter(tags=["feedback"])
 

@@ -23,13 +23,14 @@ from sqlalchemy.orm import Session
 
 from slmops.server.context import Context
 from slmops.server.db.models import Device, Rollout
-from slmops.server.desired import governing, load_blueprints
+from slmops.server.desired import governing
 from slmops.server.feedback import webhooks
 from slmops.server.feedback.rules import Action, FeedbackRules, matches
 from slmops.server.feedback.tables import AlertAction, FeedbackRulesRow, ImprovementJob
 from slmops.server.registry.tables import RegistryTag
 from slmops.server.rollout import InvalidTransition, OperatorAction, OperatorCommand
 from slmops.server.rollouts import run_event
+from slmops.server.targets import load_blueprints
 from slmops.server.telemetry.tables import AlertRow
 
 log = logging.getLogger("slmops.server.feedback")

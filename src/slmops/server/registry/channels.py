@@ -1,7 +1,7 @@
 """Channel moves: point a model's channel (``stable``, ``beta``) at a pushed version.
 
 A move is a use case, not a table write: blueprints following the channel roll the new
-version out now (``rollouts.reconcile_following``), not at the next check-in, and every device
+version out now (``reconcile.reconcile_following``), not at the next check-in, and every device
 is settled under the result. The route (``registry/models_api.py``) checks the channel name
 and that the version exists; this module does the rest.
 """
@@ -13,8 +13,8 @@ from sqlalchemy.orm import Session
 
 from slmops.server.context import Context
 from slmops.server.db.models import utcnow
+from slmops.server.reconcile import reconcile_following, settle
 from slmops.server.registry.tables import RegistryChannel
-from slmops.server.rollouts import reconcile_following, settle
 
 
 def move_channel(

@@ -34,7 +34,7 @@ from slmops.server.rollout.events import (
 from slmops.server.rollout.gates import ReceivedFigure
 from slmops.server.rollout.state import DeviceRecord, RolloutState, WaveOutcome
 from slmops.server.rollout.status import RolloutStatus
-from slmops.server.rollout.waves import Run, fork
+from slmops.server.rollout.waves import NOTHING_CAN_MOVE, Run, fork
 
 S = RolloutStatus
 ALLOWED: dict[OperatorAction, frozenset[RolloutStatus]] = {
@@ -109,6 +109,17 @@ def _matched(run: Run, event: DevicesMatched) -> None:
         if known.unplaceable is not None and m.unplaceable is None:  # placeable at last
             d.skipped = m.at_target(s.target_version)
         d.hardware_class, d.from_version, d.unplaceable = seen
+    last = s.history[-1] if s.history else None
+    waiting = (
+        s.status is S.PAUSED
+        and s.wave is None
+        and last is not None
+        and last.actor is None
+        and last.reason.startswith(NOTHING_CAN_MOVE)
+    )
+    if waiting and run.tally().total > 0:  # paused by itself for want of a placeable device
+        run.start("devices became placeable (e.g. a missing adapter or version arrived)", None)
+        return
     run.fill()
 
 
@@ -122,6 +133,8 @@ def _reported(run: Run, event: DeviceReport) -> None:
     d = run.state.devices.get(event.device_id)
     if d is None or d.wave is None:
         return
+    if d.reverted_at is not None and d.state is DeviceActionState.ROLLED_BACK:
+        return  # its revert is done and counted; a later step (an adapter) must not undo that
     stage: DeviceActionState | None = None
     detail = event.detail
     if event.state is DeviceActionState.FAILED:

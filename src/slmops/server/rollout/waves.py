@@ -39,6 +39,10 @@ from slmops.server.rollout.state import (
 )
 from slmops.server.rollout.status import RolloutStatus
 
+NOTHING_CAN_MOVE = "nothing can move"
+"""How a rollout that paused itself for want of a placeable device says so (``machine``
+resumes it when one becomes placeable)."""
+
 
 def fork(state: RolloutState) -> RolloutState:
     """A copy of ``state`` that ``Run`` may change without touching the original.
@@ -176,7 +180,7 @@ class Run:
         t = self.tally()
         if t.total == 0:  # nothing to move: waiting would only end in a timeout
             if t.unplaceable_total:  # not a success: the target fits none of them
-                why = f"nothing can move: {accounting(t, s.target_version)}"
+                why = f"{NOTHING_CAN_MOVE}: {accounting(t, s.target_version)}"
                 self.transition(RolloutStatus.PAUSED, f"{why}; {reason}")
                 return
             why = (

@@ -32,8 +32,8 @@ from sqlalchemy.orm import Session
 from slmops.protocol.telemetry import BOUNDS
 from slmops.server.blueprint import ModelRef
 from slmops.server.db.models import utcnow
-from slmops.server.desired import resolve_target
 from slmops.server.registry.store import BlobStore
+from slmops.server.targets import resolve_target
 from slmops.server.telemetry import aggregate
 from slmops.server.telemetry.rows import load
 from slmops.server.telemetry.tables import AlertRow

@@ -2,7 +2,7 @@
 
 PUT /blueprints/{name} stores the document (``server/blueprints_service.apply_blueprint``); when
 the version it resolves to differs from the one its devices run, it creates a rollout
-(``server/rollouts.reconcile``) that moves them in waves, and the answer names it. Other
+(``server/reconcile.reconcile``) that moves them in waves, and the answer names it. Other
 changes (generation settings, groups) reach devices at once. Applying the same spec again
 answers ``changed: false`` and touches nothing, so CI can apply on every run. The body is validated with the Blueprint model
 (unknown keys refused), and errors use the usual envelope naming the key, e.g.
@@ -26,9 +26,9 @@ from slmops.server.api.deps import OperatorDep, ServicesDep, SessionDep, ViewerD
 from slmops.server.blueprint import Blueprint
 from slmops.server.blueprints_table import BlueprintRow
 from slmops.server.db.models import as_utc
-from slmops.server.desired import to_blueprint
 from slmops.server.errors import api_error
 from slmops.server.openapi import errors
+from slmops.server.targets import to_blueprint
 
 router = APIRouter(prefix="/blueprints", tags=["blueprints"])
 

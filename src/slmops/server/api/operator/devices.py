@@ -36,7 +36,7 @@ from slmops.server.desired import Refresher, refresh_devices
 from slmops.server.errors import api_error
 from slmops.server.identity_tables import EnrollmentRequest
 from slmops.server.openapi import errors
-from slmops.server.rollouts import join_if_matching
+from slmops.server.reconcile import join_if_matching
 
 router = APIRouter(prefix="/devices", tags=["devices"])
 

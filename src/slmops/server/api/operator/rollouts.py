@@ -1,6 +1,6 @@
 """Rollouts as operators see and steer them, under /api/v1/rollouts.
 
-Rollouts are created by blueprint applies and channel moves (``server/rollouts.reconcile``);
+Rollouts are created by blueprint applies and channel moves (``server/reconcile.reconcile``);
 here they are listed, read (waves with the gate results that decided them and their counts, one
 page of devices with their last reported action state, the audit history) and steered: start,
 pause, resume, promote, abort, rollback. Every view carries the counts from the rollout's tally
