@@ -224,12 +224,14 @@ def inventory(labels: dict[str, str]) -> dict[str, Any]:
     }
 
 
-def enroll_fleet(url: str, token: str, n: int) -> list[dict[str, str]]:
-    """Enroll ``n`` devices and check each in once; returns [{auth, etag, body}] per device."""
+def enroll_fleet(url: str, token: str, n: int, prefix: str = "bench") -> list[dict[str, str]]:
+    """Enroll ``n`` devices and check each in once; returns [{auth, etag, body}] per device.
+    ``prefix`` names them: runs sharing one database need their own (an id enrolled before
+    cannot be taken over by a new enrollment: it waits for an operator's approval)."""
     devices = []
     with httpx.Client(base_url=url, timeout=30) as c:
         for i in range(n):
-            device_id = f"bench-{i:05d}"
+            device_id = f"{prefix}-{i:05d}"
             inv = inventory({"site": "bench", "rack": str(i % 8)})
             r = c.post(
                 "/device/v1/enroll",

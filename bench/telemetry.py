@@ -199,7 +199,7 @@ def ingest(
     cmd = server_cli("run", "--data", data, "--port", port, "--workers", workers, *dbargs)
     url = f"http://127.0.0.1:{port}"
     with running(cmd, url + "/healthz", work / f"{name}-{workers}.log"):
-        devices = enroll_fleet(url, token, args.devices)
+        devices = enroll_fleet(url, token, args.devices, prefix=f"bench-{name}-{workers}")
         reqs = requests_for(port, devices, args)
         result: dict[str, Any] = run_raw_loadgen(port, reqs, args, cycle=False)
         result["batch_bytes"] = round(sum(len(r) for r in reqs[:50]) / 50)

@@ -114,3 +114,32 @@ def test_teacher_cache_keeps_to_its_size_by_least_recent_use(
     monkeypatch.setenv("SLMOPS_DISTILL_CACHE_MAX_GB", "lots")
     with pytest.raises(UserInputError, match="SLMOPS_DISTILL_CACHE_MAX_GB"):
         dt.cache_max_bytes()
+
+
+def test_windows_start_with_bos_like_evaluation_windows(tiny_model: Path, tmp_path: Path) -> None:
+    """Training and held-out windows begin with the tokenizer's BOS (when it has one) and keep
+    their length; the rest is consecutive text, and the two sets share no token position."""
+    from transformers import AutoTokenizer
+
+    from slmops.optimize.passes._distill_targets import split_windows
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    text = (tiny_model / "heldout.txt").read_text() if (tiny_model / "heldout.txt").exists() else ""
+    text = (text + " ") * 4 if text else "the quick brown fox jumps over the lazy dog. " * 400
+    train, held = split_windows(
+        tiny_model,
+        text,
+        windows=4,
+        eval_windows=2,
+        seqlen=32,
+        heldout_fraction=0.2,
+        seed=0,
+        where=tmp_path,
+    )
+    assert train.shape == (4, 32) and held.shape[1] == 32 and held.shape[0] >= 1
+    if tok.bos_token_id is None:
+        pytest.fail("the tiny model's tokenizer has no BOS: this test needs one to mean anything")
+    assert (train[:, 0] == tok.bos_token_id).all() and (held[:, 0] == tok.bos_token_id).all()
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    cut = int(len(ids) * 0.8)
+    assert held[0, 1:].tolist() == ids[cut : cut + 31]

@@ -25,7 +25,7 @@ from slmops.core.errors import ConfigError, UserInputError
 if TYPE_CHECKING:
     import torch
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: windows start with BOS
 BATCH = 4  # teacher windows per forward pass: bounds activation memory on larger models
 
 
@@ -99,7 +99,12 @@ def split_windows(
     where: Path,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Training windows drawn at random from the first part of the text, held-out windows laid
-    end to end over the last `heldout_fraction` of it, so the two never share a token."""
+    end to end over the last `heldout_fraction` of it, so the two never share a token.
+
+    Each window starts with the tokenizer's BOS when it has one, as evaluation's windows do
+    (evaluate/quality.py) and as the model saw text in training: Gemma 3 without BOS reads
+    held-out English at perplexity 196 against 30 with it, so a student distilled on BOS-less
+    windows learned from a teacher in a state it is never used in."""
     import torch
     from transformers import AutoTokenizer
 
@@ -116,11 +121,16 @@ def split_windows(
             hint=f"give more text (at least {int(2 * seqlen / heldout_fraction)} tokens) or "
             "lower seqlen",
         )
+    bos = tok.bos_token_id
+    body = seqlen - (1 if bos is not None else 0)
     gen = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, train.numel() - seqlen, (windows,), generator=gen)
-    train_w = torch.stack([train[s : s + seqlen] for s in starts.tolist()])
-    m = min(eval_windows, held.numel() // seqlen)
-    held_w = held[: m * seqlen].reshape(m, seqlen)
+    starts = torch.randint(0, train.numel() - body, (windows,), generator=gen)
+    train_w = torch.stack([train[s : s + body] for s in starts.tolist()])
+    m = min(eval_windows, held.numel() // body)
+    held_w = held[: m * body].reshape(m, body)
+    if bos is not None:
+        train_w = torch.cat([torch.full((windows, 1), int(bos), dtype=train_w.dtype), train_w], 1)
+        held_w = torch.cat([torch.full((m, 1), int(bos), dtype=held_w.dtype), held_w], 1)
     return train_w, held_w
 
 

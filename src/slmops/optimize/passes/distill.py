@@ -98,7 +98,7 @@ class DistillConfig(PassConfig):
 
 class Distill(Pass[DistillConfig]):
     name: ClassVar[str] = "distill"
-    version: ClassVar[int] = 1
+    version: ClassVar[int] = 2  # 2: windows start with BOS (as evaluation's do)
     summary: ClassVar[str] = (
         "Train the model on its teacher's logits (KL, cached top-k) to win back lost quality"
     )
