@@ -14,7 +14,6 @@ and the agent sends the device credential to no registry but the control plane's
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -27,6 +26,7 @@ import httpx
 import pytest
 
 from control_plane import ControlPlane, immediate_rollout, start_agent, status, stop_agent, wait_for
+from factories.registry import registry_helpers
 from helpers import free_port
 from slmops.agent.config import AgentConfig
 from slmops.agent.oci_client import RegistryError
@@ -44,22 +44,10 @@ MAIN = [sys.executable, "-m", "slmops.cli.main"]
 DIGEST = "sha256:" + "a" * 64
 
 
-def _registry_helpers() -> Any:
-    """tests/bundle/conftest.py's throwaway-registry helpers, loaded by path (one way to run
-    a registry in this repository)."""
-    path = Path(__file__).parents[1] / "bundle" / "conftest.py"
-    spec = importlib.util.spec_from_file_location("_bundle_registry_helpers", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while being defined
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture
 def external(tmp_path: Path) -> Iterator[str]:
     """HOST:PORT of a real OCI registry on 127.0.0.1."""
-    helpers = _registry_helpers()
+    helpers = registry_helpers()
     if not helpers.REGISTRY_BIN.is_file():
         pytest.fail(f"{helpers.REGISTRY_BIN} is missing: {helpers.INSTALL_HINT}", pytrace=False)
     with helpers.run_registry(tmp_path / "external") as server:

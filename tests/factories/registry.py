@@ -1,6 +1,6 @@
-"""Debian's docker-registry for suites outside tests/bundle: its helpers (binary path, install
-hint, ``run_registry``) live in tests/bundle/conftest.py, loaded here by path since conftest
-modules are not importable by name from another folder."""
+"""tests/bundle/conftest.py's helpers for suites outside tests/bundle (Debian's docker-registry:
+binary path, install hint, ``run_registry``; bundle layout builders), loaded by path since
+conftest modules are not importable by name from another folder."""
 
 from __future__ import annotations
 

@@ -5,18 +5,16 @@ and pulled from with our own client (`slmops.bundle.registry`), plus raw HTTP fo
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 
 from control_plane import inventory
+from factories.registry import registry_helpers
 from factories.server import _server
 from slmops.bundle.media import MT_MANIFEST
 from slmops.bundle.registry import pull, push
@@ -24,17 +22,7 @@ from slmops.bundle.registry import pull, push
 REPO = "models/demo"
 
 
-def _bundle_helpers() -> Any:
-    path = Path(__file__).parents[2] / "bundle" / "conftest.py"
-    spec = importlib.util.spec_from_file_location("_bundle_layout_helpers", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while being defined
-    spec.loader.exec_module(module)
-    return module
-
-
-helpers = _bundle_helpers()
+helpers = registry_helpers()
 
 
 @dataclass
