@@ -131,6 +131,23 @@ def show_telemetry(fleet: Fleet, as_json: bool) -> list[dict[str, Any]]:
     return rows
 
 
+def kiosks_for(slow: Path) -> tuple[AgentSpec, ...]:
+    """The kiosks, giving the model room for the slower bundle's fp32 variant (measured RAM
+    from its descriptor, at least ``KIOSKS``' 1 GiB): a real model's fp32 GGUF (Gemma 3 270M:
+    1.3 GiB) would not fit 1 GiB, and the gate could not judge a canary that cannot be placed."""
+    from slmops.bundle.inspect import inspect_bundle
+    from slmops.protocol.bundle import VariantDescriptor
+    from slmops.server.resolve import ram_needed
+
+    needs = [
+        ram_needed(VariantDescriptor.model_validate(v["descriptor"]))
+        for v in inspect_bundle(slow)["variants"]
+        if v.get("descriptor")
+    ]
+    mib = max([k.model_ram_mb for k in KIOSKS] + [-(-n // 2**20) + 64 for n in needs])
+    return tuple(AgentSpec(k.device_id, k.profile, mib, k.site) for k in KIOSKS)
+
+
 def make_slow_bundle(model: Path, out: Path, private_key: Path, name: str) -> Path:
     """A healthy but slower version: the same model as an fp32 GGUF, signed."""
     import shutil
@@ -181,7 +198,9 @@ def metric_gate_demo(
     """Kiosks on ``version``, then the slower 1.2.0 stopped by the metric gates."""
     from slmops.bundle.registry import push
 
-    start_agents(fleet, keys / "slmops.pub", KIOSKS, KIOSK_SELECTOR)
+    slow = make_slow_bundle(model, fleet.root / "slow-bundle", keys / "slmops.key", name)
+    specs = kiosks_for(slow)
+    start_agents(fleet, keys / "slmops.pub", specs, KIOSK_SELECTOR)
     doc = blueprint(
         name,
         version,
@@ -192,12 +211,11 @@ def metric_gate_demo(
     first = apply_and_wait(fleet, name, version, True, doc)
     if first["status"] != "succeeded":
         raise CheckFailedError(f"kiosks did not reach {version}: {first['status']}")
-    slow = make_slow_bundle(model, fleet.root / "slow-bundle", keys / "slmops.key", name)
     address = fleet.url.removeprefix("http://")
     push(slow, f"oci://{address}/{name}:{SLOW_VERSION}", token=fleet.admin)
     if not as_json:
         out_console.print(
-            f"kiosk-1..3 ({KIOSKS[0].profile}) run {version}; rolling out {SLOW_VERSION} "
+            f"kiosk-1..3 ({specs[0].profile}) run {version}; rolling out {SLOW_VERSION} "
             "(fp32: healthy, slower) with metric gates: canary vs the kiosks still on "
             f"{version}, p95 latency and tokens/s within 25%"
         )
@@ -208,7 +226,7 @@ def metric_gate_demo(
         selector=KIOSK_SELECTOR,
         rollout=canary_policy(metrics=True),
     )
-    ids = [k.device_id for k in KIOSKS]
+    ids = [k.device_id for k in specs]
     with traffic(fleet, ids, max_tokens=48):
         result = apply_and_wait(fleet, name, SLOW_VERSION, as_json, doc)
 
@@ -227,10 +245,13 @@ def metric_gate_demo(
         for g in ((w.get("decision") or {}).get("results") or [])
     )
     if result["status"] != "rolled-back" or not metric_fail:
+        unplaced = "; ".join(f"{n}: {why}" for why, n in (result.get("unplaceable") or {}).items())
         raise CheckFailedError(
             f"the slower {SLOW_VERSION} was not stopped by a metric gate "
-            f"(rollout {result['status']})",
+            f"(rollout {result['status']}" + (f"; unplaceable: {unplaced})" if unplaced else ")"),
             where=fleet.root,
-            hint="the box may be too busy for a stable comparison; run the demo again",
+            hint="the kiosks cannot hold that version: give them more RAM for the model"
+            if unplaced
+            else "the box may be too busy for a stable comparison; run the demo again",
         )
     return {"rollout": result, "kiosks": kiosks}
