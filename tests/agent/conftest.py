@@ -13,7 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -257,3 +257,18 @@ def model_data(
     )
     assert final.state is S.ACTIVE, final.detail
     return data
+
+
+@pytest.fixture
+def adapter_plane(tmp_path: Path) -> Iterator[Any]:
+    """A real control plane ticking rollouts every 0.2 s with 1 s polls (the adapter suites)."""
+    from control_plane import ControlPlane
+
+    cp = ControlPlane(
+        tmp_path / "server", {"SLMOPS_ROLLOUT_TICK_SECONDS": "0.2", "SLMOPS_POLL_SECONDS": "1"}
+    )
+    cp.start()
+    try:
+        yield cp
+    finally:
+        cp.stop()

@@ -15,7 +15,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -246,17 +246,6 @@ def test_kill_9_during_adapter_install_keeps_the_previous_adapter(
 # --- end to end: control plane, blueprint by label, real agent ---------------------------------
 
 
-@pytest.fixture
-def control_plane(tmp_path: Path) -> Iterator[ControlPlane]:
-    env = {"SLMOPS_ROLLOUT_TICK_SECONDS": "0.2", "SLMOPS_POLL_SECONDS": "1"}
-    cp = ControlPlane(tmp_path / "server", env)
-    cp.start()
-    try:
-        yield cp
-    finally:
-        cp.stop()
-
-
 def spec(*assignments: dict[str, str]) -> dict[str, Any]:
     return {
         "selector": {"room": "lab"},
@@ -267,13 +256,13 @@ def spec(*assignments: dict[str, str]) -> dict[str, Any]:
 
 
 def test_agent_gets_only_the_adapter_by_label(
-    control_plane: ControlPlane,
+    adapter_plane: ControlPlane,
     model_data: Path,
     bundles: Any,
     adapters: dict[str, Path],
     tmp_path: Path,
 ) -> None:
-    cp = control_plane
+    cp = adapter_plane
     data, port = tmp_path / "agent", free_port()
     shutil.copytree(model_data, data)  # the device already runs acme/bot:1.0.0
     cp.push(bundles.v1, NAME, "1.0.0")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -54,17 +54,6 @@ def releases(
     return out
 
 
-@pytest.fixture
-def control_plane(tmp_path: Path) -> Iterator[ControlPlane]:
-    env = {"SLMOPS_ROLLOUT_TICK_SECONDS": "0.2", "SLMOPS_POLL_SECONDS": "1"}
-    cp = ControlPlane(tmp_path / "server", env)
-    cp.start()
-    try:
-        yield cp
-    finally:
-        cp.stop()
-
-
 def spec(version: str, waves: list[dict[str, Any]]) -> dict[str, Any]:
     gates = {"min_soak_seconds": 0, "timeout_seconds": 120, "min_reported": 1.0}
     return {
@@ -90,13 +79,13 @@ def told(data: Path) -> str | None:
 
 
 def test_adapter_rollout_with_failing_canary_is_rolled_back(
-    control_plane: ControlPlane,
+    adapter_plane: ControlPlane,
     model_data: Path,
     bundles: Any,
     releases: dict[str, Path],
     tmp_path: Path,
 ) -> None:
-    cp = control_plane
+    cp = adapter_plane
     cp.push(bundles.v1, NAME, "1.0.0")
     for version, art in releases.items():
         push(art, f"oci://127.0.0.1:{cp.port}/store-s1:{version}", token=cp.admin)

@@ -33,8 +33,8 @@ from control_plane import (
     wait_for,
 )
 from helpers import free_port
+from slmops.agent.backoff import Backoff, jittered
 from slmops.agent.config import hostname_device_id, load_config
-from slmops.agent.daemon import Backoff, jittered
 from slmops.agent.inventory import collect
 from slmops.core.errors import ConfigError
 

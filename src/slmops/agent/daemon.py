@@ -30,12 +30,12 @@ import random
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from slmops.agent.adapter_slots import AdapterSlots
+from slmops.agent.backoff import Backoff, jittered
 from slmops.agent.client import DeviceClient, PendingApproval, Rejected, Unreachable
 from slmops.agent.config import AgentConfig
 from slmops.agent.inventory import collect
@@ -66,33 +66,6 @@ log = logging.getLogger("slmops.agent")
 STATUS_FILE = "agent-status.json"
 TELEMETRY_DIR = "telemetry"
 DESIRED_FILE = "desired.json"
-
-
-def jittered(seconds: float, rng: random.Random, fraction: float = 0.1) -> float:
-    """`seconds` +- `fraction`, uniformly: spreads a fleet's polls over time."""
-    return seconds * rng.uniform(1.0 - fraction, 1.0 + fraction)
-
-
-@dataclass
-class Backoff:
-    """Exponential backoff with full jitter (AWS architecture blog): the n-th consecutive
-    failure waits uniform(0, min(cap, base * 2**(n-1))), so devices that lost the server
-    together do not come back together."""
-
-    base: float = 1.0
-    cap: float = 300.0
-    rng: random.Random = field(default_factory=random.Random)
-    failures: int = 0
-
-    def ceiling(self) -> float:
-        return min(self.cap, self.base * 2.0 ** max(0, self.failures - 1))
-
-    def next_delay(self) -> float:
-        self.failures += 1
-        return self.rng.uniform(0.0, self.ceiling())
-
-    def reset(self) -> None:
-        self.failures = 0
 
 
 class Agent:

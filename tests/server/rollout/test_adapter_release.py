@@ -9,7 +9,7 @@ equal exactly when it assigns the same adapters, whatever the order in the file.
 from __future__ import annotations
 
 from slmops.server.blueprint import AdapterAssignment, adapter_release, parse_release
-from slmops.server.desired import Plan, plan_for, release_adapters
+from slmops.server.device_plan import Plan, plan_for, release_adapters
 from slmops.server.rollout import (
     DeviceRecord,
     DevicesMatched,

@@ -21,7 +21,7 @@ from hypothesis import event as observe
 from hypothesis import strategies as st
 
 from slmops.protocol.fleet import DeviceActionState as A
-from slmops.server.desired import plan_for
+from slmops.server.device_plan import plan_for
 from slmops.server.rollout import (
     DeviceRecord,
     DeviceReport,
