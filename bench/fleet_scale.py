@@ -69,9 +69,18 @@ FLEET_100K_PER_S = 100_000 / 60
 
 
 async def _warm_then_measure(sim: Simulator, warm: float, seconds: float) -> dict[str, Any]:
+    """Enroll, then poll until every device has had its first (full) check-in and learned its
+    ETag, so the measured window holds the idle fleet's polls and not the tail of the first
+    check-ins (a 3,000-device fleet's first answers take longer than one accelerated poll)."""
     await sim.enroll()
-    await sim.simulate(warm)  # every device's first (full) check-in; ETags learned
-    return await sim.simulate(seconds)
+    deadline = time.monotonic() + max(120.0, warm * 10)
+    while True:
+        await sim.simulate(warm)
+        if all(d.etag for d in sim.devices) or time.monotonic() > deadline:
+            break
+    report = await sim.simulate(seconds)
+    report["warmed_devices"] = sum(1 for d in sim.devices if d.etag)
+    return report
 
 
 def idle_fleet(pl: Plane, args: argparse.Namespace) -> dict[str, Any]:
@@ -82,6 +91,8 @@ def idle_fleet(pl: Plane, args: argparse.Namespace) -> dict[str, Any]:
     sim = Simulator(sim_config(pl, None, token, prefix="idle", **common))
     out: dict[str, Any] = {"devices": n, "poll_seconds": round(poll, 3), "servers": len(pl.urls)}
     out["server"] = _slim(asyncio.run(_warm_then_measure(sim, poll * 1.3, args.seconds)))
+    sim.cfg.poll = poll / 2  # headroom: the same warmed fleet polling twice as often
+    out["server_2x"] = _slim(asyncio.run(sim.simulate(args.seconds)))
     with canned_server() as url:
         same = Simulator(sim_config(None, url, "slme_canned-ceiling", prefix="c", **common))
         out["ceiling_same_rate"] = _slim(asyncio.run(_warm_then_measure(same, poll * 1.3, 5)))
@@ -95,6 +106,7 @@ def _slim(report: dict[str, Any]) -> dict[str, Any]:
     keep = (
         "enrolled",
         "enroll_per_s",
+        "warmed_devices",
         "offered_checkins_per_s",
         "checkins_per_s",
         "checkin_p50_ms",
@@ -354,8 +366,17 @@ def verdicts(res: dict[str, Any]) -> list[tuple[str, str, str]]:
     """(target, measured, met/MISSED/not measured) rows."""
     rows: list[tuple[str, str, str]] = []
 
-    def row(name: str, measured: str, ok: bool | None) -> None:
-        rows.append((name, measured, "not measured" if ok is None else "met" if ok else "MISSED"))
+    def row(name: str, measured: str, ok: bool | str | None) -> None:
+        verdict = (
+            ok
+            if isinstance(ok, str)
+            else "not measured"
+            if ok is None
+            else "met"
+            if ok
+            else "MISSED"
+        )
+        rows.append((name, measured, verdict))
 
     a = res.get("a")
     if a:
@@ -376,6 +397,14 @@ def verdicts(res: dict[str, Any]) -> list[tuple[str, str, str]]:
             f"{s['error_count']} {s['errors']}",
             s["error_count"] == 0,
         )
+        if "server_2x" in a:
+            h = a["server_2x"]
+            row(
+                "a. headroom: the same fleet polling twice as often (reported)",
+                f"{h['checkins_per_s']:.0f}/s of {h['offered_checkins_per_s']:.0f}/s offered, "
+                f"p99 {h['checkin_p99_ms']} ms, {h['error_count']} errors",
+                "reported",
+            )
         c1, c2 = a["ceiling_same_rate"], a["ceiling_max"]
         row(
             "a. simulator ceiling (canned responder)",
