@@ -138,7 +138,16 @@ def speed_spread(
     profile = bench_profile(threads, 128)
     items = [(n, p) for n, p in dirs.items() if n != "hf"]
     before = {
-        n: measure(n, p, profile, text=text, repeats=repeats, max_tokens=64, min_decode_s=0)
+        n: measure(
+            n,
+            p,
+            profile,
+            text=text,
+            repeats=repeats,
+            max_tokens=64,
+            min_decode_s=0,
+            min_decode_tokens=0,
+        )
         for n, p in items
     }
     after = measure_interleaved(

@@ -190,3 +190,39 @@ def test_one_failing_variant_leaves_the_others_interleaved(
     assert res[0].order == [0], "dropped after its first round"
     assert res[1].order == [1, 0] and res[1].status == "ok"
     assert res[1].decode_tps is not None and res[1].decode_tps.n == 2
+
+
+def test_timed_repeat_decodes_at_least_min_decode_tokens(variants: dict[str, Path]) -> None:
+    # 16-token runs (15 decoded each) until 100 tokens, with no floor in seconds
+    res = measure(
+        "gguf",
+        variants["gguf"],
+        _profile(1),
+        text=TEXT,
+        repeats=2,
+        max_tokens=16,
+        min_decode_s=0,
+        min_decode_tokens=100,
+    )
+    assert res.status == "ok", res.detail
+    assert res.decode_tokens == 105  # seven runs: the first run reaching 100 ends the repeat
+    with pytest.raises(UserInputError, match="min_decode_tokens=-1"):
+        measure("x", variants["gguf"], _profile(), text=TEXT, min_decode_tokens=-1)
+
+
+def test_token_floor_gives_way_to_a_slow_model(
+    variants: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a starved or slow model must not run into the harness's timeout chasing the token floor
+    from slmops.evaluate import perf_child
+    from slmops.runtimes import open_runtime
+
+    monkeypatch.setattr(perf_child, "TOKEN_FLOOR_MAX_S", 0.05)
+    rt = open_runtime(variants["gguf"], threads=1, n_ctx=128)
+    try:
+        ids = perf_child.build_prompt(rt, TEXT, 8)
+        r = perf_child.timed_repeat(rt, ids, 16, 0.0, min_decode_tokens=10**9)
+    finally:
+        rt.close()
+    assert r["runs"] < 1000, "stopped by TOKEN_FLOOR_MAX_S, not by max_runs"
+    assert r["decode_tokens"] / r["decode_tps"] >= 0.05

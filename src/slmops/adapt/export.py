@@ -61,6 +61,9 @@ def gguf_logits(base_gguf: Path, ids: list[int], adapter: Path | None, threads: 
     import llama_cpp
     import numpy as np
 
+    from slmops.runtimes.llama_log import install_llama_log
+
+    install_llama_log()  # llama.cpp errors only, unless SLMOPS_LLAMA_LOG=1
     try:
         llm = llama_cpp.Llama(
             model_path=str(base_gguf),

@@ -101,6 +101,9 @@ def gguf_perplexity(base_gguf: Path, adapter: Path | None, ids: list[int]) -> fl
     import llama_cpp
     import numpy as np
 
+    from slmops.runtimes.llama_log import install_llama_log
+
+    install_llama_log()  # llama.cpp errors only, unless SLMOPS_LLAMA_LOG=1
     llm = llama_cpp.Llama(
         model_path=str(base_gguf),
         lora_path=str(adapter) if adapter else None,

@@ -6,10 +6,13 @@ state or native crash never leaks into the next measurement.
 
 The model is loaded once (timed), warmed up with one untimed generation of the full length, then
 timed `repeats` times. One timed repeat is as many generations of `max_tokens` as it takes to
-decode for at least `min_decode_s` seconds (the tokens and times are summed, TTFT is the median of
-its generations): a 64-token generation of a 7 M-parameter model lasts ~30 ms, about ten
-scheduler time slices, so one preemption by another process moved a single-generation figure by
-10-50 %; summed over >= 0.3 s the same preemption costs a few percent.
+decode for at least `min_decode_s` seconds and `min_decode_tokens` tokens (the tokens and times
+are summed, TTFT is the median of its generations): a 64-token generation of a 7 M-parameter
+model lasts ~30 ms, about ten scheduler time slices, so one preemption by another process moved a
+single-generation figure by 10-50 %; summed over >= 0.3 s the same preemption costs a few
+percent. A 270M model at ~65 tok/s passes 0.3 s in one generation, so the token floor (256 by
+default) is what makes its repeat long enough (~4 s) to average over the host's interruptions.
+Decode time never includes prompt processing: it starts when the first token is out (TTFT).
 
 Why a warm-up after every load: a device loads once and then serves many requests, so
 steady-state TTFT and decode rate are the figures that matter; and a runtime's first pass
@@ -37,6 +40,11 @@ from slmops.core.resources import own_peak_rss_bytes
 
 if TYPE_CHECKING:
     from slmops.runtimes.base import Runtime
+
+TOKEN_FLOOR_MAX_S = 8.0
+"""The token floor stops applying after this many decode seconds in a repeat: a slow or starved
+model has averaged enough by then, and its child must stay inside the harness's timeout (Gemma 3
+270M decoded 2 tok/s on this box at load 15: 5 generations of 64 would take ~160 s per repeat)."""
 
 # the runtime library each format loads; imported before timing so load time is the model's
 _RUNTIME_MODULES = {"gguf": "llama_cpp", "onnx-genai": "onnxruntime_genai", "hf": "transformers"}
@@ -75,9 +83,11 @@ def measure_in_process(spec: dict[str, Any]) -> dict[str, Any]:
     try:
         ids = build_prompt(rt, spec["text"], int(spec["prompt_tokens"]))
         rt.generate(ids, max_tokens, stop_at_eos=False)  # warm-up, untimed
-        min_decode_s = float(spec.get("min_decode_s", 0.0))
+        floor_s = float(spec.get("min_decode_s", 0))
+        floor_tokens = int(spec.get("min_decode_tokens", 0))
         repeats = [
-            timed_repeat(rt, ids, max_tokens, min_decode_s) for _ in range(int(spec["repeats"]))
+            timed_repeat(rt, ids, max_tokens, floor_s, floor_tokens)
+            for _ in range(int(spec["repeats"]))
         ]
         out["os_threads"] = _thread_count()
     finally:
@@ -92,9 +102,19 @@ def measure_in_process(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def timed_repeat(
-    rt: Runtime, ids: list[int], max_tokens: int, min_decode_s: float, max_runs: int = 1000
+    rt: Runtime,
+    ids: list[int],
+    max_tokens: int,
+    min_decode_s: float,
+    min_decode_tokens: int = 0,
+    max_runs: int = 1000,
 ) -> dict[str, Any]:
-    """One timed repeat: generations of `max_tokens` until `min_decode_s` of decoding is summed.
+    """One timed repeat: generations of `max_tokens` until both `min_decode_s` of decoding and
+    `min_decode_tokens` decoded tokens (or TOKEN_FLOOR_MAX_S of decoding) are summed.
+
+    A floor in time alone let a ~65 tok/s model end its repeat after one 64-token generation
+    (~1 s): too few tokens to average out the host's interruptions; a floor in tokens alone would
+    make a fast tiny model's repeat a few ms.
 
     Decode tok/s is total tokens after the first / total decode time of those generations (a
     ratio of sums, so short and long generations weigh by their time); TTFT is their median.
@@ -111,7 +131,9 @@ def timed_repeat(
         tokens += max(0, stats.generated_tokens - 1)
         seconds += stats.decode_s
         generated = min(generated, len(toks))
-        if seconds >= min_decode_s or len(ttfts) >= max_runs or stats.generated_tokens < 2:
+        floor = tokens >= min_decode_tokens or seconds >= TOKEN_FLOOR_MAX_S
+        enough = seconds >= min_decode_s and floor
+        if enough or len(ttfts) >= max_runs or stats.generated_tokens < 2:
             break
     cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
     return {

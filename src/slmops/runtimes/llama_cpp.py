@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from slmops.core.errors import ModelFormatError
 from slmops.runtimes.base import Runtime, TokenStats
+from slmops.runtimes.llama_log import install_llama_log, take_errors
 
 if TYPE_CHECKING:
     import numpy as np
@@ -41,6 +42,8 @@ class LlamaCppRuntime(Runtime):
         files = sorted(self.path.glob("*.gguf")) if self.path.is_dir() else [self.path]
         if not files:
             raise ModelFormatError("no .gguf file", where=self.path)
+        install_llama_log()  # errors only on stderr unless SLMOPS_LLAMA_LOG=1 (llama_log.py)
+        take_errors()  # forget earlier loads' errors: a failure below quotes only its own
         try:
             self._llm: Any = llama_cpp.Llama(
                 model_path=str(files[0]),
@@ -56,8 +59,10 @@ class LlamaCppRuntime(Runtime):
             what = (
                 f"the model with adapter {self.lora_path.name}" if self.lora_path else "the model"
             )
+            said = "; ".join(take_errors()[-3:])
             raise ModelFormatError(
-                f"llama.cpp cannot load {what}: {exc}", where=self.lora_path or files[0]
+                f"llama.cpp cannot load {what}: {exc}" + (f" (llama.cpp: {said})" if said else ""),
+                where=self.lora_path or files[0],
             ) from None
         self._scoring = False
 
