@@ -25,8 +25,8 @@ from typing import Any
 from slmops.server.context import Context
 from slmops.server.db.session import open_database
 from slmops.server.registry.store import BlobStore
-from slmops.server.rollout import DeviceReport
-from slmops.server.rollouts import run_event
+from slmops.server.rollouts.machine import DeviceReport
+from slmops.server.rollouts.service import run_event
 from slmops.server.settings import load_settings
 
 

@@ -32,7 +32,7 @@ def test_every_command_is_documented() -> None:
 )
 def test_fleet_examples_are_valid(path: Path) -> None:
     from slmops.core.config import read_structured_file
-    from slmops.server.blueprint import Blueprint
+    from slmops.server.blueprints.document import Blueprint
     from slmops.server.feedback.rules import FeedbackRules
 
     kind = read_structured_file(path)["kind"]

@@ -19,12 +19,12 @@ import pytest
 from sqlalchemy import select
 
 from control_plane import inventory
-from slmops.server.blueprints_table import BlueprintRow
+from slmops.server.blueprints.tables import BlueprintRow
 from slmops.server.context import Context
 from slmops.server.db.models import Device, Rollout, utcnow
 from slmops.server.db.session import Database, open_database
 from slmops.server.registry.store import BlobStore
-from slmops.server.rollout import (
+from slmops.server.rollouts.machine import (
     DevicesMatched,
     MatchedDevice,
     OperatorAction,
@@ -32,8 +32,8 @@ from slmops.server.rollout import (
     RolloutPolicy,
     create_rollout,
 )
-from slmops.server.rollout_rows import load_full
-from slmops.server.rollouts import run_event
+from slmops.server.rollouts.service import run_event
+from slmops.server.rollouts.store import load_full
 from slmops.server.settings import load_settings
 
 BLUEPRINT = "lab"

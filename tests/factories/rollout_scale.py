@@ -8,7 +8,7 @@ from slmops.protocol.fleet import DeviceActionState
 from slmops.server.context import Context
 from slmops.server.db.models import Rollout, utcnow
 from slmops.server.db.session import Database
-from slmops.server.rollout import (
+from slmops.server.rollouts.machine import (
     DevicesMatched,
     MatchedDevice,
     OperatorAction,
@@ -16,8 +16,8 @@ from slmops.server.rollout import (
     RolloutPolicy,
     create_rollout,
 )
-from slmops.server.rollout_rows import load_full
-from slmops.server.rollouts import run_event
+from slmops.server.rollouts.service import run_event
+from slmops.server.rollouts.store import load_full
 
 SLOW = RolloutPolicy.from_data({"gates": {"min_soak_seconds": 1e6, "timeout_seconds": 2e6}})
 STAGES = [DeviceActionState.DOWNLOADING, DeviceActionState.VERIFYING, DeviceActionState.INSTALLING]

@@ -16,7 +16,7 @@ import typer
 from slmops.cli._output import emit_json, out_console, run_command
 from slmops.core.config import read_structured_file
 from slmops.core.errors import ConfigError, SlmopsError, UserInputError
-from slmops.server.blueprint import Blueprint
+from slmops.server.blueprints.document import Blueprint
 from slmops.server.feedback.rules import FeedbackRules
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON document on stdout")]

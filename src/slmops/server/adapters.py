@@ -1,7 +1,7 @@
 """Which LoRA adapter a device should load on top of its model (blueprint `adapters:`).
 
 A blueprint lists adapters by label selector; the most specific matching selector wins
-(``blueprint.assigned_adapter``). The adapter named must be pushed to the registry (its
+(``blueprints/document.assigned_adapter``). The adapter named must be pushed to the registry (its
 artifact index under NAME:VERSION), signed (its ``sha256-<hex>`` referrers tag present: the
 agent checks the signature itself, this only keeps an unsigned push from reaching devices),
 made for the exact base bundle the device is told to run (its subject), and fit the variant
@@ -10,7 +10,7 @@ variant never gets a GGUF LoRA). Otherwise the device runs the model alone and t
 state says why in ``adapter_unplaceable``.
 
 Which assignments hold for a device is a release's: an adapter change is a rollout like a
-version change (``server/rollouts.py``: waves, gates, automatic rollback), devices it moved get
+version change (``server/rollouts/``: waves, gates, automatic rollback), devices it moved get
 its assignments, the others the blueprint's stable ones (``desired.release_adapters``).
 """
 
@@ -32,7 +32,7 @@ from slmops.bundle.media import (
 )
 from slmops.bundle.oci_ref import referrers_tag
 from slmops.protocol.device import DesiredAdapter, DesiredModel
-from slmops.server.blueprint import AdapterAssignment, Blueprint, assigned_adapter
+from slmops.server.blueprints.document import AdapterAssignment, Blueprint, assigned_adapter
 from slmops.server.registry.store import BlobStore, StoreError
 from slmops.server.registry.tables import RegistryTag
 

@@ -24,6 +24,7 @@ from slmops.server import dashboard
 from slmops.server.api import device, operator
 from slmops.server.api.device import io as device_io
 from slmops.server.api.device.checkin_cache import CheckinCache
+from slmops.server.api.device.fast_checkin import FastCheckin
 from slmops.server.api.operator import audit as audit_api
 from slmops.server.body_limit import BodyLimitMiddleware
 from slmops.server.context import Services
@@ -34,7 +35,7 @@ from slmops.server.invalidation import Invalidation
 from slmops.server.leadership import for_engine
 from slmops.server.openapi import errors
 from slmops.server.openapi import install as install_openapi
-from slmops.server.registry.api import router as registry_router
+from slmops.server.registry.routes import router as registry_router
 from slmops.server.settings import ServerSettings, load_settings
 from slmops.server.telemetry.metrics import router as metrics_router
 from slmops.server.ticker import Ticker
@@ -80,6 +81,9 @@ def create_app(settings: ServerSettings) -> FastAPI:
     app.state.checkin_cache = CheckinCache(settings.checkin_cache_seconds, app.state.invalidation)
     install_error_handlers(app)
     install_openapi(app)  # errors, bodies and ids the document would miss (openapi.py)
+    # Idle check-ins the cache answers 304 before routing (api/device/fast_checkin.py); added
+    # first, so it sits inside the body limit below.
+    app.add_middleware(FastCheckin, state=app.state)
     # Outside every route: bodies are bounded before auth or parsing (server/body_limit.py).
     app.add_middleware(
         BodyLimitMiddleware, default=settings.max_body_bytes, uploads=settings.max_upload_bytes

@@ -38,7 +38,7 @@ from slmops.server.db.models import Device, DeviceAction, as_utc, utcnow
 from slmops.server.desired import Refresher, canonical, etag_of, refresh_devices
 from slmops.server.invalidation import changed
 from slmops.server.reconcile import join_if_matching
-from slmops.server.rollouts import record_reports
+from slmops.server.rollouts.service import record_reports
 
 
 @dataclass(frozen=True)

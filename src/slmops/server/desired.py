@@ -19,7 +19,7 @@ Adapters follow the same rule (``release_adapters``): a device the rollout moved
 already there) gets the rollout's adapter assignments, any other one the blueprint's stable
 assignments, and outside an assignment a device keeps the adapter it runs (``keep_adapter``).
 
-So a blueprint change never moves devices by itself: it creates a rollout (``server/rollouts``),
+So a blueprint change never moves devices by itself: it creates a rollout (``server/rollouts/``),
 and only the rollout's assignments change what devices are told. Everything here is computed
 from stored rows, so any API process gives the same answer.
 
@@ -46,7 +46,7 @@ from slmops.server.adapters import (
     place_adapter,
     resolve_adapter,
 )
-from slmops.server.blueprint import (
+from slmops.server.blueprints.document import (
     AdapterAssignment,
     Blueprint,
     ModelRef,
@@ -55,13 +55,13 @@ from slmops.server.blueprint import (
     matches,
     parse_release,
 )
-from slmops.server.blueprints_table import BlueprintRow
+from slmops.server.blueprints.tables import BlueprintRow
 from slmops.server.db.models import Device, Rollout
 from slmops.server.device_plan import Plan, plan_for, release_adapters
 from slmops.server.registry.store import BlobStore
 from slmops.server.resolve import resolve_variant
-from slmops.server.rollout import DeviceRecord, RolloutState
-from slmops.server.rollout_rows import device_record, records_of
+from slmops.server.rollouts.machine import DeviceRecord, RolloutState
+from slmops.server.rollouts.store import device_record, records_of
 from slmops.server.targets import (
     Target,
     TargetCache,

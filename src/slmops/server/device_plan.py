@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from slmops.server.blueprint import AdapterAssignment, parse_release
-from slmops.server.rollout import DeviceRecord, RolloutState
+from slmops.server.blueprints.document import AdapterAssignment, parse_release
+from slmops.server.rollouts.machine import DeviceRecord, RolloutState
 
 
 @dataclass(frozen=True)

@@ -29,9 +29,9 @@ from slmops.server.context import Context
 from slmops.server.db.models import Device, Rollout, utcnow
 from slmops.server.identity_tables import EnrollmentRequest, RequestStatus
 from slmops.server.invalidation import changed
-from slmops.server.rollout import RolloutStatus, Tick
-from slmops.server.rollout_rows import RolloutConflict, forget_device
-from slmops.server.rollouts import run_event
+from slmops.server.rollouts.machine import RolloutStatus, Tick
+from slmops.server.rollouts.service import run_event
+from slmops.server.rollouts.store import RolloutConflict, forget_device
 from slmops.server.security import TokenKind, hash_secret, new_id, new_secret
 
 ACTIVE = "active"
@@ -177,7 +177,7 @@ def forget_in_rollouts(session: Session, device_id: str, ctx: Context) -> list[s
             row = session.get(Rollout, rollout_id, populate_existing=True)
             if row is None:
                 break
-            try:  # its row and its counts in the rollout's tally (server/rollout_rows.py)
+            try:  # its row and its counts in the rollout's tally (server/rollouts/store.py)
                 if not forget_device(session, row, device_id):
                     break
             except RolloutConflict:

@@ -8,7 +8,7 @@ to its stable release, else aborted) and starts a rollout that matches every dev
 blueprint governs, each one as placeable (queued, or skipped when it already runs the release:
 ``sighting``) or unplaceable with the reason. ``settle`` and ``join_if_matching`` bring devices
 the blueprint came to govern later (an apply elsewhere, a late enrollment, a label change) into
-the active rollout. Stepping a rollout with these events is ``server/rollouts.py``.
+the active rollout. Stepping a rollout with these events is ``server/rollouts/service.py``.
 """
 
 from __future__ import annotations
@@ -20,13 +20,13 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from slmops.server import rollout_rows as rows
-from slmops.server.blueprint import Blueprint, ModelRef, adapter_release, parse_release
-from slmops.server.blueprints_table import BlueprintRow
+from slmops.server.blueprints.document import Blueprint, ModelRef, adapter_release, parse_release
+from slmops.server.blueprints.tables import BlueprintRow
 from slmops.server.context import Context
 from slmops.server.db.models import Device, Rollout, utcnow
 from slmops.server.desired import Refresher, current_version, refresh_devices
-from slmops.server.rollout import (
+from slmops.server.rollouts import store as rows
+from slmops.server.rollouts.machine import (
     DevicesMatched,
     MatchedDevice,
     OperatorAction,
@@ -35,7 +35,7 @@ from slmops.server.rollout import (
     RolloutStatus,
     create_rollout,
 )
-from slmops.server.rollouts import (
+from slmops.server.rollouts.service import (
     REVOKED,
     SETTLE_BATCH,
     active_rollout,

@@ -14,8 +14,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from slmops.protocol.bundle import VariantDescriptor
-from slmops.server.blueprint import Blueprint, ModelRef
-from slmops.server.blueprints_table import BlueprintRow
+from slmops.server.blueprints.document import Blueprint, ModelRef
+from slmops.server.blueprints.tables import BlueprintRow
 from slmops.server.registry.catalog import describe
 from slmops.server.registry.store import BlobStore
 from slmops.server.registry.tables import RegistryChannel, RegistryTag

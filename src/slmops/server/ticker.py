@@ -22,7 +22,7 @@ from slmops.server.context import Services
 from slmops.server.db.session import Database
 from slmops.server.feedback.engine import process_alerts
 from slmops.server.leadership import Always, Leadership, Role
-from slmops.server.rollouts import tick_all
+from slmops.server.rollouts.service import tick_all
 from slmops.server.telemetry.ticks import telemetry_tick
 
 log = logging.getLogger("slmops.server.ticker")

@@ -332,7 +332,7 @@ def test_telemetry_values_are_validated_and_attributed_by_the_server(cp: Control
 def test_cohorts_leave_out_windows_of_another_hardware_class() -> None:
     """A rollout device that reports another profile cannot file its figures into that class's
     comparison; devices outside the rollout count only for classes the rollout has."""
-    from slmops.server.rollout import (
+    from slmops.server.rollouts.machine import (
         DeviceReport,
         DevicesMatched,
         MatchedDevice,
@@ -341,7 +341,7 @@ def test_cohorts_leave_out_windows_of_another_hardware_class() -> None:
         create_rollout,
         step,
     )
-    from slmops.server.rollout.gates import Cohort
+    from slmops.server.rollouts.machine.gates import Cohort
     from slmops.server.telemetry.cohorts import classifier
 
     now = time.time()

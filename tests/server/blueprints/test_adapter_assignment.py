@@ -8,7 +8,7 @@ from __future__ import annotations
 from slmops.bundle.adapter_meta import AdapterBase, AdapterDescriptor, AdapterVariant
 from slmops.protocol.device import DesiredModel
 from slmops.server.adapters import AdapterTarget, place_adapter
-from slmops.server.blueprint import Blueprint, assigned_adapter
+from slmops.server.blueprints.document import Blueprint, assigned_adapter
 
 BUNDLE = "sha256:" + "1" * 64
 GGUF_MANIFEST = "sha256:" + "2" * 64

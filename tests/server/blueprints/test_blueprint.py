@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from slmops.core.errors import ConfigError
-from slmops.server.blueprint import Blueprint, effective_generation
+from slmops.server.blueprints.document import Blueprint, effective_generation
 
 BP = """
 apiVersion: slmops/v1

@@ -31,7 +31,7 @@ from slmops.server.context import Context
 from slmops.server.db.models import Device, Rollout
 from slmops.server.db.session import open_database
 from slmops.server.registry.store import BlobStore
-from slmops.server.rollout import (
+from slmops.server.rollouts.machine import (
     DeviceReport,
     DevicesMatched,
     MatchedDevice,

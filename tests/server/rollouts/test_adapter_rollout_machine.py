@@ -9,7 +9,7 @@ test_adapter_reports.py.)
 from __future__ import annotations
 
 from slmops.protocol.fleet import DeviceActionState as S
-from slmops.server.rollout import (
+from slmops.server.rollouts.machine import (
     DeviceReport,
     DevicesMatched,
     MatchedDevice,
@@ -20,7 +20,7 @@ from slmops.server.rollout import (
     create_rollout,
     step,
 )
-from slmops.server.rollout.policy import RolloutPolicy
+from slmops.server.rollouts.machine.policy import RolloutPolicy
 
 RELEASE = [{"selector": {}, "adapter": "menu", "version": "2.0.0"}]
 ADAPTER = "adapter menu:2.0.0"

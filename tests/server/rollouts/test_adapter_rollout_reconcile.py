@@ -212,7 +212,7 @@ def _matching_statements(cp: ControlPlane, n: int) -> int:
     devices against the blueprint's release, in-process on the control plane's own files."""
     from sqlalchemy import delete, event, select
 
-    from slmops.server.blueprints_table import BlueprintRow
+    from slmops.server.blueprints.tables import BlueprintRow
     from slmops.server.context import Context
     from slmops.server.db.models import Device
     from slmops.server.db.session import open_database
@@ -223,12 +223,12 @@ def _matching_statements(cp: ControlPlane, n: int) -> int:
     try:  # the lead is moving these out of rollouts.py
         from slmops.server.reconcile import matched_devices, release_of, sighting
     except ImportError:
-        from slmops.server.rollouts import (  # type: ignore[attr-defined,no-redef]
+        from slmops.server.rollouts.service import (  # type: ignore[attr-defined,no-redef]
             matched_devices,
             release_of,
             sighting,
         )
-    from slmops.server.rollout import create_rollout
+    from slmops.server.rollouts.machine import create_rollout
 
     db = open_database(load_settings(data_dir=cp.data))
     try:

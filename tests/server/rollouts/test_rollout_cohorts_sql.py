@@ -28,7 +28,7 @@ from sqlalchemy import event, select
 from slmops.protocol.telemetry import BOUNDS, TelemetryBatch
 from slmops.server.db.models import Device, Rollout
 from slmops.server.db.session import Database, open_database
-from slmops.server.rollout import (
+from slmops.server.rollouts.machine import (
     DeviceReport,
     DevicesMatched,
     MatchedDevice,
@@ -39,7 +39,7 @@ from slmops.server.rollout import (
     create_rollout,
     step,
 )
-from slmops.server.rollout_rows import load, load_full, save
+from slmops.server.rollouts.store import load, load_full, save
 from slmops.server.settings import load_settings
 from slmops.server.telemetry.cohorts import figures_for
 from slmops.server.telemetry.query import summarize

@@ -52,7 +52,7 @@ from helpers import free_port
 from slmops.server.db.models import Rollout
 from slmops.server.db.session import open_database
 from slmops.server.registry.store import BlobStore
-from slmops.server.rollout import (
+from slmops.server.rollouts.machine import (
     DevicesMatched,
     MatchedDevice,
     OperatorAction,
@@ -60,7 +60,7 @@ from slmops.server.rollout import (
     create_rollout,
     step,
 )
-from slmops.server.rollouts import tick_all
+from slmops.server.rollouts.service import tick_all
 from slmops.server.settings import load_settings
 
 # --- 4. late enrollment -----------------------------------------------------------------------

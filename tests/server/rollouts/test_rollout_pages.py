@@ -25,7 +25,7 @@ import pytest
 from control_plane import ControlPlane
 from slmops.server.db.models import Rollout
 from slmops.server.db.session import open_database
-from slmops.server.rollout import (
+from slmops.server.rollouts.machine import (
     DeviceReport,
     DevicesMatched,
     MatchedDevice,
@@ -35,7 +35,7 @@ from slmops.server.rollout import (
     create_rollout,
     step,
 )
-from slmops.server.rollout_rows import load, load_full, save
+from slmops.server.rollouts.store import load, load_full, save
 from slmops.server.settings import load_settings
 
 RID = "pages-1"

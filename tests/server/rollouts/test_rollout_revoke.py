@@ -20,13 +20,13 @@ from control_plane import ControlPlane
 from slmops.protocol.fleet import DeviceActionState
 from slmops.server import identity
 from slmops.server.audit import Actor
-from slmops.server.blueprints_table import BlueprintRow
+from slmops.server.blueprints.tables import BlueprintRow
 from slmops.server.context import Context
 from slmops.server.db.models import Device, Rollout
 from slmops.server.db.session import Database, open_database
 from slmops.server.reconcile import settle
 from slmops.server.registry.store import BlobStore
-from slmops.server.rollout import (
+from slmops.server.rollouts.machine import (
     DeviceReport,
     DevicesMatched,
     MatchedDevice,
@@ -37,8 +37,8 @@ from slmops.server.rollout import (
     create_rollout,
     step,
 )
-from slmops.server.rollout_rows import device_record, load, save
-from slmops.server.rollouts import run_event
+from slmops.server.rollouts.service import run_event
+from slmops.server.rollouts.store import device_record, load, save
 from slmops.server.settings import load_settings
 
 POLICY = RolloutPolicy.model_validate(

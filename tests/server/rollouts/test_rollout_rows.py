@@ -20,7 +20,7 @@ from slmops.server.context import Context
 from slmops.server.db.models import Rollout, RolloutDevice
 from slmops.server.db.session import Database, make_engine, open_database, upgrade
 from slmops.server.registry.store import BlobStore
-from slmops.server.rollout import (
+from slmops.server.rollouts.machine import (
     DeviceReport,
     DevicesMatched,
     MatchedDevice,
@@ -32,8 +32,8 @@ from slmops.server.rollout import (
     create_rollout,
     step,
 )
-from slmops.server.rollout_rows import forget_device, load_full
-from slmops.server.rollouts import run_event
+from slmops.server.rollouts.service import run_event
+from slmops.server.rollouts.store import forget_device, load_full
 from slmops.server.settings import load_settings
 
 POLICY = RolloutPolicy.from_data(

@@ -21,9 +21,9 @@ from slmops.server.context import Context
 from slmops.server.db.models import Rollout, RolloutDevice
 from slmops.server.db.session import open_database
 from slmops.server.registry.store import BlobStore
-from slmops.server.rollout import DeviceReport
-from slmops.server.rollout_rows import load_full
-from slmops.server.rollouts import run_event
+from slmops.server.rollouts.machine import DeviceReport
+from slmops.server.rollouts.service import run_event
+from slmops.server.rollouts.store import load_full
 from slmops.server.settings import load_settings
 
 

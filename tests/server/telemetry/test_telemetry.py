@@ -42,7 +42,7 @@ from slmops.server.context import Context
 from slmops.server.db.models import Rollout
 from slmops.server.db.session import Database, open_database
 from slmops.server.registry.store import BlobStore
-from slmops.server.rollout import (
+from slmops.server.rollouts.machine import (
     DeviceReport,
     DevicesMatched,
     MatchedDevice,

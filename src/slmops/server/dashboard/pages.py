@@ -19,7 +19,6 @@ from sqlalchemy import select
 
 from slmops.server.api.deps import ServicesDep, SessionDep, SettingsDep
 from slmops.server.api.operator.devices import DevicePublic
-from slmops.server.api.operator.rollouts import CURSOR, detail, summary
 from slmops.server.dashboard.adapters_panel import adapter_of, adapter_rows
 from slmops.server.dashboard.auth import (
     COOKIE,
@@ -35,9 +34,15 @@ from slmops.server.dashboard.auth import (
 from slmops.server.dashboard.render import render
 from slmops.server.dashboard.svg import bar_chart, wave_bars
 from slmops.server.db.models import Device, DeviceAction, Rollout, as_utc
-from slmops.server.rollout import InvalidTransition, OperatorAction, OperatorCommand, RolloutState
-from slmops.server.rollout.machine import ALLOWED
-from slmops.server.rollouts import run_event
+from slmops.server.rollouts.machine import (
+    InvalidTransition,
+    OperatorAction,
+    OperatorCommand,
+    RolloutState,
+)
+from slmops.server.rollouts.machine.machine import ALLOWED
+from slmops.server.rollouts.routes import CURSOR, detail, summary
+from slmops.server.rollouts.service import run_event
 from slmops.server.security import Role
 
 router = APIRouter(prefix="/ui", include_in_schema=False)

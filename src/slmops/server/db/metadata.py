@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from sqlalchemy import MetaData
 
-from slmops.server import audit, blueprints_table, identity_tables
+from slmops.server import audit, identity_tables
+from slmops.server.blueprints import tables as blueprints_tables
 from slmops.server.db import models
 from slmops.server.db.base import Base
 from slmops.server.feedback import tables as feedback_tables
@@ -19,7 +20,7 @@ from slmops.server.telemetry import tables as telemetry_tables
 TABLE_MODULES = (
     models,
     audit,
-    blueprints_table,
+    blueprints_tables,
     identity_tables,
     feedback_tables,
     registry_tables,

@@ -114,11 +114,11 @@ class DeviceAction(Base):
 
 class Rollout(Base):
     """A rollout's summary: the ``RolloutState`` document without its devices (those are
-    ``RolloutDevice`` rows; ``server/rollout_rows.py`` reads and writes both).
+    ``RolloutDevice`` rows; ``server/rollouts/store.py`` reads and writes both).
 
     ``revision`` makes writes optimistic: a writer updates ``WHERE revision = <what it read>``
     and retries on a miss, so several API processes (and their tickers) can drive the same
-    rollout without one overwriting another's step (``server/rollouts.py``).
+    rollout without one overwriting another's step (``server/rollouts/service.py``).
     """
 
     __tablename__ = "rollouts"
@@ -141,7 +141,7 @@ class RolloutDevice(Base):
 
     One row per (rollout, device), so a device report reads and writes its own row plus the
     rollout's small summary (``Rollout.state_json``, whose tally counts these rows), never a
-    document that grows with the fleet (``server/rollout_rows.py``). ``status`` is the record's
+    document that grows with the fleet (``server/rollouts/store.py``). ``status`` is the record's
     one-word status, indexed with the wave so a wave start loads only the queued rows.
     """
 

@@ -28,8 +28,8 @@ from slmops.server.feedback import webhooks
 from slmops.server.feedback.rules import Action, FeedbackRules, matches
 from slmops.server.feedback.tables import AlertAction, FeedbackRulesRow, ImprovementJob
 from slmops.server.registry.tables import RegistryTag
-from slmops.server.rollout import InvalidTransition, OperatorAction, OperatorCommand
-from slmops.server.rollouts import run_event
+from slmops.server.rollouts.machine import InvalidTransition, OperatorAction, OperatorCommand
+from slmops.server.rollouts.service import run_event
 from slmops.server.targets import load_blueprints
 from slmops.server.telemetry.tables import AlertRow
 

@@ -1,6 +1,6 @@
 """What the registry accepts as a manifest: well-formed OCI, every child and blob already
 pushed, an slmops bundle only under its own signed name and version, an adapter only after its
-base. Kept apart from the routes (registry/api.py) so the rules read in one place."""
+base. Kept apart from the routes (registry/routes.py) so the rules read in one place."""
 
 from __future__ import annotations
 

@@ -30,7 +30,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from slmops.protocol.telemetry import BOUNDS
-from slmops.server.blueprint import ModelRef
+from slmops.server.blueprints.document import ModelRef
 from slmops.server.db.models import utcnow
 from slmops.server.registry.store import BlobStore
 from slmops.server.targets import resolve_target

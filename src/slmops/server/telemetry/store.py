@@ -38,7 +38,7 @@ from slmops.server.telemetry.tables import (
 
 HOUR = 3600.0
 MAX_MERGE_ATTEMPTS = 20
-UNKNOWN_CLASS = "unknown"  # as server/rollouts.py names a device without a profile
+UNKNOWN_CLASS = "unknown"  # as server/rollouts/service.py names a device without a profile
 MAX_AGE_S = 24 * 3600.0
 """Windows that started longer ago than this (server clock) are not stored: a device cannot
 backfill the figures of a rollout wave or a drift check that were already read."""

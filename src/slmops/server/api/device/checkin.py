@@ -4,7 +4,9 @@ The protocol is in ``server/checkin.py`` (service functions); this module picks 
 path that gives the same answer:
 
 1. the check-in cache (``checkin_cache.py``): an idle poll whose credential, body bytes and
-   ETag were seen in the last full answer gets 304 from memory, in the event loop;
+   ETag were seen in the last full answer gets 304 from memory, in the event loop; such a poll
+   is normally answered before routing by ``fast_checkin.py`` (same test, ``cache_says_304``),
+   and reaches this route only on a miss;
 2. the idle path: the device row is read in a batch with other check-ins
    (``server/checkin_reader.py``); when the device reports what its row holds, the stored
    desired state is the answer (``checkin.idle_answer``), with ``last_seen`` buffered;
@@ -54,7 +56,7 @@ from slmops.server.db.models import Device, utcnow
 from slmops.server.db.session import Database
 from slmops.server.errors import api_error
 from slmops.server.openapi import DEVICE_SECURITY, errors, json_body
-from slmops.server.rollouts import note_running
+from slmops.server.rollouts.service import note_running
 from slmops.server.security import TokenKind, hash_secret
 from slmops.server.settings import ServerSettings
 
@@ -88,14 +90,36 @@ def _full(app: Any, key: str, body: CheckIn, now: float) -> Answer:
         return record_checkin(session, device, body, _context(app), now=now)
 
 
+def credential_key(authorization: str | None) -> str:
+    """The cache and database key of a device's Authorization header (401 when malformed)."""
+    return hash_secret(device_secret(authorization), TokenKind.DEVICE)
+
+
+def sent_etag(if_none_match: str | None) -> str:
+    """The ETag a cache hit echoes: the caller's own, trimmed, without a weak ``W/`` prefix."""
+    return (if_none_match or "").strip().removeprefix("W/")
+
+
+def cache_says_304(
+    state: Any, key: str, digest: bytes, if_none_match: str | None, now: float, *, count_miss: bool
+) -> bool:
+    """True when the check-in cache answers 304: the credential (``key``), the body's sha256
+    (``digest``) and the ETag are those of this device's last full answer, still fresh. One
+    test for both callers (this route and ``fast_checkin.py``), so they cannot disagree."""
+    settings: ServerSettings = state.settings
+    cache: CheckinCache = state.checkin_cache
+    etag = sent_etag(if_none_match) or None
+    every = seen_every(settings.poll_seconds)
+    return cache.hit(key, digest, etag, now, every, count_miss=count_miss)
+
+
 async def answer(app: Any, key: str, raw: bytes, if_none_match: str | None) -> Answer | None:
     """The check-in's answer; None when the cache says 304 (the caller's ETag is current)."""
     now = time.time()
     settings: ServerSettings = app.state.settings
     cache: CheckinCache = app.state.checkin_cache
     digest = hashlib.sha256(raw).digest()
-    etag = (if_none_match or "").strip().removeprefix("W/") or None
-    if cache.hit(key, digest, etag, now, seen_every(settings.poll_seconds)):
+    if cache_says_304(app.state, key, digest, if_none_match, now, count_miss=True):
         return None
     body = _parse(raw)
     epoch = cache.epoch  # before the read: an invalidation meanwhile keeps it out of the cache
@@ -133,12 +157,12 @@ async def check_in(
     if_none_match: Annotated[str | None, Header()] = None,
 ) -> Response:
     """Report, and get the desired state (304 when the If-None-Match ETag is current)."""
-    key = hash_secret(device_secret(authorization), TokenKind.DEVICE)
+    key = credential_key(authorization)
     raw = await request.body()
     if len(raw) > MAX_BODY_BYTES:
         raise api_error(413, "too_large", f"check-in over {MAX_BODY_BYTES} bytes", where="body")
     result = await answer(request.app, key, raw, if_none_match)
-    etag = result.etag if result else (if_none_match or "").strip().removeprefix("W/")
+    etag = result.etag if result else sent_etag(if_none_match)
     headers = {"ETag": etag, "Cache-Control": "no-cache"}
     if result is None or result.payload is None or etag_matches(if_none_match, etag):
         return Response(status_code=304, headers=headers)

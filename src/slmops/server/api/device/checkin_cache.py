@@ -67,8 +67,17 @@ class CheckinCache:
         return self.invalidation.epoch
 
     def hit(
-        self, key: str, body_digest: bytes, etag: str | None, now: float, seen_every: float
+        self,
+        key: str,
+        body_digest: bytes,
+        etag: str | None,
+        now: float,
+        seen_every: float,
+        *,
+        count_miss: bool = True,
     ) -> bool:
+        """Whether the entry of ``key`` answers this check-in with 304. ``count_miss=False``
+        for a first look whose miss is looked at again (and counted) by the route."""
         entry = self._entries.get(key)
         ok = (
             entry is not None
@@ -80,7 +89,7 @@ class CheckinCache:
         )
         if ok:
             self.hits += 1
-        else:
+        elif count_miss:
             self.misses += 1
         return ok
 

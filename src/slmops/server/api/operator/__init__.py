@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from slmops.server.api.operator import blueprints, devices, enrollment, rollouts, tokens
-from slmops.server.feedback import api as feedback
+from slmops.server.api.operator import devices, enrollment, tokens
+from slmops.server.blueprints import routes as blueprints
+from slmops.server.feedback import routes as feedback
+from slmops.server.rollouts import routes as rollouts
 from slmops.server.telemetry import api as telemetry
 
 router = APIRouter(prefix="/api/v1")

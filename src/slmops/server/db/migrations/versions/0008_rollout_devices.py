@@ -57,8 +57,10 @@ def upgrade() -> None:
 
 def _split_documents() -> None:
     """Move each stored document's devices into rows; the document keeps their tally."""
-    from slmops.server.rollout import RolloutState  # the document's own rules compute the tally
-    from slmops.server.rollout_rows import row_values
+    from slmops.server.rollouts.machine import (
+        RolloutState,  # the document's own rules compute the tally
+    )
+    from slmops.server.rollouts.store import row_values
 
     bind = op.get_bind()
     table = sa.table("rollout_devices", *(sa.column(c) for c in _COLUMNS), sa.column("rollout_id"))

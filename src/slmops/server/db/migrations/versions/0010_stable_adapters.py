@@ -25,7 +25,7 @@ depends_on = None
 
 
 def _release(spec: Any) -> list[dict[str, Any]]:
-    """``blueprint.adapter_release`` as of this revision: assignments in one canonical order."""
+    """``blueprints/document.adapter_release`` of this revision: assignments in canonical order."""
     if isinstance(spec, str):
         spec = json.loads(spec)
     docs = [dict(a) for a in (spec or {}).get("adapters") or []]

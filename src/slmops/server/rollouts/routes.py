@@ -25,16 +25,16 @@ from slmops.server.api.deps import OperatorDep, ServicesDep, SessionDep, ViewerD
 from slmops.server.db.models import Rollout, as_utc
 from slmops.server.errors import api_error
 from slmops.server.openapi import errors
-from slmops.server.rollout import (
+from slmops.server.rollouts.machine import (
     InvalidTransition,
     OperatorAction,
     OperatorCommand,
     RolloutState,
     StateChanged,
 )
-from slmops.server.rollout.gates import GateEvaluation
-from slmops.server.rollout_rows import page
-from slmops.server.rollouts import run_event
+from slmops.server.rollouts.machine.gates import GateEvaluation
+from slmops.server.rollouts.service import run_event
+from slmops.server.rollouts.store import page
 
 router = APIRouter(prefix="/rollouts", tags=["rollouts"])
 
@@ -175,7 +175,7 @@ def detail(
     status: str | None = None,
 ) -> RolloutDetail:
     """The summary, waves (with their counts) and history, and one page of devices: the
-    counts come from the tally, the page from one indexed read (``rollout_rows.page``)."""
+    counts come from the tally, the page from one indexed read (``store.page``)."""
     session = object_session(row)
     if session is None:
         raise RuntimeError(f"rollout {row.id} is not attached to a session")

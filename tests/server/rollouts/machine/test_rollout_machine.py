@@ -8,7 +8,7 @@ import pytest
 
 from slmops.core.errors import UserInputError
 from slmops.protocol.fleet import DeviceActionState as A
-from slmops.server.rollout import (
+from slmops.server.rollouts.machine import (
     COMMAND_ADAPTER,
     EVENT_ADAPTER,
     AssignTarget,
@@ -395,7 +395,7 @@ def test_events_and_commands_round_trip_as_json() -> None:
 
 
 def test_metric_gate_regression_rolls_back() -> None:
-    from slmops.server.rollout import CohortFigure, MetricSnapshot
+    from slmops.server.rollouts.machine import CohortFigure, MetricSnapshot
 
     gates = FAST | {
         "metrics": [

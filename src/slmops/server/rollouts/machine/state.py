@@ -7,7 +7,7 @@ wave's timings, latest gate evaluation and deciding evaluation; the history of s
 with who made them; and a ``Tally`` of the device records, from which the machine decides.
 
 The server stores the records as one row each and the rest (the summary, with the tally) on the
-rollout row (``server/rollout_rows.py``); it hands ``step`` only the records an event names and
+rollout row (``server/rollouts/store.py``); it hands ``step`` only the records an event names and
 says so in ``loaded``, so a device report costs the same whatever the fleet's size. Tests and
 the simulator keep every record in ``devices`` (``loaded`` None).
 """
@@ -22,11 +22,11 @@ from typing import Any, Literal, Self
 from pydantic import Field, model_validator
 
 from slmops.protocol.fleet import DeviceActionState
-from slmops.server.rollout.events import StateChanged
-from slmops.server.rollout.gates import GateEvaluation, ReceivedFigure
-from slmops.server.rollout.plan import wave_targets
-from slmops.server.rollout.policy import RolloutPolicy
-from slmops.server.rollout.status import RolloutModel, RolloutStatus
+from slmops.server.rollouts.machine.events import StateChanged
+from slmops.server.rollouts.machine.gates import GateEvaluation, ReceivedFigure
+from slmops.server.rollouts.machine.plan import wave_targets
+from slmops.server.rollouts.machine.policy import RolloutPolicy
+from slmops.server.rollouts.machine.status import RolloutModel, RolloutStatus
 
 STATE_SCHEMA: Literal["slmops.rollout-state/v1"] = "slmops.rollout-state/v1"
 

@@ -1,4 +1,4 @@
-"""Rollouts on the control plane: the I/O around the pure machine in ``server/rollout``.
+"""Rollouts on the control plane: the I/O around the pure machine in ``rollouts/machine``.
 
 A rollout is created when a blueprint's release changes: its resolved version (an apply, or a
 channel it follows moving) or its adapter assignments (``server/reconcile.py``). From then on
@@ -8,7 +8,7 @@ enrollments (a matching device not yet in it), operator commands, and ticks from
 devices they name (``server/desired.py`` reads the stored rollout, so no device can be told two
 things), and a rollout that succeeds makes its release (version and adapters) the blueprint's stable one.
 
-Storage (``server/rollout_rows.py``): a small summary on the rollout row and one row per
+Storage (``rollouts/store.py``): a small summary on the rollout row and one row per
 device, so a device report reads and writes its own row plus the summary. Writes are optimistic:
 ``run_event`` re-reads the row, steps, and updates ``WHERE revision =`` what it read; on a miss
 (another process stepped first) it rolls back and tries again. A restart loses nothing: the
@@ -31,14 +31,14 @@ from sqlalchemy.orm import Session
 
 from slmops.protocol.device import ActionStatus, ActiveModel
 from slmops.protocol.fleet import DeviceActionState
-from slmops.server import rollout_rows as rows
-from slmops.server.blueprints_table import BlueprintRow
+from slmops.server.blueprints.tables import BlueprintRow
 from slmops.server.context import Context
 from slmops.server.db.models import Device, Rollout
 from slmops.server.db.session import Database
 from slmops.server.desired import latest_rollout, refresh_devices
 from slmops.server.registry.store import BlobStore
-from slmops.server.rollout import (
+from slmops.server.rollouts import store as rows
+from slmops.server.rollouts.machine import (
     AssignTarget,
     DeviceReport,
     DevicesMatched,
@@ -52,7 +52,7 @@ from slmops.server.rollout import (
     Tick,
     step,
 )
-from slmops.server.rollout_rows import RolloutConflict
+from slmops.server.rollouts.store import RolloutConflict
 
 log = logging.getLogger("slmops.server.rollouts")
 MAX_ATTEMPTS = 20

@@ -1,8 +1,8 @@
 """Blueprint use cases: apply and delete, the same code for every caller.
 
-Operators apply through ``PUT /api/v1/blueprints/{name}`` (``api/operator/blueprints.py``);
+Operators apply through ``PUT /api/v1/blueprints/{name}`` (``blueprints/routes.py``);
 the feedback loop applies a blueprint pinned to a passing candidate
-(``feedback/api.py``). Both go through ``apply_blueprint``, so an apply means one thing:
+(``feedback/routes.py``). Both go through ``apply_blueprint``, so an apply means one thing:
 
 - an unchanged spec answers ``changed: False`` and touches nothing (CI can apply every run);
 - a changed spec is stored (``generation`` + 1; another model forgets the stable version,
@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from slmops.server.blueprint import Blueprint
-from slmops.server.blueprints_table import BlueprintRow
+from slmops.server.blueprints.document import Blueprint
+from slmops.server.blueprints.tables import BlueprintRow
 from slmops.server.context import Context
 from slmops.server.db.models import utcnow
 from slmops.server.desired import governed

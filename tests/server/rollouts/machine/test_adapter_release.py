@@ -8,9 +8,9 @@ equal exactly when it assigns the same adapters, whatever the order in the file.
 
 from __future__ import annotations
 
-from slmops.server.blueprint import AdapterAssignment, adapter_release, parse_release
+from slmops.server.blueprints.document import AdapterAssignment, adapter_release, parse_release
 from slmops.server.device_plan import Plan, plan_for, release_adapters
-from slmops.server.rollout import (
+from slmops.server.rollouts.machine import (
     DeviceRecord,
     DevicesMatched,
     MatchedDevice,
@@ -19,7 +19,7 @@ from slmops.server.rollout import (
     create_rollout,
     step,
 )
-from slmops.server.rollout.policy import RolloutPolicy
+from slmops.server.rollouts.machine.policy import RolloutPolicy
 
 S1 = {"selector": {"site": "s1"}, "adapter": "menu", "version": "2.0.0"}
 S2 = {"selector": {"site": "s2"}, "adapter": "tools", "version": "1.0.0"}

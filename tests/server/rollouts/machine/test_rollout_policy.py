@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from slmops.core.errors import ConfigError
-from slmops.server.rollout import FailureAction, MetricGate, RolloutPolicy, WaveGates
+from slmops.server.rollouts.machine import FailureAction, MetricGate, RolloutPolicy, WaveGates
 
 
 def _error(data: Any) -> str:

@@ -20,8 +20,8 @@ from __future__ import annotations
 import math
 
 from slmops.protocol.fleet import DeviceActionState
-from slmops.server.rollout.errors import InvalidTransition
-from slmops.server.rollout.events import (
+from slmops.server.rollouts.machine.errors import InvalidTransition
+from slmops.server.rollouts.machine.events import (
     DeviceReport,
     DevicesMatched,
     MetricSnapshot,
@@ -31,10 +31,10 @@ from slmops.server.rollout.events import (
     RolloutEvent,
     Tick,
 )
-from slmops.server.rollout.gates import ReceivedFigure
-from slmops.server.rollout.state import DeviceRecord, RolloutState, WaveOutcome
-from slmops.server.rollout.status import RolloutStatus
-from slmops.server.rollout.waves import NOTHING_CAN_MOVE, Run, fork
+from slmops.server.rollouts.machine.gates import ReceivedFigure
+from slmops.server.rollouts.machine.state import DeviceRecord, RolloutState, WaveOutcome
+from slmops.server.rollouts.machine.status import RolloutStatus
+from slmops.server.rollouts.machine.waves import NOTHING_CAN_MOVE, Run, fork
 
 S = RolloutStatus
 ALLOWED: dict[OperatorAction, frozenset[RolloutStatus]] = {

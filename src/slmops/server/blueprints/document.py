@@ -34,7 +34,7 @@ from slmops.protocol.device import GenerationDefaults
 from slmops.protocol.document import Document
 from slmops.protocol.registry_url import RegistryUrl
 from slmops.protocol.telemetry import TelemetryPolicy
-from slmops.server.rollout.policy import RolloutPolicy
+from slmops.server.rollouts.machine.policy import RolloutPolicy
 
 
 class GenerationOverrides(StrictModel):

@@ -41,8 +41,8 @@ records and their tally), ``machine`` (``step``), ``waves`` (the mechanics ``ste
 ``errors``.
 """
 
-from slmops.server.rollout.errors import InvalidTransition, NeedDevices
-from slmops.server.rollout.events import (
+from slmops.server.rollouts.machine.errors import InvalidTransition, NeedDevices
+from slmops.server.rollouts.machine.events import (
     COMMAND_ADAPTER,
     EVENT_ADAPTER,
     AssignTarget,
@@ -61,7 +61,7 @@ from slmops.server.rollout.events import (
     Tick,
     WaveStarted,
 )
-from slmops.server.rollout.gates import (
+from slmops.server.rollouts.machine.gates import (
     Cohort,
     CohortFigure,
     Gate,
@@ -73,9 +73,9 @@ from slmops.server.rollout.gates import (
     evaluate,
     gate_list,
 )
-from slmops.server.rollout.machine import ALLOWED, step
-from slmops.server.rollout.plan import pick_order, wave_targets
-from slmops.server.rollout.policy import (
+from slmops.server.rollouts.machine.machine import ALLOWED, step
+from slmops.server.rollouts.machine.plan import pick_order, wave_targets
+from slmops.server.rollouts.machine.policy import (
     FailureAction,
     GateOverrides,
     MetricGate,
@@ -83,7 +83,7 @@ from slmops.server.rollout.policy import (
     WaveGates,
     WaveStep,
 )
-from slmops.server.rollout.state import (
+from slmops.server.rollouts.machine.state import (
     DeviceRecord,
     RolloutState,
     Tally,
@@ -92,7 +92,7 @@ from slmops.server.rollout.state import (
     WaveTally,
     create_rollout,
 )
-from slmops.server.rollout.status import RolloutStatus
+from slmops.server.rollouts.machine.status import RolloutStatus
 
 __all__ = [
     "ALLOWED",

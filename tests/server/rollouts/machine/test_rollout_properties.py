@@ -25,7 +25,7 @@ from hypothesis import event as observe
 from hypothesis import strategies as st
 
 from slmops.protocol.fleet import DeviceActionState as A
-from slmops.server.rollout import (
+from slmops.server.rollouts.machine import (
     AssignTarget,
     Cohort,
     CohortFigure,

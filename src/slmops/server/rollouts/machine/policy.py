@@ -20,7 +20,7 @@ from typing import Any, Literal, Self
 
 from pydantic import Field, model_validator
 
-from slmops.server.rollout.status import RolloutModel
+from slmops.server.rollouts.machine.status import RolloutModel
 
 MAX_WAVES = 100
 

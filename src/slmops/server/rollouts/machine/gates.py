@@ -21,8 +21,8 @@ from fractions import Fraction
 
 from pydantic import Field
 
-from slmops.server.rollout.policy import MetricGate, WaveGates
-from slmops.server.rollout.status import RolloutModel
+from slmops.server.rollouts.machine.policy import MetricGate, WaveGates
+from slmops.server.rollouts.machine.status import RolloutModel
 
 
 class GateStatus(StrEnum):

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from slmops.server.rollout import RolloutPolicy, WaveStep, pick_order, wave_targets
+from slmops.server.rollouts.machine import RolloutPolicy, WaveStep, pick_order, wave_targets
 
 DEFAULT = RolloutPolicy().waves
 

@@ -1,6 +1,6 @@
 """Blueprints as operators apply them: PUT is idempotent like ``kubectl apply``.
 
-PUT /blueprints/{name} stores the document (``server/blueprints_service.apply_blueprint``); when
+PUT /blueprints/{name} stores the document (``service.apply_blueprint``); when
 the version it resolves to differs from the one its devices run, it creates a rollout
 (``server/reconcile.reconcile``) that moves them in waves, and the answer names it. Other
 changes (generation settings, groups) reach devices at once. Applying the same spec again
@@ -21,10 +21,10 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from slmops.core.config import StrictModel
-from slmops.server import blueprints_service as service
 from slmops.server.api.deps import OperatorDep, ServicesDep, SessionDep, ViewerDep
-from slmops.server.blueprint import Blueprint
-from slmops.server.blueprints_table import BlueprintRow
+from slmops.server.blueprints import service
+from slmops.server.blueprints.document import Blueprint
+from slmops.server.blueprints.tables import BlueprintRow
 from slmops.server.db.models import as_utc
 from slmops.server.errors import api_error
 from slmops.server.openapi import errors

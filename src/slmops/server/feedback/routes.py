@@ -28,8 +28,8 @@ from slmops.server.api.deps import (
     SessionDep,
     ViewerDep,
 )
-from slmops.server.blueprint import Blueprint
-from slmops.server.blueprints_service import apply_blueprint, find_blueprint
+from slmops.server.blueprints.document import Blueprint
+from slmops.server.blueprints.service import apply_blueprint, find_blueprint
 from slmops.server.db.models import as_utc, utcnow
 from slmops.server.errors import api_error
 from slmops.server.feedback.engine import next_version

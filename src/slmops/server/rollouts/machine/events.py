@@ -14,8 +14,8 @@ from typing import Annotated, Literal
 from pydantic import Field, TypeAdapter
 
 from slmops.protocol.fleet import DeviceActionState
-from slmops.server.rollout.gates import CohortFigure, GateEvaluation
-from slmops.server.rollout.status import RolloutModel, RolloutStatus
+from slmops.server.rollouts.machine.gates import CohortFigure, GateEvaluation
+from slmops.server.rollouts.machine.status import RolloutModel, RolloutStatus
 
 # ---------------------------------------------------------------------------- events (inputs)
 

@@ -1,6 +1,6 @@
 """Rollout storage: a small summary on the rollout row, one ``rollout_devices`` row per device.
 
-The pure machine (``server/rollout``) steps a ``RolloutState``; here that state is assembled from
+The pure machine (``rollouts/machine``) steps a ``RolloutState``; here that state is assembled from
 the database with only the device records a step needs, and written back with only what
 changed. A device report loads the summary and its own row and writes both back: the cost does
 not grow with the fleet. The summary's tally keeps the counts gates and targets need. The few
@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session
 
 from slmops.protocol.fleet import DeviceActionState
 from slmops.server.db.models import Rollout, RolloutDevice, utcnow
-from slmops.server.rollout import DeviceRecord, RolloutState
+from slmops.server.rollouts.machine import DeviceRecord, RolloutState
 
 CHUNK = 500  # ids per IN (...) query: well under every engine's parameter limit
 TABLE: Table = RolloutDevice.__table__  # type: ignore[assignment]  # declared as FromClause

@@ -4,9 +4,9 @@ Only the spec is stored (the name is the key, apiVersion and kind are constant),
 the document round-trips exactly; ``generation`` counts the applies that changed it, so an
 operator can tell which revision a device's desired state came from. ``stable_version`` is the
 version the blueprint's devices run outside a rollout: it moves only when a rollout succeeds
-(``server/rollouts.py``), so a rolled-back or aborted version never reaches new devices.
+(``server/rollouts/service.py``), so a rolled-back or aborted version never reaches new devices.
 ``stable_adapters`` is the same for the blueprint's adapter assignments (as stored by
-``blueprint.adapter_release``; null: no release has succeeded yet, so none).
+``document.adapter_release``; null: no release has succeeded yet, so none).
 """
 
 from __future__ import annotations

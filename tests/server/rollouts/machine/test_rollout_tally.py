@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from slmops.protocol.fleet import DeviceActionState as A
 from slmops.server.device_plan import plan_for
-from slmops.server.rollout import (
+from slmops.server.rollouts.machine import (
     DeviceRecord,
     DeviceReport,
     DevicesMatched,

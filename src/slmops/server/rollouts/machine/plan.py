@@ -14,7 +14,7 @@ import math
 from collections.abc import Mapping, Sequence
 from fractions import Fraction
 
-from slmops.server.rollout.policy import WaveStep
+from slmops.server.rollouts.machine.policy import WaveStep
 
 
 def wave_targets(waves: Sequence[WaveStep], total: int) -> list[int]:

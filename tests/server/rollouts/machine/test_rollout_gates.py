@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from slmops.server.rollout import (
+from slmops.server.rollouts.machine import (
     Cohort,
     GateStatus,
     MetricGate,
@@ -15,7 +15,7 @@ from slmops.server.rollout import (
     WaveGates,
     evaluate,
 )
-from slmops.server.rollout.gates import ReceivedFigure
+from slmops.server.rollouts.machine.gates import ReceivedFigure
 
 
 def facts(**kw: Any) -> WaveFacts:

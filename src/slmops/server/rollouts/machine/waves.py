@@ -17,8 +17,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from slmops.server.rollout.errors import NeedDevices
-from slmops.server.rollout.events import (
+from slmops.server.rollouts.machine.errors import NeedDevices
+from slmops.server.rollouts.machine.events import (
     AssignTarget,
     DecisionAction,
     GateDecision,
@@ -27,17 +27,23 @@ from slmops.server.rollout.events import (
     StateChanged,
     WaveStarted,
 )
-from slmops.server.rollout.gates import GateEvaluation, GateStatus, Verdict, WaveFacts, evaluate
-from slmops.server.rollout.plan import pick_order
-from slmops.server.rollout.policy import FailureAction
-from slmops.server.rollout.state import (
+from slmops.server.rollouts.machine.gates import (
+    GateEvaluation,
+    GateStatus,
+    Verdict,
+    WaveFacts,
+    evaluate,
+)
+from slmops.server.rollouts.machine.plan import pick_order
+from slmops.server.rollouts.machine.policy import FailureAction
+from slmops.server.rollouts.machine.state import (
     DeviceRecord,
     RolloutState,
     Tally,
     WaveOutcome,
     WaveRecord,
 )
-from slmops.server.rollout.status import RolloutStatus
+from slmops.server.rollouts.machine.status import RolloutStatus
 
 NOTHING_CAN_MOVE = "nothing can move"
 """How a rollout that paused itself for want of a placeable device says so (``machine``

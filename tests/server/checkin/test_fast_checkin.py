@@ -1,0 +1,150 @@
+"""The check-in cache hit answered before routing (server/api/device/fast_checkin.py).
+
+A real uvicorn on 127.0.0.1 serves the app in this process (real SQLite), so the test can
+count, beside what the client sees, the cache's hit counter and the route's calls (the route's
+``answer`` is wrapped): an idle poll repeating the last full check-in gets 304 without reaching
+the route, with the headers the route would send; everything else (other bytes, another ETag,
+a body over the limit, read in chunks) reaches the route with its body intact; a revoked
+device is refused on its very next poll.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+
+from control_plane import inventory
+from factories.server import Server, cli_json, credential, enrollment_token, make_token
+from helpers import free_port
+from slmops.server.api.device import checkin
+from slmops.server.api.device.checkin_cache import CheckinCache
+from slmops.server.app import create_app
+from slmops.server.settings import load_settings
+
+
+class Served:
+    """The in-process server, its app's check-in cache, and how often the route answered."""
+
+    def __init__(self, server: Server, cache: CheckinCache, calls: list[int]) -> None:
+        self.server, self.cache, self.calls = server, cache, calls
+
+    def poll(self, cred: str, body: Any, etag: str | None = None) -> httpx.Response:
+        headers = {"Authorization": f"Bearer {cred}", "Content-Type": "application/json"}
+        if etag is not None:
+            headers["If-None-Match"] = etag
+        url = self.server.url + "/device/v1/checkin"
+        return httpx.post(url, content=body, headers=headers, timeout=10)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    data: Path = tmp_path_factory.mktemp("fast")
+    admin = cli_json("token", "create", "--data", data, "--role", "admin", "--name", "root")
+    settings = load_settings(data_dir=data, checkin_cache_seconds=30, poll_seconds=60)
+    app = create_app(settings)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
+        time.sleep(0.05)
+    calls: list[int] = []
+    real = checkin.answer
+
+    async def counted(*args: Any, **kwargs: Any) -> checkin.Answer | None:
+        calls.append(1)
+        return await real(*args, **kwargs)
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(checkin, "answer", counted)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        yield Served(Server(url, data, admin["token"]), app.state.checkin_cache, calls)
+    finally:
+        mp.undo()
+        server.should_exit = True
+        thread.join(timeout=15)
+
+
+def _body(**inv: Any) -> bytes:
+    return json.dumps({"schema": "slmops.device/v1", "inventory": inventory(**inv)}).encode()
+
+
+def _chunks(raw: bytes, size: int) -> Iterator[bytes]:
+    yield from (raw[i : i + size] for i in range(0, len(raw), size))
+
+
+def _shown(r: httpx.Response) -> dict[str, str]:
+    return {k: v for k, v in r.headers.items() if k not in ("date", "server")}
+
+
+def test_an_idle_poll_is_answered_without_reaching_the_route(served: Served) -> None:
+    token = enrollment_token(served.server, {"site": "fast"})
+    cred = credential(served.server, token, "fast-1")
+    raw = _body()
+    first = served.poll(cred, raw)
+    assert first.status_code == 200, first.text
+    etag = first.headers["etag"]
+    # The first answer's own commit invalidates what it read, so the route caches the next.
+    assert served.poll(cred, raw, etag).status_code == 304
+    calls = len(served.calls)
+    hits, misses = served.cache.hits, served.cache.misses
+
+    fast = served.poll(cred, raw, etag)
+    assert fast.status_code == 304 and fast.content == b""
+    assert _shown(fast) == {"etag": etag, "cache-control": "no-cache"}
+    chunked = served.poll(cred, _chunks(raw, 7), f"W/{etag}")  # read in pieces, weak ETag
+    assert chunked.status_code == 304 and chunked.headers["etag"] == etag
+    assert len(served.calls) == calls  # the route never ran
+    assert (served.cache.hits, served.cache.misses) == (hits + 2, misses)
+
+    # Other bytes for the same report: a miss, the route answers 304 from the stored row, with
+    # the same headers as the fast path; the miss is counted once.
+    spaced = raw.replace(b":", b": ")
+    slow = served.poll(cred, spaced, etag)
+    assert slow.status_code == 304 and _shown(slow) == _shown(fast)
+    assert len(served.calls) == calls + 1 and served.cache.misses == misses + 1
+
+    # Another ETag: the route answers the full state, from the same body bytes.
+    full = served.poll(cred, _chunks(raw, 5), '"stale"')
+    assert full.status_code == 200 and full.headers["etag"] == etag
+    assert full.content == first.content
+    assert len(served.calls) == calls + 2
+
+
+def test_bodies_over_the_limit_and_bad_credentials_get_the_route_s_answer(
+    served: Served,
+) -> None:
+    cred = credential(served.server, enrollment_token(served.server, {}), "fast-2")
+    big = b" " * (checkin.MAX_BODY_BYTES + 10) + _body()
+    for content in (big, _chunks(big, 64 * 1024)):  # declared length; chunked, read partly
+        r = served.poll(cred, content, '"x"')
+        assert r.status_code == 413 and r.json()["error"]["code"] == "too_large", r.text
+    r = served.poll("not-a-credential", _body(), '"x"')
+    assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized"
+
+
+def test_a_revoked_device_is_refused_on_its_next_poll(served: Served) -> None:
+    token = enrollment_token(served.server, {"site": "gone"})
+    cred = credential(served.server, token, "fast-3")
+    raw = _body()
+    etag = served.poll(cred, raw).headers["etag"]
+    assert served.poll(cred, raw, etag).status_code == 304  # cached by the route
+    hits = served.cache.hits
+    assert served.poll(cred, raw, etag).status_code == 304
+    assert served.cache.hits == hits + 1  # answered from the cache
+    with served.server.client(make_token(served.server, "operator")) as c:
+        assert c.post("/api/v1/devices/fast-3/revoke").status_code == 200
+    r = served.poll(cred, raw, etag)
+    assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized"
+    assert served.cache.hits == hits + 1
