@@ -15,7 +15,7 @@ of the server's time (started over 24 h ago, or ending over 5 min ahead: ``store
 is attributed from the server's record of what the device runs (``store.attribute``), never
 from the model, version or rollout the device claims. The hardware class of every window is
 the device's profile at the time of delivery. The device is read with other requests' in one
-query (``server/checkin_reader.py``) and the batch stored with theirs in one transaction
+query, and the batch stored with theirs, in one transaction of the writer thread
 (``writer.py``); the answer comes after the commit.
 """
 
@@ -24,21 +24,20 @@ from __future__ import annotations
 import zlib
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Request
+from fastapi import APIRouter, Header, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field, ValidationError
 from sqlalchemy import select
 
 from slmops.protocol.telemetry import TelemetryBatch
 from slmops.server.api.deps import UNKNOWN_DEVICE, device_secret, unauthorized
-from slmops.server.checkin_reader import CheckinReader
 from slmops.server.db.models import Device
 from slmops.server.db.session import Database
 from slmops.server.errors import api_error
 from slmops.server.openapi import DEVICE_SECURITY, errors, json_body
 from slmops.server.security import TokenKind, hash_secret
 from slmops.server.telemetry.store import Stored, store_batch
-from slmops.server.telemetry.writer import TelemetryWriter
+from slmops.server.telemetry.writer import TelemetryWriter, UnknownDevice
 
 router = APIRouter(tags=["device"])
 
@@ -113,16 +112,16 @@ def _store(db: Database, key: str, batch: TelemetryBatch) -> Stored:
 
 
 async def _stored(app: Any, key: str, batch: TelemetryBatch) -> Stored:
-    """The device is read in a batch with other requests, the batch stored in a group commit
-    with others (``writer.py``); an app without them (not started) stores it alone."""
-    reader: CheckinReader | None = getattr(app.state, "checkin_reader", None)
+    """The batch is stored in a group commit with other requests' (``writer.py``), whose
+    transaction also reads their devices by credential in one query: one thread hop per
+    request. An app without the writer (not started) stores it alone."""
     writer: TelemetryWriter | None = getattr(app.state, "telemetry_writer", None)
-    if reader is None or writer is None:
+    if writer is None:
         return await run_in_threadpool(_store, app.state.db, key, batch)
-    device = await reader.lookup(key)
-    if device is None:
-        raise unauthorized(*UNKNOWN_DEVICE)
-    return await writer.store(device, batch)
+    try:
+        return await writer.store_for(key, batch)
+    except UnknownDevice:
+        raise unauthorized(*UNKNOWN_DEVICE) from None
 
 
 @router.post(
@@ -140,7 +139,7 @@ async def post_telemetry(
     request: Request,
     authorization: Annotated[str | None, Header(include_in_schema=False)] = None,
     content_encoding: Annotated[str | None, Header()] = None,
-) -> TelemetryAccepted:
+) -> Response:
     """Store a batch of telemetry windows (idempotent per ``batch_id``). The credential's
     shape is checked before the body is read; its database lookup happens with the store."""
     key = hash_secret(device_secret(authorization), TokenKind.DEVICE)
@@ -168,9 +167,12 @@ async def post_telemetry(
             hint="send a slmops.telemetry/v1 batch; unknown keys are refused",
         ) from None
     stored = await _stored(request.app, key, batch)
-    return TelemetryAccepted(
+    accepted = TelemetryAccepted(
         batch_id=stored.batch_id,
         accepted=stored.windows,
         duplicate=stored.duplicate,
         skipped=stored.skipped,
     )
+    # Serialized here: returned as a model, FastAPI would dump, validate and encode it again
+    # (``response_model`` still documents it).
+    return Response(accepted.model_dump_json().encode(), media_type="application/json")

@@ -77,12 +77,17 @@ HourKey = tuple[float, str, str, str, str, str, str]
 
 @dataclass
 class _Job:
-    device: Any  # a devices row: device_id, profile, active, previous, desired
+    device: Any  # a devices row: device_id, profile, active, previous, desired (None: by key)
     batch: TelemetryBatch
     now: float
     future: asyncio.Future[Stored]
     loop: asyncio.AbstractEventLoop
     result: Stored | BaseException | None = None
+    key: str | None = None  # the credential digest, when the writer reads the device
+
+
+class UnknownDevice(LookupError):
+    """No device holds the credential a batch came with (the route answers 401)."""
 
 
 class TelemetryWriter:
@@ -118,9 +123,23 @@ class TelemetryWriter:
         self, device: Any, batch: TelemetryBatch, *, now: float | None = None
     ) -> Stored:
         """Store ``batch`` for the device row ``device``; returns once it is committed."""
+        return await self._submit(device, None, batch, now)
+
+    async def store_for(
+        self, key: str, batch: TelemetryBatch, *, now: float | None = None
+    ) -> Stored:
+        """Store ``batch`` for the device whose credential digest is ``key``: the writer reads
+        the devices of the whole group in one query in its transaction, so a request costs one
+        thread hop, not two (a read, then a write). Raises ``UnknownDevice`` for no device."""
+        return await self._submit(None, key, batch, now)
+
+    async def _submit(
+        self, device: Any, key: str | None, batch: TelemetryBatch, now: float | None
+    ) -> Stored:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Stored] = loop.create_future()
-        self._queue.put(_Job(device, batch, time.time() if now is None else now, future, loop))
+        when = time.time() if now is None else now
+        self._queue.put(_Job(device, batch, when, future, loop, key=key))
         return await future
 
     # --- the thread -----------------------------------------------------------------------------
@@ -188,11 +207,18 @@ class TelemetryWriter:
         _answer(jobs)
 
     def _alone(self, job: _Job) -> Stored | BaseException:
+        if isinstance(job.result, UnknownDevice):
+            return job.result
         try:
             with self.sessions(info={COUNTERS_KEY: self.counters}) as session:
-                device = session.scalar(
-                    select(Device).where(Device.device_id == job.device.device_id)
-                )
+                if job.device is None:
+                    device = session.scalar(select(Device).where(Device.credential_hash == job.key))
+                    if device is None:
+                        return UnknownDevice("no device holds this credential")
+                else:
+                    device = session.scalar(
+                        select(Device).where(Device.device_id == job.device.device_id)
+                    )
                 if device is None:
                     return LookupError(f"device {job.device.device_id} is gone")
                 return store_batch(session, device, job.batch, now=job.now)
@@ -200,9 +226,12 @@ class TelemetryWriter:
             return exc
 
     def _write(self, conn: Connection, jobs: list[_Job]) -> None:
+        _devices(conn, jobs)
         seen: set[tuple[str, str]] = set()
         fresh: list[_Job] = []
         for job in jobs:
+            if job.device is None:  # no device holds its credential (result: UnknownDevice)
+                continue
             ident = (job.device.device_id, job.batch.batch_id)
             if ident in seen:  # the same batch twice in one group: the second is a retry
                 job.result = Stored(job.batch.batch_id, 0, duplicate=True)
@@ -228,9 +257,7 @@ class TelemetryWriter:
                     "samples": [s.model_dump(mode="json") for s in job.batch.samples] or None,
                 }
             )
-        ins = _insert(conn, _BATCHES).values(rows)
-        ins = ins.on_conflict_do_nothing(index_elements=["device_id", "batch_id"])
-        got = conn.execute(ins.returning(_BATCHES.c.id, _BATCHES.c.device_id, _BATCHES.c.batch_id))
+        got = conn.execute(_statements(conn).batches, rows)  # one multi-row INSERT per 1,000
         ids = {(r.device_id, r.batch_id): r.id for r in got}
         known = _running(conn, [j for j in fresh if (j.device.device_id, j.batch.batch_id) in ids])
         windows: list[dict[str, Any]] = []
@@ -286,6 +313,55 @@ def _insert(conn: Connection, table: Table) -> Any:
     return sqlite.insert(table)
 
 
+@dataclass(frozen=True)
+class _Statements:
+    """The group's statements, built once per dialect. Executed with a list of parameter sets,
+    an INSERT ... RETURNING is sent as multi-row INSERTs by SQLAlchemy ("insertmanyvalues")
+    from one cached compilation: ``.values(rows)`` would compile a new statement per group,
+    which cost more than the rows."""
+
+    batches: Any
+    hourly: Any
+
+
+_BY_DIALECT: dict[str, _Statements] = {}
+
+
+def _statements(conn: Connection) -> _Statements:
+    name = conn.dialect.name
+    if name not in _BY_DIALECT:
+        batches = _insert(conn, _BATCHES).on_conflict_do_nothing(
+            index_elements=["device_id", "batch_id"]
+        )
+        hourly = _insert(conn, _HOURLY).on_conflict_do_nothing(index_elements=list(_KEY))
+        _BY_DIALECT[name] = _Statements(
+            batches=batches.returning(_BATCHES.c.id, _BATCHES.c.device_id, _BATCHES.c.batch_id),
+            hourly=hourly.returning(*(_HOURLY.c[n] for n in _KEY)),
+        )
+    return _BY_DIALECT[name]
+
+
+_DEVICE_COLUMNS = ("device_id", "credential_hash", "profile", "active", "previous", "desired")
+_DEVICES = cast(Table, Device.__table__)
+_BY_KEY = select(*(_DEVICES.c[n] for n in _DEVICE_COLUMNS)).where(
+    _DEVICES.c.credential_hash.in_(bindparam("keys", expanding=True))
+)
+
+
+def _devices(conn: Connection, jobs: list[_Job]) -> None:
+    """Fill in the device of every job that came with a credential digest, in one query;
+    a job whose credential no device holds gets ``UnknownDevice`` as its result."""
+    keys = sorted({job.key for job in jobs if job.device is None and job.key is not None})
+    if not keys:
+        return
+    found = {r.credential_hash: r for r in conn.execute(_BY_KEY, {"keys": keys})}
+    for job in jobs:
+        if job.device is None:
+            job.device = found.get(job.key or "")
+            if job.device is None:
+                job.result = UnknownDevice("no device holds this credential")
+
+
 def _running(conn: Connection, jobs: list[_Job]) -> dict[str, list[dict[str, str]]]:
     """``store.running`` for every device of the group, with one query for the reports."""
     wanted: dict[str, str] = {}
@@ -301,11 +377,7 @@ def _running(conn: Connection, jobs: list[_Job]) -> dict[str, list[dict[str, str
         if isinstance(want, dict) and want.get("name") and want.get("version"):
             wanted[dev.device_id] = str(want["version"])
     if wanted:
-        rows = conn.execute(
-            select(_ACTIONS.c.device_id, _ACTIONS.c.version, _ACTIONS.c.state)
-            .where(_ACTIONS.c.device_id.in_(sorted(wanted)))
-            .order_by(_ACTIONS.c.updated_at)
-        )
+        rows = conn.execute(_REPORTS, {"devices": sorted(wanted)})
         latest: dict[tuple[str, str], str] = {}
         for r in rows:
             latest[(r.device_id, r.version)] = r.state  # ordered: the last one wins
@@ -320,6 +392,20 @@ def _running(conn: Connection, jobs: list[_Job]) -> dict[str, list[dict[str, str
     return out
 
 
+_REPORTS = (
+    select(_ACTIONS.c.device_id, _ACTIONS.c.version, _ACTIONS.c.state)
+    .where(_ACTIONS.c.device_id.in_(bindparam("devices", expanding=True)))
+    .order_by(_ACTIONS.c.updated_at)
+)
+_FOUND = (
+    select(*(_HOURLY.c[n] for n in _KEY), _HOURLY.c.id, _HOURLY.c.aggregate, _HOURLY.c.revision)
+    .where(
+        _HOURLY.c.device_id.in_(bindparam("devices", expanding=True)),
+        _HOURLY.c.hour.in_(bindparam("hours", expanding=True)),
+    )
+    .order_by(_HOURLY.c.id)
+    .with_for_update()  # PostgreSQL: another writer waits for our commit
+)
 _MERGE = (
     update(_HOURLY)
     .where(_HOURLY.c.id == bindparam("row_id"), _HOURLY.c.revision == bindparam("seen"))
@@ -335,15 +421,9 @@ def _roll_up(
     for _ in range(MAX_MERGE_ATTEMPTS):
         devices = sorted({k[1] for k in todo})
         hours = sorted({k[0] for k in todo})
-        cols = [_HOURLY.c[n] for n in _KEY]
         found = {
             tuple(r[: len(_KEY)]): (r.id, r.aggregate, r.revision)
-            for r in conn.execute(
-                select(*cols, _HOURLY.c.id, _HOURLY.c.aggregate, _HOURLY.c.revision)
-                .where(_HOURLY.c.device_id.in_(devices), _HOURLY.c.hour.in_(hours))
-                .order_by(_HOURLY.c.id)
-                .with_for_update()  # PostgreSQL: another writer waits for our commit
-            )
+            for r in conn.execute(_FOUND, {"devices": devices, "hours": hours})
         }
         missed: dict[HourKey, aggregate.Acc] = {}
         new = [k for k in sorted(todo) if k not in found]
@@ -353,9 +433,7 @@ def _roll_up(
                 | {"profile": profiles[k], "aggregate": todo[k], "revision": 0}
                 for k in new
             ]
-            ins = _insert(conn, _HOURLY).values(rows)
-            ins = ins.on_conflict_do_nothing(index_elements=list(_KEY)).returning(*cols)
-            inserted = {tuple(r) for r in conn.execute(ins)}
+            inserted = {tuple(r) for r in conn.execute(_statements(conn).hourly, rows)}
             missed.update({k: todo[k] for k in new if k not in inserted})
         existing = sorted(k for k in todo if k in found)
         if existing:  # one executemany; a row another process changed meanwhile is not hit
