@@ -13,9 +13,9 @@ evaluation to check that the pick per profile is stable; bundle, sign, push to a
 roll out to one agent, send chat completions; and the agent endpoint's decode speed beside
 llama.cpp called directly (bench/fleet.py decode). Prints the table and every target, met or not.
 
-Speed: each perf repeat is a fresh child that decodes >= 256 tokens (evaluate/perf.py: about 4
-s here), --repeats rounds per variant x profile (3); the spread target is (max - min) / median
-over those rounds, so more rounds steady the median but can only widen the range.
+Speed: each perf repeat is a fresh child that decodes for >= 0.3 s (evaluate/perf.py),
+--repeats rounds per variant x profile (3); the spread target is (max - min) / median over those
+rounds, so more rounds steady the median but can only widen the range.
 
 The reference is dequantized from the published Q4_K_M file, not the original bf16 weights: KLD
 is measured against that, which the report and this table say.
@@ -296,7 +296,7 @@ def main() -> int:
         "--repeats",
         type=int,
         default=3,
-        help="perf rounds per variant x profile (each a fresh child, >= 256 tokens decoded); "
+        help="perf rounds per variant x profile (each a fresh child); "
         "more rounds steady the median but widen (max - min) / median, the spread target",
     )
     ap.add_argument("--json", action="store_true")

@@ -28,11 +28,15 @@ running (load ~8 on 2 CPUs): the tiny Q4_K_M at 2 threads 26-415 tok/s between r
 generation of the demo model lasts ~30 ms, so one preemption moved its figure by 10-50 %.
 
 What the harness does about it (the host's load cannot be removed, only measured and spread):
-- Each timed repeat sums >= min_decode_s (0.3 s) AND >= min_decode_tokens (256) of decoding
-  over several generations (perf_child.timed_repeat), so one preemption costs a few percent,
-  not half the figure. The floor in seconds alone was not enough on a real model: Gemma 3 270M
-  decodes ~65 tok/s here, so one 64-token generation (~1 s) already passed it and a repeat was
-  63 tokens; the quiet-box run still had 10-15 % spreads on 3 of 10 variants.
+- Each timed repeat sums >= min_decode_s (0.3 s) of decoding over several generations
+  (perf_child.timed_repeat), so one preemption costs a few percent, not half the figure.
+  `min_decode_tokens` can add a floor in tokens (default 0). A 256-token floor was tried on
+  Gemma 3 270M: it made each evaluation ~4 min longer and did not bring the spreads under 10 %
+  (15 of 20 figures over, against 18 of 20 without it an hour later on the same quiet box), because
+  what dominates is the host's own drift: the median of all variants in one round moved
+  58 -> 66 -> 67 tok/s under one profile and 73 -> 68 -> 55 under the other, rounds minutes apart.
+  Interleaving makes that drift hit every variant alike (selection stays the same), but no
+  repeat length removes it from one variant's (max - min) / median.
 - The watchdog samples RSS every 15 ms only while the child's memory grows (load) or is near
   the ceiling; once it has settled it backs off to every 250 ms (_watch). Its ~70 wakeups/s
   ran on the same 2 CPUs as llama.cpp's 2 threads, about one per decoded token of a 270M model.
@@ -40,7 +44,7 @@ What the harness does about it (the host's load cannot be removed, only measured
   (perf_child) catches a spike between samples, so a variant over its RAM is still does-not-fit.
   Still open (measured on Gemma 3 270M Q3_K_M, 2 threads, a minute of load ~1, CPU share 0.99):
   within one child, 4 repeats of 315 tokens spread 4.7 %; across 3 fresh children (one per
-  interleaved round) 16-17 %, and 22-25 % with the old 63-token repeats. What remains is between
+  interleaved round) 16-17 %, and 22-25 % with 63-token repeats. What remains is between
   loads of the model, not within a repeat; its cause is not found yet.
 - Variants of a profile are interleaved: round r measures every variant once, in the order
   A B C on even rounds and C B A on odd ones (`interleaved_order`), each round in a fresh
@@ -223,8 +227,9 @@ CONTENDED_SHARE = 0.5
 DEFAULT_MIN_DECODE_S = 0.3
 """Decode seconds summed per timed repeat (see perf_child.timed_repeat and the module docstring)."""
 
-DEFAULT_MIN_DECODE_TOKENS = 256
-"""Decoded tokens summed per timed repeat, on top of DEFAULT_MIN_DECODE_S (perf_child)."""
+DEFAULT_MIN_DECODE_TOKENS = 0
+"""Decoded tokens summed per timed repeat, on top of DEFAULT_MIN_DECODE_S (perf_child); off by
+default (see the module docstring for why)."""
 
 
 def interleaved_order(names: Sequence[str], round_index: int) -> list[str]:

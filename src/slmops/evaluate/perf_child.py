@@ -10,8 +10,8 @@ decode for at least `min_decode_s` seconds and `min_decode_tokens` tokens (the t
 are summed, TTFT is the median of its generations): a 64-token generation of a 7 M-parameter
 model lasts ~30 ms, about ten scheduler time slices, so one preemption by another process moved a
 single-generation figure by 10-50 %; summed over >= 0.3 s the same preemption costs a few
-percent. A 270M model at ~65 tok/s passes 0.3 s in one generation, so the token floor (256 by
-default) is what makes its repeat long enough (~4 s) to average over the host's interruptions.
+percent. `min_decode_tokens` adds a floor in tokens (off by default: see evaluate/perf.py for
+why a 256-token floor was dropped).
 Decode time never includes prompt processing: it starts when the first token is out (TTFT).
 
 Why a warm-up after every load: a device loads once and then serves many requests, so
