@@ -21,7 +21,7 @@ from sqlalchemy import select
 from control_plane import inventory
 from slmops.server.blueprints.tables import BlueprintRow
 from slmops.server.context import Context
-from slmops.server.db.models import Device, Rollout, utcnow
+from slmops.server.db.models import Device, utcnow
 from slmops.server.db.session import Database, open_database
 from slmops.server.registry.store import BlobStore
 from slmops.server.rollouts.machine import (
@@ -34,6 +34,7 @@ from slmops.server.rollouts.machine import (
 )
 from slmops.server.rollouts.service import run_event
 from slmops.server.rollouts.store import load_full
+from slmops.server.rollouts.tables import Rollout
 from slmops.server.settings import load_settings
 
 BLUEPRINT = "lab"

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from slmops.protocol.fleet import DeviceActionState
 from slmops.server.context import Context
-from slmops.server.db.models import Rollout, utcnow
+from slmops.server.db.models import utcnow
 from slmops.server.db.session import Database
 from slmops.server.rollouts.machine import (
     DevicesMatched,
@@ -18,6 +18,7 @@ from slmops.server.rollouts.machine import (
 )
 from slmops.server.rollouts.service import run_event
 from slmops.server.rollouts.store import load_full
+from slmops.server.rollouts.tables import Rollout
 
 SLOW = RolloutPolicy.from_data({"gates": {"min_soak_seconds": 1e6, "timeout_seconds": 2e6}})
 STAGES = [DeviceActionState.DOWNLOADING, DeviceActionState.VERIFYING, DeviceActionState.INSTALLING]

@@ -35,6 +35,7 @@ from slmops.server.invalidation import Invalidation
 from slmops.server.leadership import for_engine
 from slmops.server.openapi import errors
 from slmops.server.openapi import install as install_openapi
+from slmops.server.registry.model_routes import router as models_router
 from slmops.server.registry.routes import router as registry_router
 from slmops.server.settings import ServerSettings, load_settings
 from slmops.server.telemetry.metrics import router as metrics_router
@@ -92,7 +93,8 @@ def create_app(settings: ServerSettings) -> FastAPI:
     app.include_router(device.router)
     app.include_router(operator.router)
     app.include_router(audit_api.router, prefix="/api/v1")
-    app.include_router(registry_router)
+    app.include_router(registry_router)  # /v2: the OCI distribution API
+    app.include_router(models_router)  # /api/v1/models: the model catalog
     app.include_router(metrics_router)
     dashboard.install(app)  # /ui/: the operator dashboard
 

@@ -56,12 +56,13 @@ from slmops.server.blueprints.document import (
     parse_release,
 )
 from slmops.server.blueprints.tables import BlueprintRow
-from slmops.server.db.models import Device, Rollout
+from slmops.server.db.models import Device
 from slmops.server.device_plan import Plan, plan_for, release_adapters
 from slmops.server.registry.store import BlobStore
 from slmops.server.resolve import resolve_variant
 from slmops.server.rollouts.machine import DeviceRecord, RolloutState
 from slmops.server.rollouts.store import device_record, records_of
+from slmops.server.rollouts.tables import Rollout
 from slmops.server.targets import (
     Target,
     TargetCache,

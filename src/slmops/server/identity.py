@@ -26,12 +26,13 @@ from sqlalchemy.orm import Session, object_session
 
 from slmops.server.audit import Actor, record
 from slmops.server.context import Context
-from slmops.server.db.models import Device, Rollout, utcnow
+from slmops.server.db.models import Device, utcnow
 from slmops.server.identity_tables import EnrollmentRequest, RequestStatus
 from slmops.server.invalidation import changed
 from slmops.server.rollouts.machine import RolloutStatus, Tick
 from slmops.server.rollouts.service import run_event
 from slmops.server.rollouts.store import RolloutConflict, forget_device
+from slmops.server.rollouts.tables import Rollout
 from slmops.server.security import TokenKind, hash_secret, new_id, new_secret
 
 ACTIVE = "active"

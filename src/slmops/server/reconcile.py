@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 from slmops.server.blueprints.document import Blueprint, ModelRef, adapter_release, parse_release
 from slmops.server.blueprints.tables import BlueprintRow
 from slmops.server.context import Context
-from slmops.server.db.models import Device, Rollout, utcnow
+from slmops.server.db.models import Device, utcnow
 from slmops.server.desired import Refresher, current_version, refresh_devices
 from slmops.server.rollouts import store as rows
 from slmops.server.rollouts.machine import (
@@ -42,6 +42,7 @@ from slmops.server.rollouts.service import (
     hardware_class,
     run_event,
 )
+from slmops.server.rollouts.tables import Rollout
 from slmops.server.targets import resolve_version, to_blueprint
 
 log = logging.getLogger("slmops.server.rollouts")

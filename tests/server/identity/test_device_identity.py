@@ -28,7 +28,7 @@ from slmops.protocol.fleet import DeviceActionState
 from slmops.server import identity
 from slmops.server.audit import Actor
 from slmops.server.context import Context
-from slmops.server.db.models import Device, Rollout
+from slmops.server.db.models import Device
 from slmops.server.db.session import open_database
 from slmops.server.registry.store import BlobStore
 from slmops.server.rollouts.machine import (
@@ -41,6 +41,7 @@ from slmops.server.rollouts.machine import (
     create_rollout,
     step,
 )
+from slmops.server.rollouts.tables import Rollout
 from slmops.server.settings import load_settings
 
 SERVER_CLI = [sys.executable, "-m", "slmops.cli.server"]

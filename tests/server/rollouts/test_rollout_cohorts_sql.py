@@ -26,7 +26,7 @@ import pytest
 from sqlalchemy import event, select
 
 from slmops.protocol.telemetry import BOUNDS, TelemetryBatch
-from slmops.server.db.models import Device, Rollout
+from slmops.server.db.models import Device
 from slmops.server.db.session import Database, open_database
 from slmops.server.rollouts.machine import (
     DeviceReport,
@@ -40,6 +40,7 @@ from slmops.server.rollouts.machine import (
     step,
 )
 from slmops.server.rollouts.store import load, load_full, save
+from slmops.server.rollouts.tables import Rollout
 from slmops.server.settings import load_settings
 from slmops.server.telemetry.cohorts import figures_for
 from slmops.server.telemetry.query import summarize

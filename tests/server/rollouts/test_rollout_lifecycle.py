@@ -49,7 +49,6 @@ from factories.server import (
     cli_json,
 )
 from helpers import free_port
-from slmops.server.db.models import Rollout
 from slmops.server.db.session import open_database
 from slmops.server.registry.store import BlobStore
 from slmops.server.rollouts.machine import (
@@ -61,6 +60,7 @@ from slmops.server.rollouts.machine import (
     step,
 )
 from slmops.server.rollouts.service import tick_all
+from slmops.server.rollouts.tables import Rollout
 from slmops.server.settings import load_settings
 
 # --- 4. late enrollment -----------------------------------------------------------------------

@@ -23,7 +23,6 @@ import httpx
 import pytest
 
 from control_plane import ControlPlane
-from slmops.server.db.models import Rollout
 from slmops.server.db.session import open_database
 from slmops.server.rollouts.machine import (
     DeviceReport,
@@ -36,6 +35,7 @@ from slmops.server.rollouts.machine import (
     step,
 )
 from slmops.server.rollouts.store import load, load_full, save
+from slmops.server.rollouts.tables import Rollout
 from slmops.server.settings import load_settings
 
 RID = "pages-1"

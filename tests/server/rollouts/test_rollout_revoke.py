@@ -22,7 +22,7 @@ from slmops.server import identity
 from slmops.server.audit import Actor
 from slmops.server.blueprints.tables import BlueprintRow
 from slmops.server.context import Context
-from slmops.server.db.models import Device, Rollout
+from slmops.server.db.models import Device
 from slmops.server.db.session import Database, open_database
 from slmops.server.reconcile import settle
 from slmops.server.registry.store import BlobStore
@@ -39,6 +39,7 @@ from slmops.server.rollouts.machine import (
 )
 from slmops.server.rollouts.service import run_event
 from slmops.server.rollouts.store import device_record, load, save
+from slmops.server.rollouts.tables import Rollout
 from slmops.server.settings import load_settings
 
 POLICY = RolloutPolicy.model_validate(

@@ -17,7 +17,6 @@ from sqlalchemy import func, select, text
 
 from slmops.protocol.fleet import DeviceActionState
 from slmops.server.context import Context
-from slmops.server.db.models import Rollout, RolloutDevice
 from slmops.server.db.session import Database, make_engine, open_database, upgrade
 from slmops.server.registry.store import BlobStore
 from slmops.server.rollouts.machine import (
@@ -34,6 +33,7 @@ from slmops.server.rollouts.machine import (
 )
 from slmops.server.rollouts.service import run_event
 from slmops.server.rollouts.store import forget_device, load_full
+from slmops.server.rollouts.tables import Rollout, RolloutDevice
 from slmops.server.settings import load_settings
 
 POLICY = RolloutPolicy.from_data(

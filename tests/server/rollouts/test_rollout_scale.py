@@ -18,12 +18,12 @@ from sqlalchemy import func, select
 
 from factories.rollout_scale import STAGES, started_rollout
 from slmops.server.context import Context
-from slmops.server.db.models import Rollout, RolloutDevice
 from slmops.server.db.session import open_database
 from slmops.server.registry.store import BlobStore
 from slmops.server.rollouts.machine import DeviceReport
 from slmops.server.rollouts.service import run_event
 from slmops.server.rollouts.store import load_full
+from slmops.server.rollouts.tables import Rollout, RolloutDevice
 from slmops.server.settings import load_settings
 
 

@@ -39,7 +39,6 @@ from factories.telemetry import (
 )
 from slmops.protocol.telemetry import BOUNDS
 from slmops.server.context import Context
-from slmops.server.db.models import Rollout
 from slmops.server.db.session import Database, open_database
 from slmops.server.registry.store import BlobStore
 from slmops.server.rollouts.machine import (
@@ -53,6 +52,7 @@ from slmops.server.rollouts.machine import (
     create_rollout,
     step,
 )
+from slmops.server.rollouts.tables import Rollout
 from slmops.server.settings import load_settings
 from slmops.server.telemetry import aggregate
 from slmops.server.telemetry.cohorts import feed_metrics, figures_for

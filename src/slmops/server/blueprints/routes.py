@@ -12,18 +12,14 @@ answers ``changed: false`` and touches nothing, so CI can apply on every run. Th
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Any
-
 from fastapi import APIRouter
-from pydantic import Field
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from slmops.core.config import StrictModel
 from slmops.server.api.deps import OperatorDep, ServicesDep, SessionDep, ViewerDep
 from slmops.server.blueprints import service
 from slmops.server.blueprints.document import Blueprint
+from slmops.server.blueprints.schemas import ApplyResult, BlueprintList, BlueprintPublic
 from slmops.server.blueprints.tables import BlueprintRow
 from slmops.server.db.models import as_utc
 from slmops.server.errors import api_error
@@ -31,27 +27,6 @@ from slmops.server.openapi import errors
 from slmops.server.targets import to_blueprint
 
 router = APIRouter(prefix="/blueprints", tags=["blueprints"])
-
-
-class BlueprintPublic(StrictModel):
-    name: str
-    generation: int = Field(description="incremented by every apply that changed the spec")
-    stable_version: str | None = Field(
-        description="what devices outside a rollout run: the last version a rollout completed"
-    )
-    created_at: datetime
-    updated_at: datetime
-    document: dict[str, Any] = Field(description="the Blueprint as applied")
-
-
-class ApplyResult(BlueprintPublic):
-    changed: bool
-    devices: int = Field(description="devices this blueprint governs now")
-    rollout: str | None = Field(None, description="the rollout this apply created, if any")
-
-
-class BlueprintList(StrictModel):
-    data: list[BlueprintPublic]
 
 
 def _public(row: BlueprintRow) -> BlueprintPublic:

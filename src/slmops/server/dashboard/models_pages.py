@@ -32,7 +32,7 @@ from slmops.server.api.deps import ServicesDep, SessionDep
 from slmops.server.dashboard.auth import UserDep
 from slmops.server.dashboard.render import render
 from slmops.server.dashboard.svg import bar_chart
-from slmops.server.registry import models_api
+from slmops.server.registry import model_routes
 from slmops.server.registry.store import BlobStore, StoreError
 from slmops.server.registry.tables import RegistryChannel, RegistryTag
 
@@ -88,7 +88,7 @@ def _models(session: SessionDep) -> list[dict[str, Any]]:
     models: dict[str, dict[str, Any]] = {}
     for row in session.scalars(select(RegistryTag).order_by(RegistryTag.repository)):
         m = models.setdefault(row.repository, {"name": row.repository, "versions": []})
-        if not models_api._REFERRERS_TAG.match(row.tag):
+        if not model_routes._REFERRERS_TAG.match(row.tag):
             m["versions"].append({"tag": row.tag, "digest": row.digest, "at": row.updated_at})
     channels: dict[tuple[str, str], list[str]] = {}
     for ch in session.scalars(select(RegistryChannel).order_by(RegistryChannel.channel)):
@@ -115,7 +115,7 @@ def version_page(
     services: ServicesDep,
 ) -> Response:
     try:
-        v = models_api.read_version(name, version, session, services, user.token)
+        v = model_routes.read_version(name, version, session, services, user.token)
     except HTTPException:
         return render(request, "error.html", user, 404, message=f"{name} has no version {version}")
     store = services.store

@@ -33,7 +33,7 @@ from slmops.server.dashboard.auth import (
 )
 from slmops.server.dashboard.render import render
 from slmops.server.dashboard.svg import bar_chart, wave_bars
-from slmops.server.db.models import Device, DeviceAction, Rollout, as_utc
+from slmops.server.db.models import Device, DeviceAction, as_utc
 from slmops.server.rollouts.machine import (
     InvalidTransition,
     OperatorAction,
@@ -43,6 +43,7 @@ from slmops.server.rollouts.machine import (
 from slmops.server.rollouts.machine.machine import ALLOWED
 from slmops.server.rollouts.routes import CURSOR, detail, summary
 from slmops.server.rollouts.service import run_event
+from slmops.server.rollouts.tables import Rollout
 from slmops.server.security import Role
 
 router = APIRouter(prefix="/ui", include_in_schema=False)

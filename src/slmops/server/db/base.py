@@ -1,7 +1,7 @@
 """The declarative base every table module builds on, and the column helpers they share.
 
-Tables live with their domain (``db/models.py`` for devices, tokens and rollouts;
-``registry/tables.py``, ``telemetry/tables.py``, ``feedback/tables.py``, ...), each importing
+Tables live with their domain (``db/models.py`` for devices and tokens;
+``rollouts/tables.py``, ``registry/tables.py``, ``telemetry/tables.py``, ...), each importing
 ``Base`` from here, so no table module needs another. ``db/metadata.py`` imports them all, for
 Alembic and for anything that needs the whole schema.
 

@@ -15,6 +15,7 @@ from slmops.server.db import models
 from slmops.server.db.base import Base
 from slmops.server.feedback import tables as feedback_tables
 from slmops.server.registry import tables as registry_tables
+from slmops.server.rollouts import tables as rollouts_tables
 from slmops.server.telemetry import tables as telemetry_tables
 
 TABLE_MODULES = (
@@ -24,6 +25,7 @@ TABLE_MODULES = (
     identity_tables,
     feedback_tables,
     registry_tables,
+    rollouts_tables,
     telemetry_tables,
 )
 metadata: MetaData = Base.metadata

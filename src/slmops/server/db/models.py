@@ -9,6 +9,10 @@ Label columns on ``devices``: ``labels`` is what the agent reports at every chec
 ``operator_labels`` is set by operators and by the enrollment token's scope, and wins over
 the reported ones, so a device cannot leave the scope it was enrolled into.
 
+``device_actions`` is each device's last reported action per (rollout, version), written at
+check-in and with telemetry; the rollout tables themselves (``rollouts``, ``rollout_devices``)
+are in ``rollouts/tables.py``.
+
 ``Base``, ``Tz``, ``utcnow`` and ``as_utc`` live in ``db/base.py`` (re-exported here for the
 many callers of ``utcnow``); the other domains' tables are in their packages, and
 ``db/metadata.py`` gathers them all for Alembic.
@@ -19,17 +23,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import (
-    JSON,
-    Boolean,
-    Float,
-    ForeignKey,
-    Index,
-    Integer,
-    String,
-    Text,
-    UniqueConstraint,
-)
+from sqlalchemy import JSON, Boolean, ForeignKey, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
 from slmops.server.db.base import Base as Base
@@ -110,57 +104,3 @@ class DeviceAction(Base):
     stage: Mapped[str | None] = mapped_column(String(32), nullable=True)
     detail: Mapped[str] = mapped_column(Text, default="")
     updated_at: Mapped[datetime] = mapped_column(Tz, default=utcnow)
-
-
-class Rollout(Base):
-    """A rollout's summary: the ``RolloutState`` document without its devices (those are
-    ``RolloutDevice`` rows; ``server/rollouts/store.py`` reads and writes both).
-
-    ``revision`` makes writes optimistic: a writer updates ``WHERE revision = <what it read>``
-    and retries on a miss, so several API processes (and their tickers) can drive the same
-    rollout without one overwriting another's step (``server/rollouts/service.py``).
-    """
-
-    __tablename__ = "rollouts"
-
-    id: Mapped[str] = mapped_column(String(64), primary_key=True)
-    blueprint: Mapped[str] = mapped_column(String(63), index=True, default="")
-    model: Mapped[str] = mapped_column(String(128), default="")
-    target_version: Mapped[str] = mapped_column(String(64), default="")
-    state_json: Mapped[str] = mapped_column(Text)  # the summary: RolloutState without devices
-    status: Mapped[str] = mapped_column(String(32), index=True)
-    revision: Mapped[int] = mapped_column(Integer, default=0)
-    seq: Mapped[int] = mapped_column(Integer, default=0)  # per blueprint: 1, 2, ... (newest last)
-    created_at: Mapped[datetime] = mapped_column(Tz, default=utcnow)
-    updated_at: Mapped[datetime] = mapped_column(Tz, default=utcnow)
-
-
-class RolloutDevice(Base):
-    """One device's membership in one rollout (hawkBit's Action): its wave, the version it had
-    before (the revert target) and what it last reported (``rollout.DeviceRecord``).
-
-    One row per (rollout, device), so a device report reads and writes its own row plus the
-    rollout's small summary (``Rollout.state_json``, whose tally counts these rows), never a
-    document that grows with the fleet (``server/rollouts/store.py``). ``status`` is the record's
-    one-word status, indexed with the wave so a wave start loads only the queued rows.
-    """
-
-    __tablename__ = "rollout_devices"
-    __table_args__ = (Index("ix_rollout_devices_wave_status", "rollout_id", "wave", "status"),)
-
-    rollout_id: Mapped[str] = mapped_column(
-        String(64), ForeignKey("rollouts.id", ondelete="CASCADE"), primary_key=True
-    )
-    device_id: Mapped[str] = mapped_column(String(128), primary_key=True)
-    status: Mapped[str] = mapped_column(String(32))
-    wave: Mapped[int | None] = mapped_column(Integer, nullable=True)
-    hardware_class: Mapped[str] = mapped_column(String(128))
-    from_version: Mapped[str | None] = mapped_column(String(64), nullable=True)
-    skipped: Mapped[bool] = mapped_column(Boolean, default=False)
-    unplaceable: Mapped[str | None] = mapped_column(Text, nullable=True)
-    assigned_at: Mapped[float | None] = mapped_column(Float, nullable=True)
-    reverted_at: Mapped[float | None] = mapped_column(Float, nullable=True)
-    state: Mapped[str | None] = mapped_column(String(32), nullable=True)
-    failed_stage: Mapped[str | None] = mapped_column(String(32), nullable=True)
-    detail: Mapped[str | None] = mapped_column(Text, nullable=True)
-    reported_at: Mapped[float | None] = mapped_column(Float, nullable=True)

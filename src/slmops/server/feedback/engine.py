@@ -22,7 +22,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from slmops.server.context import Context
-from slmops.server.db.models import Device, Rollout
+from slmops.server.db.models import Device
 from slmops.server.desired import governing
 from slmops.server.feedback import webhooks
 from slmops.server.feedback.rules import Action, FeedbackRules, matches
@@ -30,6 +30,7 @@ from slmops.server.feedback.tables import AlertAction, FeedbackRulesRow, Improve
 from slmops.server.registry.tables import RegistryTag
 from slmops.server.rollouts.machine import InvalidTransition, OperatorAction, OperatorCommand
 from slmops.server.rollouts.service import run_event
+from slmops.server.rollouts.tables import Rollout
 from slmops.server.targets import load_blueprints
 from slmops.server.telemetry.tables import AlertRow
 

@@ -11,15 +11,10 @@ blueprint to the new version, which creates a rollout: waiting for an operator's
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Any
-
 from fastapi import APIRouter, Response
-from pydantic import Field
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from slmops.core.config import StrictModel
 from slmops.server.api.deps import (
     IdPath,
     IdQuery,
@@ -34,6 +29,15 @@ from slmops.server.db.models import as_utc, utcnow
 from slmops.server.errors import api_error
 from slmops.server.feedback.engine import next_version
 from slmops.server.feedback.rules import FeedbackRules
+from slmops.server.feedback.schemas import (
+    ActionList,
+    ActionPublic,
+    ClaimBody,
+    JobList,
+    JobPublic,
+    ResultBody,
+    RulesPublic,
+)
 from slmops.server.feedback.tables import AlertAction, FeedbackRulesRow, ImprovementJob
 from slmops.server.feedback.webhooks import public_detail
 from slmops.server.openapi import errors
@@ -42,63 +46,6 @@ from slmops.server.security import Role
 from slmops.server.targets import to_blueprint
 
 router = APIRouter(tags=["feedback"])
-
-
-class RulesPublic(StrictModel):
-    name: str
-    generation: int
-    updated_at: datetime
-    document: dict[str, Any]
-    changed: bool | None = None
-
-
-class JobPublic(StrictModel):
-    id: int
-    alert_id: int
-    rule: str
-    blueprint: str
-    model: str
-    version: str
-    variant: str
-    profile: str
-    direction: str
-    start: str
-    status: str
-    worker: str
-    new_version: str
-    rollout_id: str
-    result: dict[str, Any]
-    created_at: datetime
-    updated_at: datetime
-
-
-class JobList(StrictModel):
-    data: list[JobPublic]
-
-
-class ActionPublic(StrictModel):
-    alert_id: int
-    rule: str
-    action: str
-    ok: bool
-    detail: str
-    job_id: int | None
-    created_at: datetime
-
-
-class ActionList(StrictModel):
-    data: list[ActionPublic]
-
-
-class ClaimBody(StrictModel):
-    worker: str = Field(min_length=1, max_length=128)
-
-
-class ResultBody(StrictModel):
-    ok: bool = Field(description="the candidate passed its gate and was pushed as new_version")
-    new_version: str | None = None
-    detail: str = Field("", max_length=4000)
-    candidate: dict[str, Any] = Field(default_factory=dict)
 
 
 def _rules_public(row: FeedbackRulesRow, changed: bool | None = None) -> RulesPublic:

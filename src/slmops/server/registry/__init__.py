@@ -4,5 +4,6 @@ Kept import-free on purpose: ``db/metadata.py`` imports ``registry.tables`` so t
 every table, and importing the HTTP modules from here would pull the whole server in with it.
 Modules: ``store`` (blobs, uploads, manifests on disk), ``tables`` (tags, channels),
 ``catalog`` (what a pushed version holds; no HTTP), ``channels`` (moving a channel, a use case),
-``api`` (the OCI Distribution API under /v2), ``models_api`` (/api/v1/models).
+``manifests`` and ``scope`` (checks the /v2 API makes), ``routes`` (the OCI Distribution API
+under /v2), ``model_routes`` (the model catalog, /api/v1/models; its bodies in ``schemas``).
 """

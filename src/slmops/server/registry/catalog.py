@@ -2,7 +2,7 @@
 
 ``describe`` reads a bundle index and its children from the blob store into a
 ``VersionPublic`` (variants with their descriptors, the bundle info, sizes, and the problems
-met on the way). It has no HTTP in it: the models routes (``registry/models_api.py``) answer
+met on the way). It has no HTTP in it: the models routes (``registry/model_routes.py``) answer
 with it, and desired state (``server/desired.py``) resolves versions to variants with it.
 """
 

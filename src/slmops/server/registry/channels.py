@@ -2,7 +2,7 @@
 
 A move is a use case, not a table write: blueprints following the channel roll the new
 version out now (``reconcile.reconcile_following``), not at the next check-in, and every device
-is settled under the result. The route (``registry/models_api.py``) checks the channel name
+is settled under the result. The route (``registry/model_routes.py``) checks the channel name
 and that the version exists; this module does the rest.
 """
 

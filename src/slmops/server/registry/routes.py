@@ -43,7 +43,6 @@ from slmops.server.db import find_api_token, find_device_by_credential
 from slmops.server.db.models import ApiToken, Device, utcnow
 from slmops.server.openapi import oci_errors, raw_body
 from slmops.server.reconcile import reconcile_adapter, reconcile_pushed
-from slmops.server.registry import models_api
 from slmops.server.registry.manifests import SIGNATURE_TAG, OciError, check_manifest
 from slmops.server.registry.scope import device_scope
 from slmops.server.registry.store import PIECE, BlobStore, StoreError
@@ -469,4 +468,3 @@ def list_tags(
 
 router = APIRouter()
 router.include_router(v2)
-router.include_router(models_api.router)

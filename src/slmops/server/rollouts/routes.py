@@ -12,17 +12,14 @@ would allow it; ``wave`` in the body guards against promoting twice from a stale
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Any, Literal, get_args
+from typing import Literal, get_args
 
 from fastapi import APIRouter, Query
-from pydantic import Field
 from sqlalchemy import select
 from sqlalchemy.orm import Session, object_session
 
-from slmops.core.config import StrictModel
 from slmops.server.api.deps import OperatorDep, ServicesDep, SessionDep, ViewerDep
-from slmops.server.db.models import Rollout, as_utc
+from slmops.server.db.models import as_utc
 from slmops.server.errors import api_error
 from slmops.server.openapi import errors
 from slmops.server.rollouts.machine import (
@@ -30,52 +27,21 @@ from slmops.server.rollouts.machine import (
     OperatorAction,
     OperatorCommand,
     RolloutState,
-    StateChanged,
 )
-from slmops.server.rollouts.machine.gates import GateEvaluation
+from slmops.server.rollouts.schemas import (
+    ActionBody,
+    DeviceInRollout,
+    DevicePage,
+    RolloutDetail,
+    RolloutList,
+    RolloutSummary,
+    WavePublic,
+)
 from slmops.server.rollouts.service import run_event
 from slmops.server.rollouts.store import page
+from slmops.server.rollouts.tables import Rollout
 
 router = APIRouter(prefix="/rollouts", tags=["rollouts"])
-
-
-class RolloutSummary(StrictModel):
-    id: str
-    blueprint: str
-    model: str
-    target_version: str
-    adapters: list[dict[str, Any]] | None = Field(
-        None,
-        description="the release's adapter assignments (selector, adapter, version); null: a "
-        "rollout of the version alone",
-    )
-    status: str
-    wave: int | None = Field(description="current wave index; null before the start")
-    waves: int = Field(description="waves in the policy")
-    devices: int = Field(description="devices the rollout moves (matched, not already there)")
-    matched: int = Field(0, description="devices matched: moved, queued, skipped or unplaceable")
-    by_status: dict[str, int] = Field(description="devices per action state (queued, active, ..)")
-    unplaceable: dict[str, int] = Field(
-        default_factory=dict, description="unplaceable devices per reason (numbers folded to N)"
-    )
-    created_at: datetime
-    updated_at: datetime
-
-
-class WavePublic(StrictModel):
-    index: int
-    target: int = Field(description="cumulative devices moved by the end of this wave")
-    size: str = Field(description="the policy's wave step, e.g. 1% or 5 devices")
-    started_at: float | None
-    ended_at: float | None
-    outcome: str | None
-    ended_by: str | None
-    devices: int = Field(0, description="devices this wave assigned (from the tally)")
-    reported: int = Field(0, description="of those, devices with a final report")
-    succeeded: int = Field(0, description="of those, devices that report active")
-    health_failures: int = 0
-    evaluation: GateEvaluation | None
-    decision: GateEvaluation | None
 
 
 DEFAULT_LIMIT = 100
@@ -96,53 +62,6 @@ DeviceStatus = Literal[
 ]
 """``DeviceRecord.status``: queued, skipped, unplaceable, or the last reported action state."""
 DEVICE_STATUSES: tuple[str, ...] = get_args(DeviceStatus)
-
-
-class DevicePage(StrictModel):
-    """Which page of devices ``device_list`` holds, and how to ask for the next."""
-
-    limit: int
-    after: str | None = Field(description="the cursor this page starts after (a device id)")
-    wave: int | None = Field(description="only devices this wave assigned")
-    status: str | None = Field(description="only devices with this status")
-    returned: int
-    next: str | None = Field(
-        description="pass as `after` (with the same filters) for the next page; null: last page"
-    )
-
-
-class DeviceInRollout(StrictModel):
-    device_id: str
-    hardware_class: str
-    from_version: str | None
-    wave: int | None
-    status: str
-    failed_stage: str | None
-    detail: str | None
-    reported_at: float | None
-
-
-class RolloutDetail(RolloutSummary):
-    policy: dict[str, Any]
-    wave_list: list[WavePublic]
-    device_list: list[DeviceInRollout] = Field(description="one page of devices: see device_page")
-    device_page: DevicePage
-    history: list[StateChanged]
-
-
-class RolloutList(StrictModel):
-    data: list[RolloutSummary]
-
-
-class ActionBody(StrictModel):
-    reason: str | None = Field(None, max_length=500)
-    wave: int | None = Field(
-        None,
-        ge=0,
-        le=1 << 20,
-        strict=True,
-        description="the wave you saw; refused if the rollout has moved on",
-    )
 
 
 def summary(row: Rollout, state: RolloutState) -> RolloutSummary:

@@ -33,7 +33,7 @@ from slmops.protocol.device import ActionStatus, ActiveModel
 from slmops.protocol.fleet import DeviceActionState
 from slmops.server.blueprints.tables import BlueprintRow
 from slmops.server.context import Context
-from slmops.server.db.models import Device, Rollout
+from slmops.server.db.models import Device
 from slmops.server.db.session import Database
 from slmops.server.desired import latest_rollout, refresh_devices
 from slmops.server.registry.store import BlobStore
@@ -53,6 +53,7 @@ from slmops.server.rollouts.machine import (
     step,
 )
 from slmops.server.rollouts.store import RolloutConflict
+from slmops.server.rollouts.tables import Rollout
 
 log = logging.getLogger("slmops.server.rollouts")
 MAX_ATTEMPTS = 20

@@ -24,8 +24,9 @@ from sqlalchemy import Table, bindparam, delete, insert, select, update
 from sqlalchemy.orm import Session
 
 from slmops.protocol.fleet import DeviceActionState
-from slmops.server.db.models import Rollout, RolloutDevice, utcnow
+from slmops.server.db.models import utcnow
 from slmops.server.rollouts.machine import DeviceRecord, RolloutState
+from slmops.server.rollouts.tables import Rollout, RolloutDevice
 
 CHUNK = 500  # ids per IN (...) query: well under every engine's parameter limit
 TABLE: Table = RolloutDevice.__table__  # type: ignore[assignment]  # declared as FromClause

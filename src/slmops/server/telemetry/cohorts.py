@@ -39,12 +39,12 @@ from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session
 
 from slmops.server.context import Context
-from slmops.server.db.models import Rollout
 from slmops.server.rollouts.machine import MetricSnapshot, RolloutState, RolloutStatus
 from slmops.server.rollouts.machine.gates import Cohort, CohortFigure
 from slmops.server.rollouts.service import run_event
 from slmops.server.rollouts.store import TABLE as MEMBERS
 from slmops.server.rollouts.store import records_of
+from slmops.server.rollouts.tables import Rollout
 from slmops.server.telemetry import aggregate
 from slmops.server.telemetry.rows import load, spans
 from slmops.server.telemetry.store import UNKNOWN_CLASS

@@ -35,8 +35,9 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from slmops.server.db.models import Device, Rollout, utcnow
+from slmops.server.db.models import Device, utcnow
 from slmops.server.db.session import Database
+from slmops.server.rollouts.tables import Rollout
 from slmops.server.telemetry import aggregate
 from slmops.server.telemetry.rows import load
 from slmops.server.telemetry.store import UNKNOWN_CLASS, flush_counters

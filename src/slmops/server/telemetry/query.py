@@ -37,7 +37,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from slmops.core.errors import UserInputError
-from slmops.server.db.models import Device, Rollout
+from slmops.server.db.models import Device
+from slmops.server.rollouts.tables import Rollout
 from slmops.server.telemetry import aggregate
 from slmops.server.telemetry.cohorts import RolloutCohorts
 from slmops.server.telemetry.rows import COLUMNS, Row, load

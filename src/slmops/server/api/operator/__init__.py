@@ -8,7 +8,7 @@ from slmops.server.api.operator import devices, enrollment, tokens
 from slmops.server.blueprints import routes as blueprints
 from slmops.server.feedback import routes as feedback
 from slmops.server.rollouts import routes as rollouts
-from slmops.server.telemetry import api as telemetry
+from slmops.server.telemetry import routes as telemetry
 
 router = APIRouter(prefix="/api/v1")
 router.include_router(blueprints.router)

@@ -9,45 +9,20 @@ raise the same alert again if the shift persists.
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Query
 from fastapi.concurrency import run_in_threadpool
-from pydantic import BaseModel
 from sqlalchemy import select
 
 from slmops.server.api.deps import IdPath, OperatorDep, SessionDep, ViewerDep
 from slmops.server.errors import api_error
 from slmops.server.openapi import errors
 from slmops.server.telemetry.query import summarize
+from slmops.server.telemetry.schemas import AlertList, AlertPublic, TelemetrySummary
 from slmops.server.telemetry.tables import AlertRow
 
 router = APIRouter(tags=["telemetry"])
-
-
-class TelemetrySummary(BaseModel):
-    data: list[dict[str, Any]]
-    count: int
-
-
-class AlertPublic(BaseModel):
-    id: int
-    kind: str
-    model: str
-    version: str
-    profile: str
-    statistic: str
-    value: float
-    threshold: float
-    details: dict[str, Any]
-    created_at: datetime
-    acknowledged: bool
-
-
-class AlertList(BaseModel):
-    data: list[AlertPublic]
-    count: int
 
 
 @router.get("/telemetry", response_model=TelemetrySummary)

@@ -1,4 +1,5 @@
-"""Models as operators see them: repositories, versions (bundle tags) and channels.
+"""Models as operators see them, under /api/v1/models: repositories, versions (bundle tags)
+and channels. (The OCI distribution API under /v2 that push and pull speak is ``routes.py``.)
 
 Everything is read back from what was pushed: a version is a tag on a bundle index, its
 variants are the index's children and their VariantDescriptor configs, its BundleInfo the
@@ -13,54 +14,30 @@ versions; blueprints and rollouts resolve them. What a version holds is read by
 from __future__ import annotations
 
 import re
-from datetime import datetime
 
 from fastapi import APIRouter
-from pydantic import Field
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from slmops.bundle.media import ARTIFACT_SIGNATURE, MAX_MANIFEST_BYTES, MT_INDEX
 from slmops.bundle.oci_ref import Desc, OciContentError, load_manifest, referrers_tag
-from slmops.core.config import StrictModel
 from slmops.server.api.deps import OperatorDep, ServicesDep, SessionDep, ViewerDep
 from slmops.server.errors import api_error
 from slmops.server.openapi import errors
 from slmops.server.registry.catalog import VersionPublic, describe
 from slmops.server.registry.channels import move_channel
+from slmops.server.registry.schemas import (
+    ChannelPublic,
+    ChannelSet,
+    ModelList,
+    ModelPublic,
+    VersionRef,
+)
 from slmops.server.registry.store import StoreError
 from slmops.server.registry.tables import RegistryChannel, RegistryTag
 
 router = APIRouter(prefix="/api/v1/models", tags=["models"])
 _REFERRERS_TAG = re.compile(r"^sha256-[0-9a-f]{64}\Z")
-
-
-class VersionRef(StrictModel):
-    tag: str
-    digest: str
-    updated_at: datetime
-
-
-class ModelPublic(StrictModel):
-    name: str
-    versions: list[VersionRef]
-    channels: dict[str, str] = Field(description="channel -> version")
-
-
-class ModelList(StrictModel):
-    data: list[ModelPublic]
-
-
-class ChannelSet(StrictModel):
-    version: str = Field(min_length=1, max_length=128)
-
-
-class ChannelPublic(StrictModel):
-    name: str
-    channel: str
-    version: str
-    digest: str
-    updated_at: datetime
 
 
 def _tag(session: Session, name: str, tag: str) -> RegistryTag:
