@@ -7,6 +7,7 @@ not with the server's merging code.
 
 from __future__ import annotations
 
+import copy
 import gzip
 import json
 import os
@@ -95,6 +96,33 @@ def test_quantile_interpolates_inside_the_bucket_and_merge_adds() -> None:
     assert both["requests"] == 3 and both["logprob_mean"] == pytest.approx(-7 / 3)
     assert psi([10, 20, 30], [10, 20, 30]) == 0
     assert psi([10, 20, 0], [0, 20, 30]) > 1
+
+
+def test_merge_into_adds_in_place_and_leaves_the_other_alone() -> None:
+    """The ingestion path merges windows into accumulators it owns (``merge_into``): the result
+    must equal ``merge``'s, and the window merged in (or an hourly row read with it) must not
+    change, nor share lists with the result that a later merge would then change."""
+    a = aggregate.from_window(window(0, version="1", latency=[60, 70], logprobs=[-1.0]))
+    b = aggregate.from_window(window(0, version="1", latency=[200], logprobs=[-2.0, -4.0]))
+    b["noised"], b["epsilon"], b["error_kinds"] = ["latency_ms"], 1.0, {"timeout": 2.0}
+    b_before = copy.deepcopy(b)
+    expected = aggregate.merge(a, b)
+    acc = copy.deepcopy(a)
+    assert aggregate.merge_into(acc, b) is acc
+    assert acc == expected and b == b_before
+    aggregate.merge_into(acc, b)  # again: b's histograms were copied, not aliased
+    assert b == b_before and acc["requests"] == a["requests"] + 2 * b["requests"]
+    assert acc["histograms"]["latency_ms"]["counts"] == [
+        x + 2 * y
+        for x, y in zip(
+            a["histograms"]["latency_ms"]["counts"],
+            b["histograms"]["latency_ms"]["counts"],
+            strict=True,
+        )
+    ]
+    old = {"windows": 1.0, "requests": 2}  # a row written before a figure existed
+    assert aggregate.merge_into(old, b)["requests"] == 2 + b["requests"]
+    assert old["noised"] == ["latency_ms"] and old["epsilon"] == 1.0
 
 
 # --- ingestion -------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
 
+import orjson
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import Engine, create_engine, event, text
@@ -36,6 +37,16 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 # (and rerun the pragmas, reread the schema) on most requests.
 POOL_SIZE = 20
 POOL_OVERFLOW = 20
+
+
+def json_dumps(value: Any) -> str:
+    """The JSON columns' encoder: orjson, about 5x the standard library's on the telemetry
+    aggregates that every ingested window writes (their encoding was a seventh of the writer's
+    time). Non-string keys are written as strings, as ``json.dumps`` does."""
+    return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode()
+
+
+JSON_CODEC: dict[str, Any] = {"json_serializer": json_dumps, "json_deserializer": orjson.loads}
 
 
 @dataclass(frozen=True)
@@ -57,7 +68,11 @@ def make_engine(url: str, *, busy_timeout_ms: int = 5000) -> Engine:
         raise ConfigError(f"not a database URL: {exc}", where="--db") from None
     if parsed.get_backend_name() != "sqlite":
         return create_engine(
-            url, pool_pre_ping=True, pool_size=POOL_SIZE, max_overflow=POOL_OVERFLOW
+            url,
+            pool_pre_ping=True,
+            pool_size=POOL_SIZE,
+            max_overflow=POOL_OVERFLOW,
+            **JSON_CODEC,
         )
     if parsed.database:
         Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
@@ -67,6 +82,7 @@ def make_engine(url: str, *, busy_timeout_ms: int = 5000) -> Engine:
         connect_args={"check_same_thread": False, "factory": factory},
         pool_size=POOL_SIZE,
         max_overflow=POOL_OVERFLOW,
+        **JSON_CODEC,
     )
 
     @event.listens_for(engine, "connect")

@@ -159,8 +159,7 @@ def store_batch(
         counters_of(session).bump("duplicate_batches", 1)
         return Stored(batch.batch_id, 0, duplicate=True)
     for window in windows:
-        dims = _dims(attribute(known, desired, window), profile)
-        doc = window.model_dump(mode="json") | {k: dims[k] or None for k in DIMS}
+        dims, doc = attributed(known, desired, window, profile)
         session.add(
             TelemetryWindowRow(
                 batch_pk=row.id,
@@ -203,10 +202,11 @@ def running(session: Session, device: Device) -> list[dict[str, str]]:
     return known
 
 
-def attribute(
+def attribution(
     known: list[dict[str, str]], desired: dict[str, Any], window: WindowAggregate
-) -> WindowAggregate:
-    """The window labelled from the server's own record of what the device runs (``running``).
+) -> dict[str, str | None]:
+    """The fields of ``window`` the server overrides, labelling it from its own record of what
+    the device runs (``running``).
 
     Model, version and variant are kept only when they name a model the server knows the
     device runs or ran (a window may predate a switch); anything else is stored unattributed
@@ -217,34 +217,37 @@ def attribute(
     adapter only means something over the model it was trained for."""
     claim = {"name": window.model, "version": window.version, "variant": window.variant}
     if claim not in known:
-        return window.model_copy(
-            update={
-                "model": None,
-                "version": None,
-                "variant": None,
-                "rollout_id": None,
-                "adapter": None,
-            }
-        )
+        return dict.fromkeys(DIMS)
     rollout = None
     if (desired.get("name"), desired.get("version")) == (window.model, window.version):
         rollout = _text(desired.get("rollout_id"))
-    return window.model_copy(update={"rollout_id": rollout})
+    return {"rollout_id": rollout}
+
+
+def attribute(
+    known: list[dict[str, str]], desired: dict[str, Any], window: WindowAggregate
+) -> WindowAggregate:
+    """The window as the server labels it (``attribution``)."""
+    return window.model_copy(update=attribution(known, desired, window))
+
+
+def attributed(
+    known: list[dict[str, str]], desired: dict[str, Any], window: WindowAggregate, profile: str
+) -> tuple[dict[str, str], dict[str, Any]]:
+    """A window as it is stored: its dimension columns (``""`` for none, the hourly roll-up's
+    key) and its JSON labelled by ``attribution``. Built from one dump of the window, without
+    copying the model: this runs for every ingested window."""
+    doc = window.model_dump(mode="json")
+    doc.update(attribution(known, desired, window))
+    dims = {k: doc[k] or "" for k in DIMS}
+    for k in DIMS:
+        doc[k] = dims[k] or None
+    dims["profile"] = profile
+    return dims, doc
 
 
 def _text(value: object) -> str | None:
     return None if value is None else str(value)
-
-
-def _dims(window: WindowAggregate, profile: str) -> dict[str, str]:
-    return {
-        "model": window.model or "",
-        "version": window.version or "",
-        "variant": window.variant or "",
-        "profile": profile,
-        "rollout_id": window.rollout_id or "",
-        "adapter": window.adapter or "",
-    }
 
 
 def _roll_up(

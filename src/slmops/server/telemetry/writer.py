@@ -45,13 +45,11 @@ from slmops.server.db.models import Device, DeviceAction, utcnow
 from slmops.server.telemetry import aggregate
 from slmops.server.telemetry.store import (
     COUNTERS_KEY,
-    DIMS,
     MAX_MERGE_ATTEMPTS,
     UNKNOWN_CLASS,
     Counters,
     Stored,
-    _dims,
-    attribute,
+    attributed,
     hour_of,
     in_time,
     store_batch,
@@ -273,8 +271,7 @@ class TelemetryWriter:
             desired = (job.device.desired or {}).get("model") or {}
             desired = desired if isinstance(desired, dict) else {}
             for window in (w for w in job.batch.windows if in_time(w, job.now)):
-                dims = _dims(attribute(known.get(device_id, []), desired, window), profile)
-                doc = window.model_dump(mode="json") | {k: dims[k] or None for k in DIMS}
+                dims, doc = attributed(known.get(device_id, []), desired, window, profile)
                 windows.append(
                     {
                         "batch_pk": pk,
@@ -295,7 +292,10 @@ class TelemetryWriter:
                     dims["adapter"],
                 )
                 acc = aggregate.from_window(doc)
-                merged[hkey] = aggregate.merge(merged[hkey], acc) if hkey in merged else acc
+                if hkey in merged:
+                    aggregate.merge_into(merged[hkey], acc)
+                else:
+                    merged[hkey] = acc
                 profiles[hkey] = profile
         if windows:
             conn.execute(_WINDOWS.insert(), windows)
@@ -441,7 +441,7 @@ def _roll_up(
                 {
                     "row_id": found[k][0],
                     "seen": found[k][2],
-                    "merged": aggregate.merge(found[k][1], todo[k]),
+                    "merged": aggregate.merge_into(found[k][1], todo[k]),  # read just now
                     "next": found[k][2] + 1,
                 }
                 for k in existing
