@@ -14,7 +14,6 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -62,14 +61,14 @@ def _batch(start: float, requests: int, batch_id: str | None = None) -> Telemetr
     return TelemetryBatch.model_validate(doc)
 
 
-async def _deliver(writers: list[TelemetryWriter], device: Any, now: float) -> list[Any]:
+async def _deliver(writers: list[TelemetryWriter], key: str, now: float) -> list[Any]:
     hour = (now // HOUR - 2) * HOUR  # the two last full hours
     batches = [_batch(hour + 60 * i, requests=i + 1) for i in range(120)]
     retries = batches[::6]
-    jobs = [w.store(device, b, now=now) for i, b in enumerate(batches) for w in [writers[i % 2]]]
-    jobs += [writers[(i + 1) % 2].store(device, b, now=now) for i, b in enumerate(retries)]
+    jobs = [w.store_for(key, b, now=now) for i, b in enumerate(batches) for w in [writers[i % 2]]]
+    jobs += [writers[(i + 1) % 2].store_for(key, b, now=now) for i, b in enumerate(retries)]
     late = _batch(now - 3 * 86400, requests=5)  # started three days ago: not stored
-    jobs.append(writers[0].store(device, late, now=now))
+    jobs.append(writers[0].store_for(key, late, now=now))
     return list(await asyncio.gather(*jobs))
 
 
@@ -88,12 +87,9 @@ def test_two_writers_store_every_window_once(db_url: str, tmp_path: Path) -> Non
     ]
     for w in writers:
         w.start()
-    device = SimpleNamespace(
-        device_id="d1", profile="rpi5", active=ACTIVE, previous=None, desired=None
-    )
     now = time.time()
     try:
-        answers = asyncio.run(_deliver(writers, device, now))
+        answers = asyncio.run(_deliver(writers, "h" * 64, now))
     finally:
         for w in writers:
             w.stop()

@@ -75,13 +75,13 @@ HourKey = tuple[float, str, str, str, str, str, str]
 
 @dataclass
 class _Job:
-    device: Any  # a devices row: device_id, profile, active, previous, desired (None: by key)
+    key: str  # the credential digest the batch came with
     batch: TelemetryBatch
     now: float
     future: asyncio.Future[Stored]
     loop: asyncio.AbstractEventLoop
     result: Stored | BaseException | None = None
-    key: str | None = None  # the credential digest, when the writer reads the device
+    device: Any = None  # its devices row (device_id, profile, active, previous, desired)
 
 
 class UnknownDevice(LookupError):
@@ -117,27 +117,17 @@ class TelemetryWriter:
             self._thread = None
         self._flush_counters()
 
-    async def store(
-        self, device: Any, batch: TelemetryBatch, *, now: float | None = None
-    ) -> Stored:
-        """Store ``batch`` for the device row ``device``; returns once it is committed."""
-        return await self._submit(device, None, batch, now)
-
     async def store_for(
         self, key: str, batch: TelemetryBatch, *, now: float | None = None
     ) -> Stored:
-        """Store ``batch`` for the device whose credential digest is ``key``: the writer reads
-        the devices of the whole group in one query in its transaction, so a request costs one
-        thread hop, not two (a read, then a write). Raises ``UnknownDevice`` for no device."""
-        return await self._submit(None, key, batch, now)
-
-    async def _submit(
-        self, device: Any, key: str | None, batch: TelemetryBatch, now: float | None
-    ) -> Stored:
+        """Store ``batch`` for the device whose credential digest is ``key``; returns once it
+        is committed. The writer reads the devices of the whole group in one query in its
+        transaction, so a request costs one thread hop, not two (a read, then a write).
+        Raises ``UnknownDevice`` when no device holds the credential."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Stored] = loop.create_future()
         when = time.time() if now is None else now
-        self._queue.put(_Job(device, batch, when, future, loop, key=key))
+        self._queue.put(_Job(key, batch, when, future, loop))
         return await future
 
     # --- the thread -----------------------------------------------------------------------------
@@ -209,16 +199,9 @@ class TelemetryWriter:
             return job.result
         try:
             with self.sessions(info={COUNTERS_KEY: self.counters}) as session:
-                if job.device is None:
-                    device = session.scalar(select(Device).where(Device.credential_hash == job.key))
-                    if device is None:
-                        return UnknownDevice("no device holds this credential")
-                else:
-                    device = session.scalar(
-                        select(Device).where(Device.device_id == job.device.device_id)
-                    )
-                if device is None:
-                    return LookupError(f"device {job.device.device_id} is gone")
+                device = session.scalar(select(Device).where(Device.credential_hash == job.key))
+                if device is None:  # revoked or rotated since the group read it
+                    return UnknownDevice("no device holds this credential")
                 return store_batch(session, device, job.batch, now=job.now)
         except Exception as exc:
             return exc
@@ -349,17 +332,14 @@ _BY_KEY = select(*(_DEVICES.c[n] for n in _DEVICE_COLUMNS)).where(
 
 
 def _devices(conn: Connection, jobs: list[_Job]) -> None:
-    """Fill in the device of every job that came with a credential digest, in one query;
-    a job whose credential no device holds gets ``UnknownDevice`` as its result."""
-    keys = sorted({job.key for job in jobs if job.device is None and job.key is not None})
-    if not keys:
-        return
+    """Fill in the device of every job from its credential digest, in one query; a job whose
+    credential no device holds gets ``UnknownDevice`` as its result."""
+    keys = sorted({job.key for job in jobs})
     found = {r.credential_hash: r for r in conn.execute(_BY_KEY, {"keys": keys})}
     for job in jobs:
+        job.device = found.get(job.key)
         if job.device is None:
-            job.device = found.get(job.key or "")
-            if job.device is None:
-                job.result = UnknownDevice("no device holds this credential")
+            job.result = UnknownDevice("no device holds this credential")
 
 
 def _running(conn: Connection, jobs: list[_Job]) -> dict[str, list[dict[str, str]]]:
