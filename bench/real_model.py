@@ -28,6 +28,7 @@ import itertools
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -287,6 +288,36 @@ def endpoint_decode(variant: Path, quiet: bool) -> dict[str, Any]:
     return dict(json.loads(out)["decode"])
 
 
+HOST_KERNEL = """
+import time, numpy as np
+a = np.random.default_rng(0).standard_normal((256, 256)).astype(np.float32)
+for _ in range(50): a @ a
+t = time.perf_counter()
+for _ in range(400): a @ a
+print(400 / (time.perf_counter() - t))
+"""
+
+
+def host_floor(processes: int = 8) -> dict[str, Any]:
+    """How steady this host's own speed is: one fixed float32 matmul kernel (two BLAS threads,
+    as llama.cpp decodes with two threads), timed in fresh processes one after another, with
+    the spread statistic of the tok/s target ((max - min) / median). A speed figure taken in
+    fresh processes cannot be steadier than the host under it."""
+    rates = []
+    for _ in range(processes):
+        out = subprocess.run(
+            [sys.executable, "-c", HOST_KERNEL], capture_output=True, text=True, check=True
+        )
+        rates.append(float(out.stdout.strip()))
+    rates.sort()
+    median = statistics.median(rates)
+    return {
+        "processes": processes,
+        "matmuls_per_s": [round(r) for r in rates],
+        "spread": round((rates[-1] - rates[0]) / median, 3),
+    }
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", type=Path, default=Path.home() / ".cache" / "slmops" / "bench-real")
@@ -348,6 +379,7 @@ def main() -> int:
     steps["optimize"] = {"wall_s": round(wall, 1), "peak_rss_mb": round(peak / 2**20)}
     fp32 = int(run["fp32_bytes"])
 
+    floor_before = host_floor()
     report, wall = evaluate(work, work / "report", reference, quiet, args.repeats)
     steps["evaluate"] = {"wall_s": round(wall, 1)}
     loop_minutes = (time.perf_counter() - t_all) / 60
@@ -358,6 +390,7 @@ def main() -> int:
         steps["evaluate_again"] = {"wall_s": round(wall2, 1)}
         second_picks = {s["profile"]: s.get("variant") for s in report2["selections"]}
 
+    floor_after = host_floor()
     rows = table(report)
     spreads = [
         (r["decode_tps_max"] - r["decode_tps_min"]) / r["decode_tps"]
@@ -374,6 +407,7 @@ def main() -> int:
         "picks_second_run": second_picks,
         "pass_memory": memory,
         "loop_minutes": round(loop_minutes, 1),
+        "host_floor": {"before": floor_before, "after": floor_after},
     }
 
     bundle = work / "bundle"
@@ -485,6 +519,13 @@ def show(r: dict[str, Any]) -> None:
     print(
         f"\nendpoint {e['endpoint_decode_tps']} tok/s vs direct {e['direct_decode_tps']} "
         f"(ratio {e['streamed_ratio']})"
+    )
+    hf = r["host_floor"]
+    print(
+        f"\nhost floor: a fixed matmul kernel in {hf['before']['processes']} fresh processes "
+        f"spread {100 * hf['before']['spread']:.1f} % before the evaluation and "
+        f"{100 * hf['after']['spread']:.1f} % after it; the variants' tok/s spread at most "
+        f"{100 * (r['max_spread'] or 0):.1f} %"
     )
     print("\ntargets:")
     for k, v in r["targets"].items():
