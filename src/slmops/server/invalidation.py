@@ -21,13 +21,28 @@ short entry lifetime. SQLite has no LISTEN: a SQLite deployment is one process (
 short lifetime as its staleness bound), and invalidation stays in-process.
 
 ``epoch`` counts invalidations seen by this process: a check-in that read the database before
-an invalidation arrived must not cache what it read (see ``CheckinCache.put``).
+an invalidation arrived must not cache what it read (see ``CheckinCache.put``). Two kinds do
+not count against a check-in, because its answer already reflects them:
+
+- its own commits (a first check-in stores the device's first desired state): the session
+  counts the drops its commits caused (``own_drops``) and the check-in expects the epoch to
+  have moved by exactly that much;
+- this process's own NOTIFYs heard back: an API process tags what it sends with its
+  ``origin`` (``ids,@origin``) and its listener skips its own (counted in ``echoes``), since
+  they were dropped locally at commit already. Otherwise the echo of a first check-in's write
+  arrived milliseconds later and dropped the entry that check-in had just cached. The tag is
+  a last list item no device id can be (ids begin with a letter or digit), so a process of an
+  older version, reading it as one more id, still drops the ids; ``*`` is sent untagged, as
+  those read it, and so is not skipped (it is rare: too many ids, or not about one device).
+
+Both used to count, so a device was cached only from its second poll.
 """
 
 from __future__ import annotations
 
 import logging
 import queue
+import secrets
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -42,6 +57,7 @@ EVERYTHING = "*"
 MAX_PAYLOAD = 7000  # PostgreSQL refuses payloads of 8000 bytes or more
 _KEY = "slmops.changed"
 _COMMITTING = "slmops.committing"
+_OWN = "slmops.own_drops"
 PUBLISHES = "slmops.publishes"  # session info: an app's Invalidation sends the NOTIFY after commit
 
 Drop = Callable[[set[str] | None], None]  # device ids to drop, or None for everything
@@ -66,9 +82,30 @@ def payload_of(ids: set[str]) -> str:
 
 def parse_payload(payload: str) -> set[str] | None:
     """Device ids a payload names, or None (everything)."""
-    if not payload or payload == EVERYTHING:
+    ids = split_origin(payload)[1]
+    if not ids or ids == EVERYTHING:
         return None
-    return {p for p in payload.split(",") if p}
+    return {p for p in ids.split(",") if p}
+
+
+def tagged(origin: str, ids: set[str]) -> str:
+    """The payload an API process sends: ``payload_of(ids)`` and ``,@origin`` last (``*``
+    alone, untagged: see the module docstring)."""
+    payload = payload_of(ids)
+    return payload if payload == EVERYTHING else f"{payload},@{origin}"
+
+
+def split_origin(payload: str) -> tuple[str | None, str]:
+    """The sender's origin (None: untagged, e.g. a CLI command's) and the ids part."""
+    ids, _, last = payload.rpartition(",")
+    if last.startswith("@"):
+        return last[1:], ids
+    return None, payload
+
+
+def own_drops(session: Session) -> int:
+    """How many invalidations this session's own commits caused in this process so far."""
+    return int(session.info.get(_OWN, 0))
 
 
 def notify_on_commit(sessions: sessionmaker[Session], engine: Engine) -> None:
@@ -105,6 +142,8 @@ class Invalidation:
         self.epoch = 0
         self.live = False  # a PostgreSQL listener is connected: other processes' changes arrive
         self.received = 0  # notifications heard from the database (all processes, this one too)
+        self.echoes = 0  # of those, this process's own (skipped: dropped at commit already)
+        self.origin = secrets.token_hex(8)  # tags this process's NOTIFYs
         self._subscribers: list[Drop] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -134,6 +173,7 @@ class Invalidation:
             ids: set[str] | None = session.info.pop(_COMMITTING, None)
             if ids:
                 self.drop(None if EVERYTHING in ids else ids)
+                session.info[_OWN] = own_drops(session) + 1
                 if self._thread is not None:  # PostgreSQL: tell the other processes
                     self._outbox.put(ids)
 
@@ -189,7 +229,7 @@ class Invalidation:
                         conn = engine.connect().execution_options(isolation_level="AUTOCOMMIT")
                     conn.execute(
                         text("SELECT pg_notify(:channel, :payload)"),
-                        {"channel": CHANNEL, "payload": payload_of(ids)},
+                        {"channel": CHANNEL, "payload": tagged(self.origin, ids)},
                     )
                     break
                 except Exception as exc:  # reconnect once, then give up on this one
@@ -230,6 +270,9 @@ class Invalidation:
             while not self._stop.is_set():
                 for note in conn.notifies(timeout=0.5):
                     self.received += 1
+                    if split_origin(note.payload)[0] == self.origin:
+                        self.echoes += 1  # dropped when it committed here
+                        continue
                     self.drop(parse_payload(note.payload))
                 if conn.closed:
                     raise ConnectionError("listener connection closed")

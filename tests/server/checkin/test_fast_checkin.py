@@ -5,11 +5,14 @@ count, beside what the client sees, the cache's hit counter and the route's call
 ``answer`` is wrapped): an idle poll repeating the last full check-in gets 304 without reaching
 the route, with the headers the route would send; everything else (other bytes, another ETag,
 a body over the limit, read in chunks) reaches the route with its body intact; a revoked
-device is refused on its very next poll.
+device is refused on its very next poll. The credential and the body are hashed once per
+request (counted at ``checkin``'s ``hash_secret`` and ``hashlib``, the one seam both layers
+hash through), with this layer and without it (an app built without the middleware).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 import time
@@ -26,6 +29,7 @@ from factories.server import Server, cli_json, credential, enrollment_token, mak
 from helpers import free_port
 from slmops.server.api.device import checkin
 from slmops.server.api.device.checkin_cache import CheckinCache
+from slmops.server.api.device.fast_checkin import FastCheckin
 from slmops.server.app import create_app
 from slmops.server.settings import load_settings
 
@@ -44,12 +48,13 @@ class Served:
         return httpx.post(url, content=body, headers=headers, timeout=10)
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    data: Path = tmp_path_factory.mktemp("fast")
+def _serve(data: Path, *, fast: bool = True) -> Iterator[Served]:
+    """``create_app`` on a real uvicorn; ``fast=False`` builds it without ``FastCheckin``."""
     admin = cli_json("token", "create", "--data", data, "--role", "admin", "--name", "root")
     settings = load_settings(data_dir=data, checkin_cache_seconds=30, poll_seconds=60)
     app = create_app(settings)
+    if not fast:
+        app.user_middleware = [m for m in app.user_middleware if m.cls is not FastCheckin]
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -76,6 +81,11 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         thread.join(timeout=15)
 
 
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    yield from _serve(tmp_path_factory.mktemp("fast"))
+
+
 def _body(**inv: Any) -> bytes:
     return json.dumps({"schema": "slmops.device/v1", "inventory": inventory(**inv)}).encode()
 
@@ -95,8 +105,10 @@ def test_an_idle_poll_is_answered_without_reaching_the_route(served: Served) -> 
     first = served.poll(cred, raw)
     assert first.status_code == 200, first.text
     etag = first.headers["etag"]
-    # The first answer's own commit invalidates what it read, so the route caches the next.
+    # The first full answer is cached (its own commit does not keep it out): a hit already.
+    hits = served.cache.hits
     assert served.poll(cred, raw, etag).status_code == 304
+    assert served.cache.hits == hits + 1
     calls = len(served.calls)
     hits, misses = served.cache.hits, served.cache.misses
 
@@ -148,3 +160,61 @@ def test_a_revoked_device_is_refused_on_its_next_poll(served: Served) -> None:
     r = served.poll(cred, raw, etag)
     assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized"
     assert served.cache.hits == hits + 1
+
+
+class Hashes:
+    """Counts the credential and body hashes ``checkin`` computes (both layers call it)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.key = self.body = 0
+        real_secret = checkin.hash_secret
+
+        def hash_secret(*args: Any) -> str:
+            self.key += 1
+            return real_secret(*args)
+
+        def sha256(data: bytes) -> Any:
+            self.body += 1
+            return hashlib.sha256(data)
+
+        monkeypatch.setattr(checkin, "hash_secret", hash_secret)
+        monkeypatch.setattr(checkin, "hashlib", type("counted", (), {"sha256": sha256}))
+
+    def take(self) -> tuple[int, int]:
+        """(credential hashes, body hashes) since the last call."""
+        seen, self.key, self.body = (self.key, self.body), 0, 0
+        return seen
+
+
+def _each_request_hashes_once(served: Served, hashes: Hashes, name: str) -> None:
+    cred = credential(served.server, enrollment_token(served.server, {}), name)
+    raw = _body()
+    calls = len(served.calls)
+    hashes.take()
+    first = served.poll(cred, raw, '"none"')  # a miss (the fast path, if any, looked first)
+    assert first.status_code == 200, first.text
+    assert hashes.take() == (1, 1) and len(served.calls) == calls + 1
+    etag = first.headers["etag"]
+    hits = served.cache.hits
+    assert served.poll(cred, raw, etag).status_code == 304  # a hit
+    assert hashes.take() == (1, 1) and served.cache.hits == hits + 1
+    assert served.poll(cred, raw).status_code == 200  # no ETag: only the route looks
+    assert hashes.take() == (1, 1)
+    assert served.poll(cred, _chunks(raw, 9), '"old"').status_code == 200  # chunked miss
+    assert hashes.take() == (1, 1)
+
+
+def test_a_miss_hashes_the_credential_and_the_body_once(
+    served: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _each_request_hashes_once(served, Hashes(monkeypatch), "hash-1")
+
+
+def test_the_route_hashes_for_itself_without_the_fast_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for plain in _serve(tmp_path, fast=False):
+        hits = plain.cache.hits
+        _each_request_hashes_once(plain, Hashes(monkeypatch), "hash-2")
+        assert len(plain.calls) == 4  # every poll, the hit too, was the route's
+        assert plain.cache.hits == hits + 1

@@ -32,8 +32,11 @@ from slmops.server.invalidation import (
     Invalidation,
     changed,
     notify_on_commit,
+    own_drops,
     parse_payload,
     payload_of,
+    split_origin,
+    tagged,
 )
 
 CLI = [sys.executable, "-m", "slmops.cli.server"]
@@ -187,6 +190,12 @@ def test_payload_names_devices_or_everything() -> None:
     assert payload_of(many) == EVERYTHING  # too long for one NOTIFY
     assert parse_payload(EVERYTHING) is None
     assert parse_payload("") is None
+    # an API process tags what it sends, so its listener can skip its own; the tag is a last
+    # item no device id can be, so an older reader still drops the ids; "*" stays untagged
+    assert tagged("0af3", {"b", "a"}) == "a,b,@0af3"
+    assert split_origin("a,b,@0af3") == ("0af3", "a,b") and split_origin("a,b") == (None, "a,b")
+    assert parse_payload(tagged("0af3", {"a"})) == {"a"}
+    assert tagged("0af3", {EVERYTHING}) == EVERYTHING and split_origin(EVERYTHING)[0] is None
 
 
 def _entry(device_id: str) -> Entry:
@@ -232,7 +241,7 @@ def test_committed_changes_drop_and_rolled_back_ones_do_not(tmp_path: Path) -> N
         s.rollback()
         s.execute(text("SELECT 1"))
         s.commit()
-        assert dropped == []
+        assert dropped == [] and own_drops(s) == 0
         s.execute(text("SELECT 1"))
         changed(s, "d1")
         nested = s.begin_nested()  # a savepoint rolled back keeps the outer one's changes
@@ -240,6 +249,7 @@ def test_committed_changes_drop_and_rolled_back_ones_do_not(tmp_path: Path) -> N
         nested.rollback()
         s.commit()
         assert dropped == [{"d1", "d2"}]
+        assert own_drops(s) == 1 and inv.epoch == 1  # a check-in's own: not a change it missed
         s.execute(text("SELECT 1"))
         changed(s, None)
         s.commit()

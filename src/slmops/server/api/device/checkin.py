@@ -12,6 +12,11 @@ path that gives the same answer:
    desired state is the answer (``checkin.idle_answer``), with ``last_seen`` buffered;
 3. the full path on a worker thread (``checkin.record_checkin``).
 
+Each request hashes its credential and its body once: when ``fast_checkin.py`` looked first
+(a poll with ``If-None-Match``) and missed, it leaves both in the ASGI scope's state
+(``Computed``) and the route takes them from there; without that layer, or for a request it
+did not look at, the route computes them itself.
+
 The answer carries an ETag of the desired state's canonical JSON; ``If-None-Match`` with the
 current ETag gets 304 and no body. ``/actions`` takes only action statuses, answering 204: an
 agent posts its progress (downloading, verifying, ...) while an install runs, so operators see
@@ -23,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Request, Response
@@ -55,6 +61,7 @@ from slmops.server.context import Context, Services
 from slmops.server.db.models import Device, utcnow
 from slmops.server.db.session import Database
 from slmops.server.errors import api_error
+from slmops.server.invalidation import own_drops
 from slmops.server.openapi import DEVICE_SECURITY, errors, json_body
 from slmops.server.rollouts.service import note_running
 from slmops.server.security import TokenKind, hash_secret
@@ -62,7 +69,21 @@ from slmops.server.settings import ServerSettings
 
 router = APIRouter(tags=["device"])
 MAX_BODY_BYTES = 256 * 1024
+STATE_KEY = "slmops_checkin"  # the request state's name for ``Computed``
 __all__ = ["etag_matches", "router"]
+
+
+@dataclass(frozen=True)
+class Computed:
+    """What ``fast_checkin.py`` computed for a request it then handed on (``STATE_KEY`` in
+    the scope's state), so the route does not hash the credential and the body again.
+    ``authorization`` and ``size`` say what they were computed from: the route uses them only
+    for the same header and a body of the same length (the layer replays the bytes it read)."""
+
+    authorization: str
+    key: str
+    size: int
+    digest: bytes | None  # None: the body was not read whole (over the limit, cut short)
 
 
 def _context(app: Any) -> Context:
@@ -81,18 +102,27 @@ def _parse(raw: bytes) -> CheckIn:
     return body
 
 
-def _full(app: Any, key: str, body: CheckIn, now: float) -> Answer:
+def _full(app: Any, key: str, body: CheckIn, now: float) -> tuple[Answer, int]:
+    """The full check-in, and how many invalidations its own commits caused in this process
+    (``own_drops``): its answer already reflects them, so they must not keep it out of the
+    check-in cache (they used to, and a device was cached only from its second poll)."""
     db: Database = app.state.db
     with db.sessions() as session:
         device = session.scalar(select(Device).where(Device.credential_hash == key))
         if device is None:
             raise unauthorized(*UNKNOWN_DEVICE)
-        return record_checkin(session, device, body, _context(app), now=now)
+        result = record_checkin(session, device, body, _context(app), now=now)
+        return result, own_drops(session)
 
 
 def credential_key(authorization: str | None) -> str:
     """The cache and database key of a device's Authorization header (401 when malformed)."""
     return hash_secret(device_secret(authorization), TokenKind.DEVICE)
+
+
+def body_digest(raw: bytes) -> bytes:
+    """The check-in cache's key for the body bytes (both callers hash through here)."""
+    return hashlib.sha256(raw).digest()
 
 
 def sent_etag(if_none_match: str | None) -> str:
@@ -113,18 +143,23 @@ def cache_says_304(
     return cache.hit(key, digest, etag, now, every, count_miss=count_miss)
 
 
-async def answer(app: Any, key: str, raw: bytes, if_none_match: str | None) -> Answer | None:
-    """The check-in's answer; None when the cache says 304 (the caller's ETag is current)."""
+async def answer(
+    app: Any, key: str, raw: bytes, if_none_match: str | None, digest: bytes | None = None
+) -> Answer | None:
+    """The check-in's answer; None when the cache says 304 (the caller's ETag is current).
+    ``digest``: the body's, when the caller has it already (``Computed``)."""
     now = time.time()
     settings: ServerSettings = app.state.settings
     cache: CheckinCache = app.state.checkin_cache
-    digest = hashlib.sha256(raw).digest()
+    if digest is None:
+        digest = body_digest(raw)
     if cache_says_304(app.state, key, digest, if_none_match, now, count_miss=True):
         return None
     body = _parse(raw)
     epoch = cache.epoch  # before the read: an invalidation meanwhile keeps it out of the cache
     reader: CheckinReader | None = getattr(app.state, "checkin_reader", None)
     idle = None
+    own = 0  # invalidations the full path's own commits caused (not a change it missed)
     if reader is not None:
         row = await reader.lookup(key)
         if row is None:
@@ -135,10 +170,11 @@ async def answer(app: Any, key: str, raw: bytes, if_none_match: str | None) -> A
         if due and reader is not None:
             reader.seen(result.device_id, now)
     else:
-        result = await run_in_threadpool(_full, app, key, body, now)
+        result, own = await run_in_threadpool(_full, app, key, body, now)
     if not body.actions:
         entry = Entry(result.device_id, result.etag, digest, result.seen_at, now + cache.ttl)
-        cache.put(key, entry, epoch=epoch)
+        # cached only if every invalidation since ``epoch`` was the check-in's own
+        cache.put(key, entry, epoch=epoch + own)
     return result
 
 
@@ -157,11 +193,16 @@ async def check_in(
     if_none_match: Annotated[str | None, Header()] = None,
 ) -> Response:
     """Report, and get the desired state (304 when the If-None-Match ETag is current)."""
-    key = credential_key(authorization)
+    seen: Computed | None = getattr(request.state, STATE_KEY, None)
+    if seen is not None and seen.authorization == authorization:
+        key = seen.key
+    else:
+        seen, key = None, credential_key(authorization)
     raw = await request.body()
     if len(raw) > MAX_BODY_BYTES:
         raise api_error(413, "too_large", f"check-in over {MAX_BODY_BYTES} bytes", where="body")
-    result = await answer(request.app, key, raw, if_none_match)
+    digest = seen.digest if seen is not None and seen.size == len(raw) else None
+    result = await answer(request.app, key, raw, if_none_match, digest)
     etag = result.etag if result else sent_etag(if_none_match)
     headers = {"ETag": etag, "Cache-Control": "no-cache"}
     if result is None or result.payload is None or etag_matches(if_none_match, etag):

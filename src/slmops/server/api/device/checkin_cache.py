@@ -15,7 +15,9 @@ off) without a cross-process listener (SQLite, or while the listener reconnects)
 
 A check-in that read the database before an invalidation arrived does not cache what it read
 (``epoch`` taken before the read, compared at ``put``), so a change racing a full check-in
-cannot leave a stale entry behind.
+cannot leave a stale entry behind. Its own commits are not such a change (its answer is
+computed after them): the caller adds the drops they caused to ``epoch``
+(``invalidation.own_drops``), so a device's first full check-in is cached too.
 """
 
 from __future__ import annotations

@@ -13,7 +13,9 @@ question (``checkin.cache_says_304``). On a hit it sends the route's 304 itself:
 headers (``ETag``, ``Cache-Control: no-cache``), no body, and the cache's hit counter moves
 as it would have. Anything else (no such headers, a malformed credential, a body over the
 limit or cut short, a miss) goes on to the app with every message it read replayed first, so
-the route sees the same bytes and answers (or refuses) as if this layer did not exist.
+the route sees the same bytes and answers (or refuses) as if this layer did not exist. What it
+computed on the way (the credential key, the body digest) goes along in the scope's state
+(``checkin.Computed``), so the route does not compute it again.
 
 Why this is safe: a 304 needs a live cache entry, entries exist only after a full check-in
 authenticated the credential against the database, and a change of desired state or
@@ -26,7 +28,6 @@ the server, outside the app, so it still sees every request).
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections import deque
 from typing import Any
@@ -36,6 +37,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from slmops.server.api.device.checkin import (
     MAX_BODY_BYTES,
+    STATE_KEY,
+    Computed,
+    body_digest,
     cache_says_304,
     credential_key,
     sent_etag,
@@ -81,10 +85,12 @@ class FastCheckin:
         try:
             raw = await _read_body(receive, read)
         except Exception as exc:  # the body limit or the server: the route must see it
+            _hand_on(scope, Computed(authorization, key, -1, None))
             await self.app(scope, _replay(read, receive, exc), send)
             return
+        digest = None
         if raw is not None:
-            digest = hashlib.sha256(raw).digest()
+            digest = body_digest(raw)
             if cache_says_304(
                 self.state, key, digest, if_none_match, time.time(), count_miss=False
             ):
@@ -93,7 +99,15 @@ class FastCheckin:
                 await send({"type": "http.response.start", "status": 304, "headers": headers})
                 await send({"type": "http.response.body", "body": b""})
                 return
+        size = len(raw) if raw is not None else -1
+        _hand_on(scope, Computed(authorization, key, size, digest))
         await self.app(scope, _replay(read, receive, None), send)
+
+
+def _hand_on(scope: Scope, computed: Computed) -> None:
+    """Leave what this layer computed for the route (``request.state``): the server's
+    per-request copy of the lifespan state, or a dict of the request's own."""
+    scope.setdefault("state", {})[STATE_KEY] = computed
 
 
 async def _read_body(receive: Receive, read: list[Message]) -> bytes | None:
