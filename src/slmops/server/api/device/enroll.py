@@ -9,6 +9,10 @@ operator approves or rejects (``server/identity.py``). Until then the existing d
 working with its credential and the requester gets nothing but a pending credential that
 starts working on approval; presenting it again polls the request. A token whose labels the
 device does not have is refused outright (403), so a token for one site cannot even ask.
+
+A first enrollment (no ``credential``) of a new id is the hot path when a fleet comes up and
+goes through ``first_enroll.py`` (Core SQL, one statement on PostgreSQL); anything it cannot
+do (an id that exists, a token that is not usable) comes back here with nothing written.
 """
 
 from __future__ import annotations
@@ -20,9 +24,16 @@ from sqlalchemy.orm import Session
 from slmops.protocol.device import PROTOCOL_VERSION, EnrollRequest, EnrollResponse
 from slmops.server import identity
 from slmops.server.api.deps import DeviceDep, SessionDep
+from slmops.server.api.device import first_enroll
 from slmops.server.audit import Actor, record
-from slmops.server.db import count_enrollment_use, find_device, find_enrollment_token, is_expired
-from slmops.server.db.models import Device, EnrollmentToken, as_utc, utcnow
+from slmops.server.db import (
+    TokenView,
+    count_enrollment_use,
+    find_device,
+    find_enrollment_token,
+    is_expired,
+)
+from slmops.server.db.models import Device, as_utc, utcnow
 from slmops.server.errors import api_error
 from slmops.server.identity_tables import RequestStatus
 from slmops.server.openapi import errors
@@ -44,7 +55,7 @@ def check_schema(schema: str) -> None:
         )
 
 
-def usable_token(session: Session, secret: str | None) -> EnrollmentToken:
+def usable_token(session: Session, secret: str | None) -> TokenView:
     """The enrollment token for ``secret`` if it may enroll now (401 otherwise)."""
     token = (
         find_enrollment_token(session, secret=secret)
@@ -113,6 +124,11 @@ def _commit(session: Session, device_id: str) -> None:
 )
 def enroll_device(body: EnrollRequest, session: SessionDep, response: Response) -> EnrollResponse:
     check_schema(body.schema_)
+    if body.credential is None:  # a first enrollment, nearly always a new id: the fast path
+        credential = first_enroll.enroll_new(session, body)
+        if credential is not None:
+            _commit(session, body.device_id)
+            return EnrollResponse(device_id=body.device_id, credential=credential)
     inventory = body.inventory
     device = find_device(session, device_id=body.device_id)
     if device is not None and _proves(device, body.credential):
@@ -139,10 +155,10 @@ def enroll_device(body: EnrollRequest, session: SessionDep, response: Response) 
             status=identity.ACTIVE,
         )
         session.add(device)
-        count_enrollment_use(session, token_id=token.id)
         record(
             session, Actor.enrollment(token.id), "device.enroll", identity.target(device.device_id)
         )
+        count_enrollment_use(session, token_id=token.id)
         _commit(session, body.device_id)
         return EnrollResponse(device_id=body.device_id, credential=credential)
     scope = device.operator_labels or {}
