@@ -2,7 +2,8 @@
 
 ``Services`` is created once per app by ``create_app`` (``app.state.services``; routes take it
 as ``ServicesDep`` from ``api/deps.py``, the ticker gets it handed over): the one blob store,
-the cache of resolved versions, and the spacing of the ticker's slow telemetry work. Keeping
+the cache of resolved versions, the spacing of the ticker's slow telemetry work, and the
+combiner that steps device reports in groups per rollout (``server/combine.py``). Keeping
 these on the app rather than in module globals means two apps in one process (tests) share
 nothing, and a newcomer finds every piece of process state in one place.
 
@@ -16,7 +17,9 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
+from slmops.server.combine import Combiner
 from slmops.server.registry.store import BlobStore
 from slmops.server.settings import ServerSettings
 from slmops.server.targets import TargetCache
@@ -30,6 +33,7 @@ class Context:
     poll_seconds: float
     now: float = field(default_factory=time.time)
     targets: TargetCache | None = None
+    reports: Combiner[Any] | None = None  # device reports stepped in groups per rollout
 
 
 class Every:
@@ -60,6 +64,7 @@ class Services:
     store: BlobStore
     targets: TargetCache = field(default_factory=TargetCache)
     slow: Every = field(default_factory=lambda: Every(600.0))
+    reports: Combiner[Any] = field(default_factory=Combiner)
 
     @classmethod
     def create(cls, settings: ServerSettings) -> Services:
@@ -72,5 +77,9 @@ class Services:
     def context(self, now: float | None = None) -> Context:
         """A Context for one use case, stamped ``now`` (default: the current time)."""
         return Context(
-            self.store, self.poll_seconds, time.time() if now is None else now, self.targets
+            self.store,
+            self.poll_seconds,
+            time.time() if now is None else now,
+            self.targets,
+            self.reports,
         )

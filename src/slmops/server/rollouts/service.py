@@ -99,10 +99,21 @@ def apply_event(
     Raises ``RolloutConflict`` when the row changed since it was read, and the machine's
     ``InvalidTransition`` for an operator command the state does not allow (nothing written).
     """
-    loaded = rows.load(session, row, _named(event))
-    for _ in range(3):  # at most: queued, then moved
+    return apply_events(session, row, [event], ctx)
+
+
+def apply_events(
+    session: Session, row: Rollout, events: Sequence[RolloutEvent], ctx: Context
+) -> list[RolloutCommand]:
+    """``apply_event`` for several events in order, with one read and one write: the machine
+    is pure, so stepping a group is stepping each in turn from the state the last one left."""
+    loaded = rows.load(session, row, [d for e in events for d in _named(e)])
+    for _ in range(len(events) + 3):  # each kind of device set is loaded once at most
         try:
-            new, commands = _step_all(loaded.state, event, ctx.now)
+            new, commands = loaded.state, []
+            for event in events:
+                new, more = _step_all(new, event, ctx.now)
+                commands += more
             break
         except NeedDevices as need:  # a wave start or a rollback: load that set and step again
             loaded = rows.load_kind(session, loaded, need.kind)
@@ -160,8 +171,16 @@ def run_event(
     write lock on SQLite): a canary wave's devices all report to the same rollout within a
     second, and optimistic retries alone ran out (20 conflicts in a row, a 500 to the device)
     when many request threads or API processes stepped it at once, on both engines. The lock
-    makes them queue; the revision check stays as the guard.
+    makes them queue; the revision check stays as the guard. Device reports queue once per
+    group instead (``record_reports``).
     """
+    return run_events(session, rollout_id, [event], ctx)
+
+
+def run_events(
+    session: Session, rollout_id: str, events: Sequence[RolloutEvent], ctx: Context
+) -> list[RolloutCommand]:
+    """``run_event`` for several events in one transaction (``apply_events``)."""
     for _ in range(MAX_ATTEMPTS):
         session.execute(
             update(Rollout)
@@ -173,7 +192,7 @@ def run_event(
         if row is None:
             raise LookupError(f"no rollout {rollout_id!r}")
         try:
-            commands = apply_event(session, row, event, ctx)
+            commands = apply_events(session, row, events, ctx)
             session.commit()
             return commands
         except RolloutConflict:
@@ -190,17 +209,32 @@ def run_event(
 def record_reports(
     session: Session, device_id: str, actions: Sequence[ActionStatus], ctx: Context
 ) -> None:
-    """Feed a device's action statuses to the rollouts they name, in the order reported."""
+    """Feed a device's action statuses to the rollouts they name, in the order reported.
+
+    With the app's ``Combiner`` (``ctx.reports``), a report is stepped in one transaction with
+    the other reports queued for its rollout in this process (``server/combine.py``): the
+    reports of a wave otherwise queue one by one on the rollout row's lock."""
     for status in actions:
         if not status.rollout_id:
             continue
         report = DeviceReport(
             device_id=device_id, state=status.state, failed_stage=status.stage, detail=status.detail
         )
+        rollout_id = status.rollout_id
         try:
-            run_event(session, status.rollout_id, report, ctx)
+            if ctx.reports is None:
+                run_event(session, rollout_id, report, ctx)
+                continue
+
+            def group(reports: Sequence[RolloutEvent], rollout_id: str = rollout_id) -> None:
+                run_events(session, rollout_id, reports, ctx)
+
+            def alone(report: RolloutEvent, rollout_id: str = rollout_id) -> None:
+                run_event(session, rollout_id, report, ctx)
+
+            ctx.reports.submit(rollout_id, report, group, alone)
         except LookupError:
-            log.info("device %s reported for unknown rollout %s", device_id, status.rollout_id)
+            log.info("device %s reported for unknown rollout %s", device_id, rollout_id)
 
 
 def note_running(device: Device, actions: Sequence[ActionStatus]) -> None:
