@@ -23,7 +23,7 @@ only by a rollout's assignment (``desired.py``).
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from sqlalchemy import select, update
@@ -178,9 +178,16 @@ def run_event(
 
 
 def run_events(
-    session: Session, rollout_id: str, events: Sequence[RolloutEvent], ctx: Context
+    session: Session,
+    rollout_id: str,
+    events: Sequence[RolloutEvent],
+    ctx: Context,
+    *,
+    first: Callable[[Session], None] | None = None,
 ) -> list[RolloutCommand]:
-    """``run_event`` for several events in one transaction (``apply_events``)."""
+    """``run_event`` for several events in one transaction (``apply_events``); ``first``
+    writes what the events rest on (the reports' device rows) in the same transaction, once
+    the rollout row is locked, and again on a retry."""
     for _ in range(MAX_ATTEMPTS):
         session.execute(
             update(Rollout)
@@ -192,6 +199,8 @@ def run_events(
         if row is None:
             raise LookupError(f"no rollout {rollout_id!r}")
         try:
+            if first is not None:
+                first(session)
             commands = apply_events(session, row, events, ctx)
             session.commit()
             return commands

@@ -38,6 +38,7 @@ from pydantic import ValidationError
 from sqlalchemy import select
 
 from slmops.protocol.device import ActionReport, CheckIn, DesiredState
+from slmops.server.action_reports import report_actions as report_actions_of
 from slmops.server.api.deps import (
     UNKNOWN_DEVICE,
     DeviceDep,
@@ -53,17 +54,15 @@ from slmops.server.checkin import (
     idle_answer,
     parse,
     record_checkin,
-    record_statuses,
     seen_every,
 )
 from slmops.server.checkin_reader import CheckinReader
 from slmops.server.context import Context, Services
-from slmops.server.db.models import Device, utcnow
+from slmops.server.db.models import Device
 from slmops.server.db.session import Database
 from slmops.server.errors import api_error
 from slmops.server.invalidation import own_drops
 from slmops.server.openapi import DEVICE_SECURITY, errors, json_body
-from slmops.server.rollouts.service import note_running
 from slmops.server.security import TokenKind, hash_secret
 from slmops.server.settings import ServerSettings
 
@@ -214,8 +213,6 @@ async def check_in(
 def report_actions(
     body: ActionReport, device: DeviceDep, session: SessionDep, request: Request
 ) -> Response:
-    """Progress of an install, between check-ins."""
-    device.last_seen = utcnow()
-    note_running(device, body.actions)  # the version it runs now, before the next check-in
-    record_statuses(session, device, body.actions, _context(request.app))
+    """Progress of an install, between check-ins (written in groups per rollout)."""
+    report_actions_of(session, device, body.actions, _context(request.app))
     return Response(status_code=204)
