@@ -14,19 +14,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 
 from control_plane import inventory
+from factories.inproc import served_in_thread
 from factories.server import Server, cli_json, credential, enrollment_token, make_token
-from helpers import free_port
 from slmops.server.api.device import checkin
 from slmops.server.api.device.checkin_cache import CheckinCache
 from slmops.server.api.device.fast_checkin import FastCheckin
@@ -55,30 +52,8 @@ def _serve(data: Path, *, fast: bool = True) -> Iterator[Served]:
     app = create_app(settings)
     if not fast:
         app.user_middleware = [m for m in app.user_middleware if m.cls is not FastCheckin]
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
-        time.sleep(0.05)
-    calls: list[int] = []
-    real = checkin.answer
-
-    async def counted(*args: Any, **kwargs: Any) -> checkin.Answer | None:
-        calls.append(1)
-        return await real(*args, **kwargs)
-
-    mp = pytest.MonkeyPatch()
-    mp.setattr(checkin, "answer", counted)
-    try:
-        url = f"http://127.0.0.1:{port}"
+    with served_in_thread(app) as (url, calls):
         yield Served(Server(url, data, admin["token"]), app.state.checkin_cache, calls)
-    finally:
-        mp.undo()
-        server.should_exit = True
-        thread.join(timeout=15)
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -28,11 +27,10 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 
 from control_plane import inventory
+from factories.inproc import served_in_thread
 from factories.server import Server, credential, enrollment_token, make_token
-from helpers import free_port
 from slmops.server.api.device import checkin
 from slmops.server.api.device.checkin_cache import CheckinCache
 from slmops.server.app import create_app
@@ -89,30 +87,8 @@ def _serve(data: Path, db_url: str | None, backend: str) -> Iterator[Served]:
         data_dir=data, db_url=db_url, checkin_cache_seconds=30, poll_seconds=60
     )
     app = create_app(settings)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
-        time.sleep(0.05)
-    calls: list[int] = []
-    real = checkin.answer
-
-    async def counted(*args: Any, **kwargs: Any) -> checkin.Answer | None:
-        calls.append(1)
-        return await real(*args, **kwargs)
-
-    mp = pytest.MonkeyPatch()
-    mp.setattr(checkin, "answer", counted)
-    try:
-        url = f"http://127.0.0.1:{port}"
+    with served_in_thread(app) as (url, calls):
         yield Served(Server(url, data, _admin(data, db_url)), app, calls, backend)
-    finally:
-        mp.undo()
-        server.should_exit = True
-        thread.join(timeout=15)
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
