@@ -23,7 +23,7 @@ from slmops import __version__
 from slmops.server import dashboard
 from slmops.server.api import device, operator
 from slmops.server.api.device import io as device_io
-from slmops.server.api.device.checkin_cache import CheckinCache
+from slmops.server.api.device.checkin_cache import LISTENING_TTL, CheckinCache
 from slmops.server.api.device.fast_checkin import FastCheckin
 from slmops.server.api.operator import audit as audit_api
 from slmops.server.body_limit import BodyLimitMiddleware
@@ -79,7 +79,13 @@ def create_app(settings: ServerSettings) -> FastAPI:
     services = app.state.services = Services.create(settings)
     webhooks.configure(settings.webhook_allow)  # private webhook targets allowed anyway
     app.state.invalidation = Invalidation()  # cached check-ins dropped on change (all processes)
-    app.state.checkin_cache = CheckinCache(settings.checkin_cache_seconds, app.state.invalidation)
+    app.state.checkin_cache = CheckinCache(
+        settings.checkin_cache_seconds,
+        app.state.invalidation,
+        # while NOTIFY keeps entries current, they outlive a device's poll: a minute-polling
+        # fleet otherwise found its entries expired at every poll
+        listening_ttl=max(LISTENING_TTL, 3 * settings.poll_seconds),
+    )
     install_error_handlers(app)
     install_openapi(app)  # errors, bodies and ids the document would miss (openapi.py)
     # Idle check-ins the cache answers 304 before routing (api/device/fast_checkin.py); added

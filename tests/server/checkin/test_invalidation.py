@@ -311,3 +311,23 @@ def test_listener_hears_commits_only_and_comes_back_after_its_connection_dies(
         inv.stop()
         writer_engine.dispose()
         listener_engine.dispose()
+
+
+def test_a_device_polling_less_often_than_last_seen_is_written_still_hits() -> None:
+    """A fleet polling each minute: ``last_seen`` is due at every poll (written at most every
+    30 s), which used to send every poll past the cache. With the check-in reader's buffered
+    write (``seen``) the entry answers, the write is handed over and the entry's clock restarts;
+    without it the route must write, so it is a miss."""
+    inv = Invalidation()
+    cache = CheckinCache(5.0, inv, listening_ttl=180.0)
+    now = time.time()
+    cache.put("k1", Entry("d1", '"e"', b"d", now - 45, now + 60), epoch=cache.epoch)
+    assert not cache.hit("k1", b"d", '"e"', now, 30)  # due, and nobody to write it
+    written: list[tuple[str, float]] = []
+    assert cache.hit("k1", b"d", '"e"', now, 30, seen=lambda d, t: written.append((d, t)))
+    assert written == [("d1", now)]
+    assert cache.hit("k1", b"d", '"e"', now + 1, 30, seen=lambda d, t: written.append((d, t)))
+    assert written == [("d1", now)]  # the clock restarted: not due again
+    assert not cache.hit("k1", b"d", '"other"', now + 1, 30, seen=lambda d, t: None)
+    inv.live = True
+    assert cache.ttl == 180.0  # entries outlive a minute's poll while NOTIFY keeps them current

@@ -139,7 +139,9 @@ def cache_says_304(
     cache: CheckinCache = state.checkin_cache
     etag = sent_etag(if_none_match) or None
     every = seen_every(settings.poll_seconds)
-    return cache.hit(key, digest, etag, now, every, count_miss=count_miss)
+    reader: CheckinReader | None = getattr(state, "checkin_reader", None)
+    seen = reader.seen if reader is not None else None
+    return cache.hit(key, digest, etag, now, every, count_miss=count_miss, seen=seen)
 
 
 async def answer(

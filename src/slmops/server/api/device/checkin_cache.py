@@ -22,8 +22,10 @@ computed after them): the caller adds the drops they caused to ``epoch``
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from slmops.server.invalidation import Invalidation
@@ -48,8 +50,10 @@ class CheckinCache:
         invalidation: Invalidation | None = None,
         *,
         max_entries: int = MAX_ENTRIES,
+        listening_ttl: float = LISTENING_TTL,
     ) -> None:
         self.short_ttl, self.max_entries = ttl, max_entries
+        self.listening_ttl = listening_ttl
         self.invalidation = invalidation or Invalidation()
         self.invalidation.subscribe(self.drop)
         self._entries: dict[str, Entry] = {}
@@ -62,7 +66,7 @@ class CheckinCache:
         """Entry lifetime now: long while another process's changes reach us by NOTIFY."""
         if self.short_ttl <= 0:
             return 0.0
-        return max(self.short_ttl, LISTENING_TTL) if self.invalidation.live else self.short_ttl
+        return max(self.short_ttl, self.listening_ttl) if self.invalidation.live else self.short_ttl
 
     @property
     def epoch(self) -> int:
@@ -77,9 +81,16 @@ class CheckinCache:
         seen_every: float,
         *,
         count_miss: bool = True,
+        seen: Callable[[str, float], None] | None = None,
     ) -> bool:
         """Whether the entry of ``key`` answers this check-in with 304. ``count_miss=False``
-        for a first look whose miss is looked at again (and counted) by the route."""
+        for a first look whose miss is looked at again (and counted) by the route.
+
+        An entry whose ``last_seen`` write is due (``seen_every``) still answers when ``seen``
+        is given (the check-in reader's buffered write): it is called and the entry's clock
+        restarts. Without it such a check-in goes to the route, which writes ``last_seen``.
+        Before, a device polling less often than ``seen_every`` (every device of a fleet
+        polling each minute: ``seen_every`` is at most 30 s) missed the cache on every poll."""
         entry = self._entries.get(key)
         ok = (
             entry is not None
@@ -87,8 +98,15 @@ class CheckinCache:
             and entry.expires > now
             and entry.body_digest == body_digest
             and entry.etag == etag
-            and now - entry.seen_at < seen_every
         )
+        if ok and entry is not None and now - entry.seen_at >= seen_every:
+            if seen is None:
+                ok = False
+            else:
+                seen(entry.device_id, now)
+                with self._lock:  # unless it was dropped meanwhile
+                    if self._entries.get(key) is entry:
+                        self._entries[key] = dataclasses.replace(entry, seen_at=now)
         if ok:
             self.hits += 1
         elif count_miss:
