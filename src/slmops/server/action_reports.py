@@ -18,19 +18,20 @@ failed take that path (``record_statuses``), so one bad report fails only its ow
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
 
 from sqlalchemy import Table, bindparam, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from slmops.protocol.device import ActionStatus
 from slmops.server.checkin import bounded, record_statuses
 from slmops.server.context import Context
 from slmops.server.db.models import Device, DeviceAction, utcnow
+from slmops.server.db.session import dialect_insert
 from slmops.server.rollouts.machine import DeviceReport, RolloutEvent
 from slmops.server.rollouts.service import note_running, run_events
 
@@ -122,10 +123,14 @@ def _write(session: Session, items: Sequence[Report]) -> None:
                 "detail": s.detail,
                 "updated_at": r.seen,
             }
-    insert = (postgresql if session.get_bind().dialect.name == "postgresql" else sqlite).insert
-    stmt = insert(_ACTIONS)
-    upsert = stmt.on_conflict_do_update(
+    session.execute(_upsert(session.get_bind().dialect.name), list(latest.values()))
+
+
+@functools.cache
+def _upsert(dialect_name: str) -> Any:
+    """The action rows' upsert, built once per dialect (compiled once, then cached)."""
+    stmt = dialect_insert(dialect_name, _ACTIONS)
+    return stmt.on_conflict_do_update(
         index_elements=["device_id", "rollout_id", "version"],
         set_={c: stmt.excluded[c] for c in ("state", "stage", "detail", "updated_at")},
     )
-    session.execute(upsert, list(latest.values()))

@@ -84,9 +84,6 @@ class Combiner(Generic[T]):
             group, rest = queued[: self.max_group], queued[self.max_group :]
             if rest:
                 self._queued[key] = rest
-            if not group:  # cannot happen (the leader's item is queued); never spin on it
-                self._leading.discard(key)
-                return
         try:
             run_group([i.value for i in group])
         except Exception:

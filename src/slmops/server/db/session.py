@@ -23,6 +23,7 @@ import orjson
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.orm import Session, sessionmaker
@@ -44,6 +45,13 @@ def json_dumps(value: Any) -> str:
     aggregates that every ingested window writes (their encoding was a seventh of the writer's
     time). Non-string keys are written as strings, as ``json.dumps`` does."""
     return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode()
+
+
+def dialect_insert(dialect_name: str, table: Any) -> Any:
+    """The engine's own INSERT, which has ``on_conflict_do_nothing/update`` and RETURNING."""
+    if dialect_name == "postgresql":
+        return postgresql.insert(table)
+    return sqlite.insert(table)
 
 
 JSON_CODEC: dict[str, Any] = {"json_serializer": json_dumps, "json_deserializer": orjson.loads}

@@ -37,11 +37,11 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 from sqlalchemy import Connection, Engine, Table, bindparam, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
 from slmops.protocol.telemetry import TelemetryBatch
 from slmops.server.db.models import Device, DeviceAction, utcnow
+from slmops.server.db.session import dialect_insert
 from slmops.server.telemetry import aggregate
 from slmops.server.telemetry.store import (
     COUNTERS_KEY,
@@ -289,13 +289,6 @@ class TelemetryWriter:
 _EMPTY: Any = object()
 
 
-def _insert(conn: Connection, table: Table) -> Any:
-    """The dialect's INSERT (with ON CONFLICT DO NOTHING and RETURNING)."""
-    if conn.dialect.name == "postgresql":
-        return postgresql.insert(table)
-    return sqlite.insert(table)
-
-
 @dataclass(frozen=True)
 class _Statements:
     """The group's statements, built once per dialect. Executed with a list of parameter sets,
@@ -313,10 +306,10 @@ _BY_DIALECT: dict[str, _Statements] = {}
 def _statements(conn: Connection) -> _Statements:
     name = conn.dialect.name
     if name not in _BY_DIALECT:
-        batches = _insert(conn, _BATCHES).on_conflict_do_nothing(
+        batches = dialect_insert(name, _BATCHES).on_conflict_do_nothing(
             index_elements=["device_id", "batch_id"]
         )
-        hourly = _insert(conn, _HOURLY).on_conflict_do_nothing(index_elements=list(_KEY))
+        hourly = dialect_insert(name, _HOURLY).on_conflict_do_nothing(index_elements=list(_KEY))
         _BY_DIALECT[name] = _Statements(
             batches=batches.returning(_BATCHES.c.id, _BATCHES.c.device_id, _BATCHES.c.batch_id),
             hourly=hourly.returning(*(_HOURLY.c[n] for n in _KEY)),
