@@ -90,13 +90,14 @@ BARE_APP = textwrap.dedent(
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    if __name__ == "__main__":  # the same uvicorn.run arguments `slmops server run` uses
+    if __name__ == "__main__":  # the same uvicorn arguments `slmops server run` uses
         port, workers = int(sys.argv[1]), int(sys.argv[2])
         if workers == 1:
             uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
         else:
-            uvicorn.run("bare_app:app", host="127.0.0.1", port=port, log_level="warning",
-                        workers=workers)
+            from slmops.server.listen import serve_workers
+            serve_workers("bare_app:app", host="127.0.0.1", port=port, log_level="warning",
+                          workers=workers)
     """
 )
 

@@ -156,8 +156,10 @@ BARE_APP = textwrap.dedent(
         if workers == 1:
             uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
         else:
-            uvicorn.run("bare_telemetry:app", host="127.0.0.1", port=port,
-                        log_level="warning", workers=workers)
+            # slmops' own way to run N workers (TCP_NODELAY on every connection)
+            from slmops.server.listen import serve_workers
+            serve_workers("bare_telemetry:app", host="127.0.0.1", port=port,
+                          log_level="warning", workers=workers)
     """
 )
 

@@ -111,7 +111,9 @@ def run_command(
         )
         if db:
             os.environ["SLMOPS_DB_URL"] = db
-        uvicorn.run(
+        from slmops.server.listen import serve_workers
+
+        serve_workers(
             "slmops.server.app:app_from_env",
             factory=True,
             host=host,
