@@ -25,6 +25,7 @@ from slmops.server.api import device, operator
 from slmops.server.api.device import io as device_io
 from slmops.server.api.device.checkin_cache import LISTENING_TTL, CheckinCache
 from slmops.server.api.device.fast_checkin import FastCheckin
+from slmops.server.api.device.fast_telemetry import FastTelemetry
 from slmops.server.api.operator import audit as audit_api
 from slmops.server.body_limit import BodyLimitMiddleware
 from slmops.server.context import Services
@@ -91,6 +92,9 @@ def create_app(settings: ServerSettings) -> FastAPI:
     # Idle check-ins the cache answers 304 before routing (api/device/fast_checkin.py); added
     # first, so it sits inside the body limit below.
     app.add_middleware(FastCheckin, state=app.state)
+    # Well-formed telemetry batches stored and answered before routing (the same steps as
+    # the route: api/device/fast_telemetry.py).
+    app.add_middleware(FastTelemetry, state=app.state)
     # Outside every route: bodies are bounded before auth or parsing (server/body_limit.py).
     app.add_middleware(
         BodyLimitMiddleware, default=settings.max_body_bytes, uploads=settings.max_upload_bytes

@@ -22,6 +22,7 @@ query, and the batch stored with theirs, in one transaction of the writer thread
 from __future__ import annotations
 
 import zlib
+from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Request, Response
@@ -43,7 +44,7 @@ router = APIRouter(tags=["device"])
 
 MAX_BODY = 1 << 20  # 1 MiB as sent
 MAX_JSON = 8 << 20  # 8 MiB decompressed
-_CHUNK = 64 << 10
+MEDIA_TYPE = "application/json"
 
 
 class TelemetryAccepted(BaseModel):
@@ -65,14 +66,20 @@ def _too_large(what: str, limit: int) -> Exception:
 
 async def read_body(request: Request, gzipped: bool) -> bytes:
     """The request body, inflated when gzipped, within the limits (413 past them)."""
-    declared = request.headers.get("content-length", "")
+    return await inflate(request.stream(), gzipped, request.headers.get("content-length", ""))
+
+
+async def inflate(chunks: AsyncIterator[bytes], gzipped: bool, declared: str) -> bytes:
+    """The body from its ``chunks``, inflated when gzipped, within ``MAX_BODY`` as sent and
+    ``MAX_JSON`` inflated (413 past them, 400 for bad gzip); ``declared`` is the request's
+    Content-Length header (refused before anything is read when it is over the limit)."""
     if declared.isdigit() and int(declared) > MAX_BODY:
         raise _too_large("as sent", MAX_BODY)
     inflater = zlib.decompressobj(16 + zlib.MAX_WBITS) if gzipped else None
     received = 0
     out = bytearray()
     try:
-        async for chunk in request.stream():
+        async for chunk in chunks:
             received += len(chunk)
             if received > MAX_BODY:
                 raise _too_large("as sent", MAX_BODY)
@@ -102,6 +109,49 @@ async def read_body(request: Request, gzipped: bool) -> bytes:
     return bytes(out)
 
 
+def content_coding(header: str | None) -> str:
+    """``gzip`` or ``identity`` from the Content-Encoding header; 415 for anything else."""
+    encoding = (header or "identity").strip().lower()
+    if encoding not in ("gzip", "identity"):
+        raise api_error(
+            415,
+            "unsupported_encoding",
+            f"Content-Encoding {encoding!r} is not supported",
+            where="Content-Encoding",
+            hint="use gzip or no encoding",
+        )
+    return encoding
+
+
+def parse_batch(body: bytes) -> TelemetryBatch:
+    """The validated batch; 422 naming the first problem (and how many more) otherwise."""
+    try:
+        return TelemetryBatch.model_validate_json(body)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ())) or "body"
+        more = f" (and {exc.error_count() - 1} more problem(s))" if exc.error_count() > 1 else ""
+        raise api_error(
+            422,
+            "invalid_request",
+            f"{first.get('msg', 'invalid telemetry batch')}{more}",
+            where=f"body.{where}" if where != "body" else where,
+            hint="send a slmops.telemetry/v1 batch; unknown keys are refused",
+        ) from None
+
+
+def answer(stored: Stored) -> bytes:
+    """The 200 answer's JSON body (serialized once: returned as a model, FastAPI would dump,
+    validate and encode it again; ``response_model`` still documents it)."""
+    accepted = TelemetryAccepted(
+        batch_id=stored.batch_id,
+        accepted=stored.windows,
+        duplicate=stored.duplicate,
+        skipped=stored.skipped,
+    )
+    return accepted.model_dump_json().encode()
+
+
 def _store(db: Database, key: str, batch: TelemetryBatch) -> Stored:
     """Authenticate and store on one worker thread, in one session (this is the hot path)."""
     with db.sessions() as session:
@@ -111,13 +161,14 @@ def _store(db: Database, key: str, batch: TelemetryBatch) -> Stored:
         return store_batch(session, device, batch)
 
 
-async def _stored(app: Any, key: str, batch: TelemetryBatch) -> Stored:
+async def stored_batch(state: Any, key: str, batch: TelemetryBatch) -> Stored:
     """The batch is stored in a group commit with other requests' (``writer.py``), whose
     transaction also reads their devices by credential in one query: one thread hop per
-    request. An app without the writer (not started) stores it alone."""
-    writer: TelemetryWriter | None = getattr(app.state, "telemetry_writer", None)
+    request. An app without the writer (not started) stores it alone. 401 when no device
+    holds the credential (``state``: the app's state)."""
+    writer: TelemetryWriter | None = getattr(state, "telemetry_writer", None)
     if writer is None:
-        return await run_in_threadpool(_store, app.state.db, key, batch)
+        return await run_in_threadpool(_store, state.db, key, batch)
     try:
         return await writer.store_for(key, batch)
     except UnknownDevice:
@@ -143,36 +194,7 @@ async def post_telemetry(
     """Store a batch of telemetry windows (idempotent per ``batch_id``). The credential's
     shape is checked before the body is read; its database lookup happens with the store."""
     key = hash_secret(device_secret(authorization), TokenKind.DEVICE)
-    encoding = (content_encoding or "identity").strip().lower()
-    if encoding not in ("gzip", "identity"):
-        raise api_error(
-            415,
-            "unsupported_encoding",
-            f"Content-Encoding {encoding!r} is not supported",
-            where="Content-Encoding",
-            hint="use gzip or no encoding",
-        )
-    body = await read_body(request, encoding == "gzip")
-    try:
-        batch = TelemetryBatch.model_validate_json(body)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first.get("loc", ())) or "body"
-        more = f" (and {exc.error_count() - 1} more problem(s))" if exc.error_count() > 1 else ""
-        raise api_error(
-            422,
-            "invalid_request",
-            f"{first.get('msg', 'invalid telemetry batch')}{more}",
-            where=f"body.{where}" if where != "body" else where,
-            hint="send a slmops.telemetry/v1 batch; unknown keys are refused",
-        ) from None
-    stored = await _stored(request.app, key, batch)
-    accepted = TelemetryAccepted(
-        batch_id=stored.batch_id,
-        accepted=stored.windows,
-        duplicate=stored.duplicate,
-        skipped=stored.skipped,
-    )
-    # Serialized here: returned as a model, FastAPI would dump, validate and encode it again
-    # (``response_model`` still documents it).
-    return Response(accepted.model_dump_json().encode(), media_type="application/json")
+    encoding = content_coding(content_encoding)
+    batch = parse_batch(await read_body(request, encoding == "gzip"))
+    stored = await stored_batch(request.app.state, key, batch)
+    return Response(answer(stored), media_type=MEDIA_TYPE)

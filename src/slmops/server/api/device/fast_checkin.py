@@ -29,7 +29,6 @@ the server, outside the app, so it still sees every request).
 from __future__ import annotations
 
 import time
-from collections import deque
 from typing import Any
 
 from fastapi import HTTPException
@@ -44,6 +43,7 @@ from slmops.server.api.device.checkin import (
     credential_key,
     sent_etag,
 )
+from slmops.server.api.device.replay import replay
 
 PATH = "/device/v1/checkin"
 _NO_CACHE = (b"cache-control", b"no-cache")
@@ -86,7 +86,7 @@ class FastCheckin:
             raw = await _read_body(receive, read)
         except Exception as exc:  # the body limit or the server: the route must see it
             _hand_on(scope, Computed(authorization, key, -1, None))
-            await self.app(scope, _replay(read, receive, exc), send)
+            await self.app(scope, replay(read, receive, exc), send)
             return
         digest = None
         if raw is not None:
@@ -101,7 +101,7 @@ class FastCheckin:
                 return
         size = len(raw) if raw is not None else -1
         _hand_on(scope, Computed(authorization, key, size, digest))
-        await self.app(scope, _replay(read, receive, None), send)
+        await self.app(scope, replay(read, receive, None), send)
 
 
 def _hand_on(scope: Scope, computed: Computed) -> None:
@@ -127,18 +127,3 @@ async def _read_body(receive: Receive, read: list[Message]) -> bytes | None:
         chunks.append(chunk)
         if not message.get("more_body", False):
             return b"".join(chunks)
-
-
-def _replay(read: list[Message], receive: Receive, error: Exception | None) -> Receive:
-    """A ``receive`` that gives back ``read`` first, then raises ``error`` (what the first
-    reader met) or carries on with the real one."""
-    pending = deque(read)
-
-    async def replayed() -> Message:
-        if pending:
-            return pending.popleft()
-        if error is not None:
-            raise error
-        return await receive()
-
-    return replayed
