@@ -14,7 +14,8 @@ process (``store``, awaited on the event loop), which takes whatever is queued (
    in one SELECT (``FOR UPDATE`` on PostgreSQL, so another process's writer waits for this
    commit; SQLite has one writer at a time), then inserted ``ON CONFLICT DO NOTHING`` (a row
    another process inserted meanwhile is read again and merged into) or updated ``WHERE
-   revision = <read>`` in one executemany. Should that hit fewer rows than it should, the whole
+   revision = <read>`` in one statement (an executemany on SQLite; on PostgreSQL one UPDATE
+   whose rows are one JSON parameter, as are the windows': ``db/recordset.py``). Should that hit fewer rows than it should, the whole
    group is rolled back and written again (``GROUP_ATTEMPTS``): concurrent API processes never
    lose a window.
 
@@ -36,11 +37,12 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, cast
 
-from sqlalchemy import Connection, Engine, Table, bindparam, select, update
+from sqlalchemy import Connection, Engine, Table, bindparam, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from slmops.protocol.telemetry import TelemetryBatch
 from slmops.server.db.models import Device, DeviceAction, utcnow
+from slmops.server.db.recordset import insert_rows, rows_param
 from slmops.server.db.session import dialect_insert
 from slmops.server.telemetry import aggregate
 from slmops.server.telemetry.store import (
@@ -281,7 +283,7 @@ class TelemetryWriter:
                     merged[hkey] = acc
                 profiles[hkey] = profile
         if windows:
-            conn.execute(_WINDOWS.insert(), windows)
+            _insert_windows(conn, windows)
         if merged:
             _roll_up(conn, merged, profiles)
 
@@ -384,6 +386,32 @@ _MERGE = (
     .where(_HOURLY.c.id == bindparam("row_id"), _HOURLY.c.revision == bindparam("seen"))
     .values(aggregate=bindparam("merged"), revision=bindparam("next"))
 )
+# PostgreSQL: the same update as one statement, its rows one JSON parameter (db/recordset.py)
+_MERGE_ROWS = text(
+    "UPDATE telemetry_hourly AS h SET aggregate = v.merged, revision = v.next "
+    "FROM json_to_recordset(CAST(:rows AS json)) "
+    "AS v(row_id integer, seen integer, merged json, next integer) "
+    "WHERE h.id = v.row_id AND h.revision = v.seen"
+)
+_WINDOW_INSERTS: dict[tuple[str, ...], Any] = {}
+
+
+def _merge(conn: Connection, params: list[dict[str, Any]]) -> int:
+    """Write the merged hourly rows whose revision is still the one read; rows written."""
+    if conn.dialect.name == "postgresql":
+        return int(conn.execute(_MERGE_ROWS, rows_param(params)).rowcount)
+    return int(conn.execute(_MERGE, params).rowcount)
+
+
+def _insert_windows(conn: Connection, rows: list[dict[str, Any]]) -> None:
+    if conn.dialect.name != "postgresql":
+        conn.execute(_WINDOWS.insert(), rows)
+        return
+    columns = tuple(rows[0])
+    statement = _WINDOW_INSERTS.get(columns)
+    if statement is None:
+        statement = _WINDOW_INSERTS[columns] = insert_rows(_WINDOWS, columns)
+    conn.execute(statement, rows_param(rows))
 
 
 def _roll_up(
@@ -419,9 +447,9 @@ def _roll_up(
                 }
                 for k in existing
             ]
-            res = conn.execute(_MERGE, params)
-            if res.rowcount != len(params):
-                raise MergeConflict(f"{len(params) - res.rowcount} hourly row(s) changed")
+            written = _merge(conn, params)
+            if written != len(params):
+                raise MergeConflict(f"{len(params) - written} hourly row(s) changed")
         if not missed:
             return
         todo = missed  # inserted by another process meanwhile: merge into them
