@@ -43,7 +43,7 @@ from slmops.server.api.device.checkin import (
     credential_key,
     sent_etag,
 )
-from slmops.server.api.device.replay import replay
+from slmops.server.api.device.fast_path import first_headers, posted_to, replay
 
 PATH = "/device/v1/checkin"
 _NO_CACHE = (b"cache-control", b"no-cache")
@@ -56,23 +56,13 @@ class FastCheckin:
         self.app, self.state = app, state  # the FastAPI app's state (settings, checkin_cache)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (
-            scope["type"] != "http"
-            or scope["path"] != PATH
-            or scope["method"] != "POST"
-            or scope.get("root_path")
-        ):
+        if not posted_to(scope, PATH):
             await self.app(scope, receive, send)
             return
-        authorization = if_none_match = None
-        declared = 0
-        for name, value in scope["headers"]:
-            if name == b"authorization" and authorization is None:
-                authorization = value.decode("latin-1")
-            elif name == b"if-none-match" and if_none_match is None:
-                if_none_match = value.decode("latin-1")
-            elif name == b"content-length":
-                declared = int(value) if value.isdigit() else MAX_BODY_BYTES + 1
+        got = first_headers(scope, b"authorization", b"if-none-match", b"content-length")
+        authorization, if_none_match = got.get(b"authorization"), got.get(b"if-none-match")
+        length = got.get(b"content-length", "0")
+        declared = int(length) if length.isdigit() else MAX_BODY_BYTES + 1
         if authorization is None or not if_none_match or declared > MAX_BODY_BYTES:
             await self.app(scope, receive, send)
             return

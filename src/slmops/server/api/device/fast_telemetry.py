@@ -26,7 +26,7 @@ from fastapi import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from slmops.server.api.device.checkin import credential_key
-from slmops.server.api.device.replay import replay
+from slmops.server.api.device.fast_path import first_headers, posted_to, replay
 from slmops.server.telemetry.ingest import (
     MEDIA_TYPE,
     answer,
@@ -55,26 +55,15 @@ class FastTelemetry:
         self.app, self.state = app, state  # the FastAPI app's state (db, telemetry_writer)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (
-            scope["type"] != "http"
-            or scope["path"] != PATH
-            or scope["method"] != "POST"
-            or scope.get("root_path")
-        ):
+        if not posted_to(scope, PATH):
             await self.app(scope, receive, send)
             return
-        authorization = encoding = None
-        declared = ""
-        for name, value in scope["headers"]:
-            if name == b"authorization" and authorization is None:
-                authorization = value.decode("latin-1")
-            elif name == b"content-encoding" and encoding is None:
-                encoding = value.decode("latin-1")
-            elif name == b"content-length":
-                declared = value.decode("latin-1")
+        got = first_headers(scope, b"authorization", b"content-encoding", b"content-length")
+        authorization = got.get(b"authorization")
         if authorization is None:
             await self.app(scope, receive, send)
             return
+        encoding, declared = got.get(b"content-encoding"), got.get(b"content-length", "")
         read: list[Message] = []
 
         async def chunks() -> AsyncIterator[bytes]:
