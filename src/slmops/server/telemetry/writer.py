@@ -15,9 +15,9 @@ process (``store``, awaited on the event loop), which takes whatever is queued (
    commit; SQLite has one writer at a time), then inserted ``ON CONFLICT DO NOTHING`` (a row
    another process inserted meanwhile is read again and merged into) or updated ``WHERE
    revision = <read>`` in one statement (an executemany on SQLite; on PostgreSQL one UPDATE
-   whose rows are one JSON parameter, as are the windows': ``db/recordset.py``). Should that hit fewer rows than it should, the whole
-   group is rolled back and written again (``GROUP_ATTEMPTS``): concurrent API processes never
-   lose a window.
+   whose rows are one JSON parameter, as are the windows': ``db/recordset.py``). Should that
+   hit fewer rows than it should, the whole group is rolled back and written again
+   (``GROUP_ATTEMPTS``): concurrent API processes never lose a window.
 
 Each request is answered after the commit, so an acknowledged batch is stored. When a group's
 transaction fails, its batches are stored one by one (``store.store_batch``), so one bad batch
