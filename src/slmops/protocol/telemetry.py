@@ -46,6 +46,11 @@ Count = Annotated[float, Field(ge=0, le=MAX_COUNT, strict=True)]
 number here (strict: ``true`` is refused, ints and floats pass)."""
 Finite = Annotated[float, Field(ge=-MAX_COUNT, le=MAX_COUNT, strict=True)]
 INT64_MAX = (1 << 63) - 1
+NO_NUL = r"^[^\x00]*$"
+"""Wire strings stored in the database: PostgreSQL text cannot hold NUL, nor can its JSON
+functions read a ``\u0000`` escape, so one such string would fail the whole group commit of
+the batches stored with it (refused here as a 422 instead)."""
+FigureName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")]
 
 
 class _Finite(StrictModel):
@@ -106,13 +111,14 @@ class WindowAggregate(_Finite):
 
     start: float = Field(ge=0, le=1e11, strict=True, description="epoch seconds, inclusive")
     end: float = Field(ge=0, le=1e11, strict=True, description="epoch seconds, exclusive")
-    model: str | None = Field(None, max_length=255)
-    version: str | None = Field(None, max_length=128)
-    variant: str | None = Field(None, max_length=128)
-    rollout_id: str | None = Field(None, max_length=64)
+    model: str | None = Field(None, max_length=255, pattern=NO_NUL)
+    version: str | None = Field(None, max_length=128, pattern=NO_NUL)
+    variant: str | None = Field(None, max_length=128, pattern=NO_NUL)
+    rollout_id: str | None = Field(None, max_length=64, pattern=NO_NUL)
     adapter: str | None = Field(
         None,
         max_length=200,
+        pattern=NO_NUL,
         description="name:version of the LoRA adapter served over the model; null: none "
         "(optional, so windows of agents that predate adapters still validate)",
     )
@@ -136,7 +142,7 @@ class WindowAggregate(_Finite):
     health_ok: Count = 0
     health_failed: Count = 0
     feedback: Feedback = Field(default_factory=Feedback)
-    noised: list[str] = Field(
+    noised: list[FigureName] = Field(
         default_factory=list, max_length=64, description="figures with DP noise added"
     )
     epsilon: float | None = Field(None, gt=0, le=1e6, description="DP budget spent on this window")
@@ -176,5 +182,5 @@ class TelemetryBatch(StrictModel):
         le=INT64_MAX,
         description="windows dropped on the device since the last delivered batch",
     )
-    dropped_reason: str | None = Field(None, max_length=200)
+    dropped_reason: str | None = Field(None, max_length=200, pattern=NO_NUL)
     model_config = StrictModel.model_config | {"populate_by_name": True}

@@ -4,10 +4,12 @@ Why: on PostgreSQL, psycopg runs an executemany as one pipelined statement per r
 SQLAlchemy's multi-row INSERT binds every value of every row separately; either way each value
 is adapted in Python while the thread holds the interpreter lock the API's event loop needs.
 py-spy on the telemetry writer put over a third of its time there for rows it had already
-encoded once (the aggregates are JSON). Sent as one JSON document (``rows_param``: one orjson
-call), the rows are unpacked by the server: ``json_to_recordset(:rows) AS v(col type, ...)``,
-with the types taken from the table's own columns, so a column change follows the table.
-SQLite keeps the plain statements (its executemany is one C loop already).
+encoded once (the aggregates are JSON). Sent as one JSON document (``execute_rows``: one
+orjson call per 5,000 rows), the rows are unpacked by the server, ``json_to_recordset(:rows)
+AS v(col type, ...)``, with the types taken from the table's own columns, so a column change
+follows the table. SQLite keeps the plain statements (its executemany is one C loop already).
+PostgreSQL cannot read a ``\u0000`` escape there: the wire schema refuses NUL in the strings
+that reach these rows (``protocol/telemetry.py: NO_NUL``).
 """
 
 from __future__ import annotations
@@ -15,11 +17,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import Table, TextClause, text
+from sqlalchemy import Connection, Table, TextClause, text
 from sqlalchemy.dialects import postgresql
 
 from slmops.server.db.session import json_dumps
 
+ROWS_PER_STATEMENT = 5_000
 _PG = postgresql.dialect()  # type: ignore[no-untyped-call]
 
 
@@ -35,13 +38,19 @@ def recordset(table: Table, columns: Sequence[str], alias: str = "v") -> str:
 
 
 def insert_rows(table: Table, columns: Sequence[str]) -> TextClause:
-    """INSERT of every row of ``:rows`` (``rows_param``) into ``columns`` of ``table``."""
+    """INSERT of every row of ``:rows`` (``execute_rows``) into ``columns`` of ``table``."""
     cols = ", ".join(_quoted(c) for c in columns)
     return text(
         f"INSERT INTO {_quoted(table.name)} ({cols}) SELECT {cols} FROM {recordset(table, columns)}"
     )
 
 
-def rows_param(rows: Sequence[dict[str, Any]]) -> dict[str, str]:
-    """The one parameter the statements above take: every row as one JSON array."""
-    return {"rows": json_dumps(list(rows))}
+def execute_rows(conn: Connection, statement: Any, rows: Sequence[dict[str, Any]]) -> int:
+    """Run ``statement`` (one taking ``:rows``) over ``rows``, ``ROWS_PER_STATEMENT`` at a time
+    (a group after a fleet comes back online can hold 100,000 windows: one parameter of
+    hundreds of MB otherwise); the rows it wrote."""
+    written = 0
+    for i in range(0, len(rows), ROWS_PER_STATEMENT):
+        part = list(rows[i : i + ROWS_PER_STATEMENT])
+        written += int(conn.execute(statement, {"rows": json_dumps(part)}).rowcount)
+    return written

@@ -25,7 +25,7 @@ import zlib
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Request, Response
+from fastapi import APIRouter, Header, HTTPException, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field, ValidationError
 from sqlalchemy import select
@@ -45,6 +45,9 @@ router = APIRouter(tags=["device"])
 MAX_BODY = 1 << 20  # 1 MiB as sent
 MAX_JSON = 8 << 20  # 8 MiB decompressed
 MEDIA_TYPE = "application/json"
+# The request state's key under which the fast path (api/device/fast_telemetry.py) leaves the
+# refusal it already met for an unknown device, so the route does not store-and-fail again.
+REFUSED_KEY = "slmops.telemetry.refused"
 
 
 class TelemetryAccepted(BaseModel):
@@ -193,6 +196,9 @@ async def post_telemetry(
 ) -> Response:
     """Store a batch of telemetry windows (idempotent per ``batch_id``). The credential's
     shape is checked before the body is read; its database lookup happens with the store."""
+    refused = request.scope.get("state", {}).get(REFUSED_KEY)
+    if isinstance(refused, HTTPException):
+        raise refused
     key = hash_secret(device_secret(authorization), TokenKind.DEVICE)
     encoding = content_coding(content_encoding)
     batch = parse_batch(await read_body(request, encoding == "gzip"))

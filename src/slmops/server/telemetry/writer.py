@@ -42,7 +42,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from slmops.protocol.telemetry import TelemetryBatch
 from slmops.server.db.models import Device, DeviceAction, utcnow
-from slmops.server.db.recordset import insert_rows, rows_param
+from slmops.server.db.recordset import execute_rows, insert_rows
 from slmops.server.db.session import dialect_insert
 from slmops.server.telemetry import aggregate
 from slmops.server.telemetry.store import (
@@ -399,7 +399,7 @@ _WINDOW_INSERTS: dict[tuple[str, ...], Any] = {}
 def _merge(conn: Connection, params: list[dict[str, Any]]) -> int:
     """Write the merged hourly rows whose revision is still the one read; rows written."""
     if conn.dialect.name == "postgresql":
-        return int(conn.execute(_MERGE_ROWS, rows_param(params)).rowcount)
+        return execute_rows(conn, _MERGE_ROWS, params)
     return int(conn.execute(_MERGE, params).rowcount)
 
 
@@ -411,7 +411,7 @@ def _insert_windows(conn: Connection, rows: list[dict[str, Any]]) -> None:
     statement = _WINDOW_INSERTS.get(columns)
     if statement is None:
         statement = _WINDOW_INSERTS[columns] = insert_rows(_WINDOWS, columns)
-    conn.execute(statement, rows_param(rows))
+    execute_rows(conn, statement, rows)
 
 
 def _roll_up(

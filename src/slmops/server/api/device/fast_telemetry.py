@@ -14,7 +14,8 @@ it sends the route's 200 itself (same body, same ``Content-Type``). When any ste
 (malformed credential, unsupported encoding, over a limit, bad gzip, invalid batch, unknown
 device) nothing was stored, and the request goes on to the app with every message read so far
 replayed first, so the route meets the same bytes and answers the refusal in the error envelope
-exactly as it always has. An error of the server itself (the database) propagates as it would
+exactly as it always has; an unknown device's refusal goes along in the request's state
+(``ingest.REFUSED_KEY``), so the route raises it without parsing and looking up again. An error of the server itself (the database) propagates as it would
 from the route. The body limit (``body_limit.py``) sits outside this layer, as for every route.
 """
 
@@ -29,6 +30,7 @@ from slmops.server.api.device.checkin import credential_key
 from slmops.server.api.device.fast_path import first_headers, posted_to, replay
 from slmops.server.telemetry.ingest import (
     MEDIA_TYPE,
+    REFUSED_KEY,
     answer,
     content_coding,
     inflate,
@@ -41,9 +43,10 @@ _CONTENT_TYPE = (b"content-type", MEDIA_TYPE.encode())
 
 
 class _ReceiveFailed(Exception):
-    """``receive`` itself raised (the client went away, the body limit): the route must see it."""
+    """``receive`` raised (the body limit's error: ``cause``) or gave a disconnect message
+    (``cause`` None): the route must meet the same."""
 
-    def __init__(self, cause: BaseException) -> None:
+    def __init__(self, cause: BaseException | None) -> None:
         super().__init__(str(cause))
         self.cause = cause
 
@@ -74,7 +77,7 @@ class FastTelemetry:
                     raise _ReceiveFailed(exc) from exc
                 read.append(message)
                 if message["type"] != "http.request":  # the client went away mid-body
-                    raise _ReceiveFailed(ConnectionError("client disconnected"))
+                    raise _ReceiveFailed(None)
                 yield message.get("body", b"")
                 if not message.get("more_body", False):
                     return
@@ -83,12 +86,17 @@ class FastTelemetry:
             key = credential_key(authorization)
             gzipped = content_coding(encoding) == "gzip"
             batch = parse_batch(await inflate(chunks(), gzipped, declared))
-            stored = await stored_batch(self.state, key, batch)
         except _ReceiveFailed as exc:
-            failed = exc.cause if not isinstance(exc.cause, ConnectionError) else None
-            await self.app(scope, replay(read, receive, failed), send)
+            await self.app(scope, replay(read, receive, exc.cause), send)
             return
         except HTTPException:  # refused, nothing stored: the route answers it the same way
+            await self.app(scope, replay(read, receive, None), send)
+            return
+        try:
+            stored = await stored_batch(self.state, key, batch)
+        except HTTPException as exc:  # no device holds the credential: nothing stored
+            # the route raises this refusal without parsing and looking the device up again
+            scope.setdefault("state", {})[REFUSED_KEY] = exc
             await self.app(scope, replay(read, receive, None), send)
             return
         body = answer(stored)
