@@ -210,7 +210,7 @@ def staged_rollout(pl: Plane, args: argparse.Namespace) -> dict[str, Any]:
         rollout_run(
             pl,
             sim,
-            lambda: pl.apply("staged", staged_spec("staged", "1.0.0", waves, soak)),
+            lambda: pl.apply("staged", staged_spec("staged", "1.0.0", waves, soak, n)),
             4 * soak + 60 + n / 20,
         )
     )
@@ -241,7 +241,7 @@ def staged_rollout(pl: Plane, args: argparse.Namespace) -> dict[str, Any]:
         rollout_run(
             pl,
             sim,
-            lambda: pl.apply("staged", staged_spec("staged", "2.0.0", waves, soak)),
+            lambda: pl.apply("staged", staged_spec("staged", "2.0.0", waves, soak, n)),
             2 * soak + 120 + n / 200,
         )
     )
@@ -317,7 +317,7 @@ def report_cost(pl: Plane, args: argparse.Namespace) -> dict[str, Any]:
                 sim,
                 lambda f=fleet, sp=spec: pl.apply(f, sp),  # type: ignore[misc]
                 limit,
-                wave_done if held else None,
+                wave_done,  # at every size, so the report rates compare over the same span
             )
         )
         after = db_bytes(pl.db_url)
