@@ -14,6 +14,7 @@ that reach these rows (``protocol/telemetry.py: NO_NUL``).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -37,8 +38,10 @@ def recordset(table: Table, columns: Sequence[str], alias: str = "v") -> str:
     return f"json_to_recordset(CAST(:rows AS json)) AS {alias}({spec})"
 
 
-def insert_rows(table: Table, columns: Sequence[str]) -> TextClause:
-    """INSERT of every row of ``:rows`` (``execute_rows``) into ``columns`` of ``table``."""
+@functools.cache
+def insert_rows(table: Table, columns: tuple[str, ...]) -> TextClause:
+    """INSERT of every row of ``:rows`` (``execute_rows``) into ``columns`` of ``table``;
+    built once per table and columns."""
     cols = ", ".join(_quoted(c) for c in columns)
     return text(
         f"INSERT INTO {_quoted(table.name)} ({cols}) SELECT {cols} FROM {recordset(table, columns)}"

@@ -393,7 +393,6 @@ _MERGE_ROWS = text(
     "AS v(row_id integer, seen integer, merged json, next integer) "
     "WHERE h.id = v.row_id AND h.revision = v.seen"
 )
-_WINDOW_INSERTS: dict[tuple[str, ...], Any] = {}
 
 
 def _merge(conn: Connection, params: list[dict[str, Any]]) -> int:
@@ -407,11 +406,7 @@ def _insert_windows(conn: Connection, rows: list[dict[str, Any]]) -> None:
     if conn.dialect.name != "postgresql":
         conn.execute(_WINDOWS.insert(), rows)
         return
-    columns = tuple(rows[0])
-    statement = _WINDOW_INSERTS.get(columns)
-    if statement is None:
-        statement = _WINDOW_INSERTS[columns] = insert_rows(_WINDOWS, columns)
-    execute_rows(conn, statement, rows)
+    execute_rows(conn, insert_rows(_WINDOWS, tuple(rows[0])), rows)
 
 
 def _roll_up(

@@ -15,8 +15,9 @@ it sends the route's 200 itself (same body, same ``Content-Type``). When any ste
 device) nothing was stored, and the request goes on to the app with every message read so far
 replayed first, so the route meets the same bytes and answers the refusal in the error envelope
 exactly as it always has; an unknown device's refusal goes along in the request's state
-(``ingest.REFUSED_KEY``), so the route raises it without parsing and looking up again. An error of the server itself (the database) propagates as it would
-from the route. The body limit (``body_limit.py``) sits outside this layer, as for every route.
+(``ingest.REFUSED_KEY``), so the route raises it without parsing and looking up again. An
+error of the server itself (the database) propagates as it would from the route. The body
+limit (``body_limit.py``) sits outside this layer, as for every route.
 """
 
 from __future__ import annotations
