@@ -29,7 +29,6 @@ import asyncio
 import json
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -39,6 +38,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from _load import Plane, plane, sim_config  # noqa: E402
+from fleet import scratch  # noqa: E402
 from pg import postgres_cluster  # noqa: E402
 from slmops.fleet.simulator import Simulator  # noqa: E402
 
@@ -82,7 +82,7 @@ def main() -> int:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
-    work = Path(tempfile.mkdtemp(prefix="slmops-bench-enroll-"))
+    work = scratch("slmops-bench-enroll-")
     codes: list[tuple[str, dict[str, str]]] = []
     if args.baseline:
         base = work / "baseline"

@@ -43,9 +43,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import contextlib
 import json
 import os
+import shutil
 import socket
 import statistics
 import subprocess
@@ -158,6 +160,25 @@ CANNED = textwrap.dedent(
     asyncio.run(main())
     """
 )
+
+
+def scratch(prefix: str) -> Path:
+    """A work folder for this bench run (servers' data and logs), removed when the run ends
+    and kept, with its path printed, when it ends in an uncaught exception or is killed (no
+    exit handlers run then), so the logs of a failed run are there to read. A run that ends
+    with unmet targets reports them itself: its folder goes too."""
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    failed: list[bool] = []
+    previous = sys.excepthook
+
+    def on_error(*exc: Any) -> None:
+        failed.append(True)
+        print(f"kept {work} for its logs", file=sys.stderr)
+        previous(*exc)
+
+    sys.excepthook = on_error
+    atexit.register(lambda: failed or shutil.rmtree(work, ignore_errors=True))
+    return work
 
 
 def free_port() -> int:
@@ -390,7 +411,7 @@ def control_plane_checkins(
 
 
 def checkins(args: argparse.Namespace) -> dict[str, Any]:
-    work = Path(tempfile.mkdtemp(prefix="slmops-bench-fleet-"))
+    work = scratch("slmops-bench-fleet-")
     fake = [
         {"auth": "Bearer slmd_" + "x" * 40, "etag": '"0123456789abcdef0123456789abcdef"'}
         | {"body": json.dumps({"schema": "slmops.device/v1", "inventory": inventory({})})}
@@ -451,7 +472,7 @@ def checkins(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def rss_only(args: argparse.Namespace) -> dict[str, Any]:
-    work = Path(tempfile.mkdtemp(prefix="slmops-bench-fleet-"))
+    work = scratch("slmops-bench-fleet-")
     data = work / "server"
     data.mkdir()
     token = cli_json(server_cli("enrollment-token", "create", "--data", data))["token"]

@@ -43,7 +43,15 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from fleet import cli_json, enroll_fleet, free_port, run_raw_loadgen, running, server_cli
+from fleet import (
+    cli_json,
+    enroll_fleet,
+    free_port,
+    run_raw_loadgen,
+    running,
+    scratch,
+    server_cli,
+)
 from slmops.agent.outbox import Outbox
 from slmops.agent.telemetry import Aggregator
 from slmops.protocol.telemetry import TelemetryBatch, TelemetryPolicy
@@ -250,7 +258,7 @@ def main() -> int:
         t = time.perf_counter()
         result["bytes_per_day"] = [bytes_per_day(None), bytes_per_day(1.0)]
         result["bytes_seconds"] = round(time.perf_counter() - t, 1)
-    work = Path(tempfile.mkdtemp(prefix="slmops-bench-telemetry-"))
+    work = scratch("slmops-bench-telemetry-")
     counts = [int(w) for w in args.workers.split(",") if w]
     with contextlib.ExitStack() as stack:
         dbs: list[tuple[str, str | None]] = [] if "sqlite" in args.skip else [("sqlite", None)]
