@@ -72,3 +72,32 @@ def test_rows_come_back_exactly_in_chunks(pg_url: str, monkeypatch: pytest.Monke
         got = [dict(r._mapping) for r in conn.execute(select(ROWS).order_by(ROWS.c.id))]
     assert [{k: r[k] for k in ("name", "at", "doc")} for r in got] == rows
     engine.dispose()
+
+
+def test_fetch_rows_returns_what_each_chunk_inserted(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``insert_rows`` with a suffix (ON CONFLICT ... RETURNING, as the telemetry writer's
+    batch rows): the rows a conflict skipped are not returned, from every chunk."""
+    keyed = Table(
+        "rs_keyed",
+        META,
+        Column("id", Integer, primary_key=True, autoincrement=True),
+        Column("name", String(64), unique=True),
+        Column("at", Float),
+    )
+    engine = create_engine(pg_url.replace("postgresql://", "postgresql+psycopg://", 1))
+    META.create_all(engine)
+    monkeypatch.setattr(recordset, "ROWS_PER_STATEMENT", 3)
+    stmt = recordset.insert_rows(
+        keyed, ("name", "at"), "ON CONFLICT (name) DO NOTHING RETURNING id, name"
+    )
+    with engine.begin() as conn:
+        first = recordset.fetch_rows(conn, stmt, [{"name": f"n{i}", "at": i} for i in range(4)])
+        again = recordset.fetch_rows(
+            conn, stmt, [{"name": f"n{i}", "at": i} for i in (1, 9, 3, 7, 2)]
+        )
+    assert sorted(r.name for r in first) == ["n0", "n1", "n2", "n3"]
+    assert sorted(r.name for r in again) == ["n7", "n9"]  # n1, n2, n3 were there
+    assert len({r.id for r in first + again}) == 6
+    engine.dispose()

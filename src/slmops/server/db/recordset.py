@@ -18,7 +18,7 @@ import functools
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import Connection, Table, TextClause, text
+from sqlalchemy import Connection, Row, Table, TextClause, text
 from sqlalchemy.dialects import postgresql
 
 from slmops.server.db.session import json_dumps
@@ -39,12 +39,14 @@ def recordset(table: Table, columns: Sequence[str], alias: str = "v") -> str:
 
 
 @functools.cache
-def insert_rows(table: Table, columns: tuple[str, ...]) -> TextClause:
-    """INSERT of every row of ``:rows`` (``execute_rows``) into ``columns`` of ``table``;
-    built once per table and columns."""
+def insert_rows(table: Table, columns: tuple[str, ...], suffix: str = "") -> TextClause:
+    """INSERT of every row of ``:rows`` (``execute_rows``, ``fetch_rows``) into ``columns`` of
+    ``table``, then ``suffix`` (``ON CONFLICT ...``, ``RETURNING ...``); built once per table,
+    columns and suffix."""
     cols = ", ".join(_quoted(c) for c in columns)
     return text(
         f"INSERT INTO {_quoted(table.name)} ({cols}) SELECT {cols} FROM {recordset(table, columns)}"
+        + (f" {suffix}" if suffix else "")
     )
 
 
@@ -57,3 +59,12 @@ def execute_rows(conn: Connection, statement: Any, rows: Sequence[dict[str, Any]
         part = list(rows[i : i + ROWS_PER_STATEMENT])
         written += int(conn.execute(statement, {"rows": json_dumps(part)}).rowcount)
     return written
+
+
+def fetch_rows(conn: Connection, statement: Any, rows: Sequence[dict[str, Any]]) -> list[Row[Any]]:
+    """``execute_rows`` for a statement that returns rows (``RETURNING``): every chunk's."""
+    out: list[Row[Any]] = []
+    for i in range(0, len(rows), ROWS_PER_STATEMENT):
+        part = list(rows[i : i + ROWS_PER_STATEMENT])
+        out.extend(conn.execute(statement, {"rows": json_dumps(part)}))
+    return out

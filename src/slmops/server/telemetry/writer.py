@@ -42,7 +42,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from slmops.protocol.telemetry import TelemetryBatch
 from slmops.server.db.models import Device, DeviceAction, utcnow
-from slmops.server.db.recordset import execute_rows, insert_rows
+from slmops.server.db.recordset import execute_rows, fetch_rows, insert_rows
 from slmops.server.db.session import dialect_insert
 from slmops.server.telemetry import aggregate
 from slmops.server.telemetry.store import (
@@ -240,8 +240,7 @@ class TelemetryWriter:
                     "samples": [s.model_dump(mode="json") for s in job.batch.samples] or None,
                 }
             )
-        got = conn.execute(_statements(conn).batches, rows)  # one multi-row INSERT per 1,000
-        ids = {(r.device_id, r.batch_id): r.id for r in got}
+        ids = {(r.device_id, r.batch_id): r.id for r in _insert_batches(conn, rows)}
         known = _running(conn, [j for j in fresh if (j.device.device_id, j.batch.batch_id) in ids])
         windows: list[dict[str, Any]] = []
         merged: dict[HourKey, aggregate.Acc] = {}
@@ -400,6 +399,19 @@ def _merge(conn: Connection, params: list[dict[str, Any]]) -> int:
     if conn.dialect.name == "postgresql":
         return execute_rows(conn, _MERGE_ROWS, params)
     return int(conn.execute(_MERGE, params).rowcount)
+
+
+_NEW_BATCHES = "ON CONFLICT (device_id, batch_id) DO NOTHING RETURNING id, device_id, batch_id"
+
+
+def _insert_batches(conn: Connection, rows: list[dict[str, Any]]) -> list[Any]:
+    """The group's batch rows; returns those inserted (id, device_id, batch_id): a batch not
+    returned was stored before. On PostgreSQL one statement with the rows as one parameter:
+    SQLAlchemy's multi-row INSERT spells out every value's placeholder, and past 4 KB of SQL
+    psycopg parses that text again on every group (about 0.8 ms for 50 rows)."""
+    if conn.dialect.name != "postgresql":
+        return list(conn.execute(_statements(conn).batches, rows))  # multi-row, per 1,000
+    return fetch_rows(conn, insert_rows(_BATCHES, tuple(rows[0]), _NEW_BATCHES), rows)
 
 
 def _insert_windows(conn: Connection, rows: list[dict[str, Any]]) -> None:
