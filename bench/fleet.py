@@ -162,23 +162,32 @@ CANNED = textwrap.dedent(
 )
 
 
+_KEPT: set[Path] = set()
+
+
 def scratch(prefix: str) -> Path:
     """A work folder for this bench run (servers' data and logs), removed when the run ends
-    and kept, with its path printed, when it ends in an uncaught exception or is killed (no
-    exit handlers run then), so the logs of a failed run are there to read. A run that ends
-    with unmet targets reports them itself: its folder goes too."""
+    and kept, with its path printed, when it ends in an uncaught exception, is killed (no
+    exit handlers run then) or a section that caught its own error says so (``keep``), so
+    the logs of a failed run are there to read. A run that ends with unmet targets reports
+    them itself: its folder goes too."""
     work = Path(tempfile.mkdtemp(prefix=prefix))
-    failed: list[bool] = []
     previous = sys.excepthook
 
     def on_error(*exc: Any) -> None:
-        failed.append(True)
-        print(f"kept {work} for its logs", file=sys.stderr)
+        keep(work)
         previous(*exc)
 
     sys.excepthook = on_error
-    atexit.register(lambda: failed or shutil.rmtree(work, ignore_errors=True))
+    atexit.register(lambda: work in _KEPT or shutil.rmtree(work, ignore_errors=True))
     return work
+
+
+def keep(work: Path) -> None:
+    """Keep ``work`` (a ``scratch`` folder) after the run: something in it failed."""
+    if work not in _KEPT:
+        _KEPT.add(work)
+        print(f"kept {work} for its logs", file=sys.stderr)
 
 
 def free_port() -> int:

@@ -19,7 +19,7 @@ from bisect import bisect_left
 from collections.abc import Iterable
 from typing import Annotated, Literal, Self, get_args
 
-from pydantic import ConfigDict, Field, StrictInt, model_validator
+from pydantic import ConfigDict, Field, StrictInt, field_validator, model_validator
 
 from slmops.core.config import StrictModel
 
@@ -169,6 +169,14 @@ class Sample(_Finite):
     prompt: str = Field(max_length=4000)
     response: str = Field(max_length=4000)
     redactions: StrictInt = Field(0, ge=0, le=1 << 20, description="how many spans were replaced")
+
+    @field_validator("prompt", "response", mode="after")
+    @classmethod
+    def _no_nul(cls, text: str) -> str:
+        """NUL becomes U+FFFD: PostgreSQL's JSON functions cannot read a ``\\u0000`` escape (the
+        writer sends rows as one JSON parameter), and free text is no reason to refuse the
+        windows of its batch, as a NUL in a name is (``NO_NUL``)."""
+        return text.replace("\x00", "\ufffd")
 
 
 class TelemetryBatch(StrictModel):

@@ -116,3 +116,44 @@ def test_two_writers_store_every_window_once(db_url: str, tmp_path: Path) -> Non
     assert sum(w.fallbacks for w in writers) == 0  # no group had to be stored one by one
     first.dispose()
     second.dispose()
+
+
+def test_samples_stored_in_the_group_nul_replaced(db_url: str, tmp_path: Path) -> None:
+    """A sample's free text with NUL in it is stored with the group's other batches (on
+    PostgreSQL the rows travel as one JSON parameter, which cannot carry ``\\u0000``: before
+    the wire schema replaced it, such a sample sent its whole group down the one-by-one
+    path), and a batch without samples stores SQL NULL on both engines."""
+    db = open_database(load_settings(data_dir=tmp_path / "a", db_url=db_url))
+    with db.sessions() as s:
+        s.add(Device(device_id="d1", credential_hash="h" * 64, profile="rpi5", active=ACTIVE))
+        s.commit()
+    now = time.time()
+    hour = (now // HOUR - 1) * HOUR
+    sample = {"at": hour, "prompt": "a\x00b", "response": "ok\x00", "redactions": 0}
+    with_sample = TelemetryBatch.model_validate(
+        _batch(hour, 1).model_dump(mode="json", by_alias=True) | {"samples": [sample]}
+    )
+    writer = TelemetryWriter(db.engine, db.sessions, Counters())
+
+    async def deliver() -> list[Any]:
+        jobs = [writer.store_for("h" * 64, with_sample, now=now)]
+        jobs += [writer.store_for("h" * 64, _batch(hour + 60 * i, 1), now=now) for i in (1, 2)]
+        return list(await asyncio.gather(*jobs))
+
+    writer.start()
+    try:
+        answers = asyncio.run(deliver())
+    finally:
+        writer.stop()
+    assert [a.windows for a in answers] == [1, 1, 1]
+    assert writer.fallbacks == 0
+    with db.sessions() as s:
+        got = {r.batch_id: r.samples for r in s.scalars(select(TelemetryBatchRow))}
+        nulls = s.scalar(
+            select(func.count())
+            .select_from(TelemetryBatchRow)
+            .where(TelemetryBatchRow.samples.is_(None))
+        )
+    assert got[with_sample.batch_id] == [sample | {"prompt": "a\ufffdb", "response": "ok\ufffd"}]
+    assert nulls == 2  # SQL NULL, not a JSON null
+    db.dispose()

@@ -8,8 +8,9 @@ encoded once (the aggregates are JSON). Sent as one JSON document (``execute_row
 orjson call per 5,000 rows), the rows are unpacked by the server, ``json_to_recordset(:rows)
 AS v(col type, ...)``, with the types taken from the table's own columns, so a column change
 follows the table. SQLite keeps the plain statements (its executemany is one C loop already).
-PostgreSQL cannot read a ``\u0000`` escape there: the wire schema refuses NUL in the strings
-that reach these rows (``protocol/telemetry.py: NO_NUL``).
+PostgreSQL cannot read a ``\u0000`` escape there: the wire schema refuses NUL in the names
+that reach these rows (``protocol/telemetry.py: NO_NUL``) and replaces it in the free text of
+samples (``Sample``).
 """
 
 from __future__ import annotations

@@ -46,7 +46,11 @@ class TelemetryBatchRow(Base):
     received_at: Mapped[datetime] = mapped_column(Tz, default=utcnow)
     windows: Mapped[int] = mapped_column(Integer, default=0)
     dropped_windows: Mapped[int] = mapped_column(Integer, default=0)
-    samples: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON, nullable=True)
+    # none_as_null: no samples is SQL NULL on every path (the ORM's, SQLAlchemy's multi-row
+    # INSERT and PostgreSQL's recordset INSERT, where a JSON null arrives as SQL NULL)
+    samples: Mapped[list[dict[str, Any]] | None] = mapped_column(
+        JSON(none_as_null=True), nullable=True
+    )
 
 
 class _Dims:
