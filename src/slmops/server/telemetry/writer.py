@@ -6,9 +6,10 @@ cost far more than the rows. So requests hand their parsed batch to one writer t
 process (``store``, awaited on the event loop), which takes whatever is queued (up to
 ``MAX_BATCH``) and writes it in one transaction with few statements:
 
-1. the batch rows in one multi-row ``INSERT ... ON CONFLICT (device_id, batch_id) DO NOTHING
-   RETURNING``: a batch not returned was stored before (a retry), so it is a duplicate, and
-   nothing else of it is written (as ``store.store_batch`` does with its unique key);
+1. the batch rows in one ``INSERT ... ON CONFLICT (device_id, batch_id) DO NOTHING
+   RETURNING`` (multi-row on SQLite, one JSON parameter on PostgreSQL: ``_insert_batches``):
+   a batch not returned was stored before (a retry), so it is a duplicate, and nothing else
+   of it is written (as ``store.store_batch`` does with its unique key);
 2. every window row in one multi-row INSERT;
 3. the hourly roll-up: the windows are merged per hourly key in memory, the existing rows read
    in one SELECT (``FOR UPDATE`` on PostgreSQL, so another process's writer waits for this
