@@ -16,7 +16,7 @@ samples (``Sample``).
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from sqlalchemy import Connection, Row, Table, TextClause, text
@@ -55,17 +55,15 @@ def execute_rows(conn: Connection, statement: Any, rows: Sequence[dict[str, Any]
     """Run ``statement`` (one taking ``:rows``) over ``rows``, ``ROWS_PER_STATEMENT`` at a time
     (a group after a fleet comes back online can hold 100,000 windows: one parameter of
     hundreds of MB otherwise); the rows it wrote."""
-    written = 0
-    for i in range(0, len(rows), ROWS_PER_STATEMENT):
-        part = list(rows[i : i + ROWS_PER_STATEMENT])
-        written += int(conn.execute(statement, {"rows": json_dumps(part)}).rowcount)
-    return written
+    return sum(int(conn.execute(statement, params).rowcount) for params in _chunks(rows))
 
 
 def fetch_rows(conn: Connection, statement: Any, rows: Sequence[dict[str, Any]]) -> list[Row[Any]]:
     """``execute_rows`` for a statement that returns rows (``RETURNING``): every chunk's."""
-    out: list[Row[Any]] = []
+    return [row for params in _chunks(rows) for row in conn.execute(statement, params)]
+
+
+def _chunks(rows: Sequence[dict[str, Any]]) -> Iterator[dict[str, str]]:
+    """The ``:rows`` parameter of each statement, ``ROWS_PER_STATEMENT`` rows in each."""
     for i in range(0, len(rows), ROWS_PER_STATEMENT):
-        part = list(rows[i : i + ROWS_PER_STATEMENT])
-        out.extend(conn.execute(statement, {"rows": json_dumps(part)}))
-    return out
+        yield {"rows": json_dumps(list(rows[i : i + ROWS_PER_STATEMENT]))}

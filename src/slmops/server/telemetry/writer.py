@@ -73,6 +73,8 @@ _WINDOWS = cast(Table, TelemetryWindowRow.__table__)
 _HOURLY = cast(Table, TelemetryHourlyRow.__table__)
 _ACTIONS = cast(Table, DeviceAction.__table__)
 _KEY = ("hour", "device_id", "model", "version", "variant", "rollout_id", "adapter")
+_BATCH_KEY = ("device_id", "batch_id")  # a batch stored twice is a retry
+_BATCH_RETURNS = ("id", "device_id", "batch_id")
 HourKey = tuple[float, str, str, str, str, str, str]
 
 
@@ -309,11 +311,11 @@ def _statements(conn: Connection) -> _Statements:
     name = conn.dialect.name
     if name not in _BY_DIALECT:
         batches = dialect_insert(name, _BATCHES).on_conflict_do_nothing(
-            index_elements=["device_id", "batch_id"]
+            index_elements=list(_BATCH_KEY)
         )
         hourly = dialect_insert(name, _HOURLY).on_conflict_do_nothing(index_elements=list(_KEY))
         _BY_DIALECT[name] = _Statements(
-            batches=batches.returning(_BATCHES.c.id, _BATCHES.c.device_id, _BATCHES.c.batch_id),
+            batches=batches.returning(*(_BATCHES.c[n] for n in _BATCH_RETURNS)),
             hourly=hourly.returning(*(_HOURLY.c[n] for n in _KEY)),
         )
     return _BY_DIALECT[name]
@@ -402,7 +404,10 @@ def _merge(conn: Connection, params: list[dict[str, Any]]) -> int:
     return int(conn.execute(_MERGE, params).rowcount)
 
 
-_NEW_BATCHES = "ON CONFLICT (device_id, batch_id) DO NOTHING RETURNING id, device_id, batch_id"
+# the batch rows' INSERT on PostgreSQL, spelled with the same key and columns as _statements'
+_NEW_BATCHES = (
+    f"ON CONFLICT ({', '.join(_BATCH_KEY)}) DO NOTHING RETURNING {', '.join(_BATCH_RETURNS)}"
+)
 
 
 def _insert_batches(conn: Connection, rows: list[dict[str, Any]]) -> list[Any]:
