@@ -43,6 +43,7 @@ class Plane:
     db_url: str
     logs: list[Path] = field(default_factory=list)
     last_apply_s: float | None = None
+    last_answer_ms: float | None = None
 
     def api(
         self,
@@ -67,14 +68,31 @@ class Plane:
         return str(self.api("POST", "/api/v1/enrollment-tokens", {"labels": labels})["token"])
 
     def apply(self, name: str, spec: dict[str, Any]) -> str | None:
-        """PUT the blueprint; its rollout's id. The apply places every matching device in one
-        request (about 11 s for 20,000 devices here), so a 100k fleet gets a long timeout;
-        ``last_apply_s`` keeps how long it took."""
+        """PUT the blueprint asynchronously (``Prefer: respond-async``: the answer comes once the
+        spec is stored), then poll it until settled (every matching device placed, its rollout
+        created: about a minute at 100,000 devices here); its rollout's id.
+        ``last_answer_ms`` keeps how long the PUT took, ``last_apply_s`` the whole apply."""
         doc = {"apiVersion": "slmops/v1", "kind": "Blueprint", "metadata": {"name": name}}
         t = time.monotonic()
-        applied = self.api("PUT", f"/api/v1/blueprints/{name}", doc | {"spec": spec}, timeout=1800)
+        r = httpx.put(
+            f"{self.urls[0]}/api/v1/blueprints/{name}",
+            json=doc | {"spec": spec},
+            headers={"Authorization": f"Bearer {self.admin}", "Prefer": "respond-async"},
+            timeout=60,
+        )
+        self.last_answer_ms = round((time.monotonic() - t) * 1000, 1)
+        if r.status_code >= 400:
+            raise RuntimeError(f"PUT blueprint {name}: {r.status_code} {r.text[:500]}")
+        applied = r.json()
+        generation = applied["generation"]
+        while applied["settled_generation"] < generation:
+            if time.monotonic() - t > 1800:
+                raise RuntimeError(f"blueprint {name} not settled after 1800 s")
+            time.sleep(0.5)
+            applied = self.api("GET", f"/api/v1/blueprints/{name}")
         self.last_apply_s = round(time.monotonic() - t, 1)
-        return None if applied.get("rollout") is None else str(applied["rollout"])
+        rollout = applied.get("rollout") if r.status_code == 200 else applied["settled_rollout"]
+        return None if rollout is None else str(rollout)
 
     def rollout_devices(self, rollout_id: str, wave: int | None = None) -> list[dict[str, Any]]:
         """Every device entry of a rollout (``wave``: only those that wave moved), page by page

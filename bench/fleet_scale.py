@@ -25,11 +25,13 @@ d. Server time per device report (POST /device/v1/actions latency, as the simula
    same whatever the bookkeeping.
 e. Leader kill -9 during a rollout: only when /healthz says which process leads the ticker;
    otherwise printed as not measured.
+f. Applying a blueprint over 20,000 devices (--full 100,000): an asynchronous apply's answer
+   and settle times against a synchronous one's request (bench/_apply.py).
 
     .venv/bin/python bench/fleet_scale.py [--quick] [--full] [--json] [--devices N]
         [--rollout-devices N] [--soak S] [--report-sizes 1000,10000] [--accelerate 60]
-        [--seconds 15]
-        [--skip a,b,c,d,e]
+        [--seconds 15] [--apply-devices 20000]
+        [--skip a,b,c,d,e,f]
 
 Everything listens on 127.0.0.1. PostgreSQL needs Debian's postgresql package.
 """
@@ -53,6 +55,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "tests"))
 
+from _apply import apply_cost  # noqa: E402
 from _load import (  # noqa: E402
     MODEL,
     TERMINAL,
@@ -229,6 +232,7 @@ def staged_rollout(pl: Plane, args: argparse.Namespace) -> dict[str, Any]:
         "rollout": rid,
         "status": (doc or {}).get("status"),
         "apply_seconds": pl.last_apply_s,
+        "apply_answer_ms": pl.last_answer_ms,
         "seconds": round(time.monotonic() - t0, 1),
         "waves": wave_times(doc),
         "by_status": (doc or {}).get("by_status"),
@@ -254,6 +258,7 @@ def staged_rollout(pl: Plane, args: argparse.Namespace) -> dict[str, Any]:
         "rollout": rid2,
         "status": (doc2 or {}).get("status"),
         "apply_seconds": pl.last_apply_s,
+        "apply_answer_ms": pl.last_answer_ms,
         "waves": wave_times(doc2),
         "canary": len(canary),
         "told_bad_version": len(told),
@@ -593,6 +598,17 @@ def verdicts(res: dict[str, Any]) -> list[tuple[str, str, str]]:
                 f"{e['rollout_status']} {e['final_versions']}",
                 e["rollout_status"] == "succeeded",
             )
+    f = res.get("f")
+    if f:
+        a1 = f["async"][-1]
+        row(
+            f"f. apply over {f['devices']:,} devices answers before it is settled "
+            "(Prefer: respond-async)",
+            f"answered in {a1['answer_ms']} ms, settled in {a1['settled_s']} s "
+            f"(first apply: {f['async'][0]['answer_ms']} ms / {f['async'][0]['settled_s']} s); "
+            f"one synchronous request {f['sync']['seconds']} s; unchanged {f['unchanged_ms']} ms",
+            max(r["answer_ms"] for r in f["async"]) < 1000 and not f["unchanged_changed"],
+        )
     return rows
 
 
@@ -603,15 +619,16 @@ def shared_plane(
     section: Callable[[str, Callable[[], dict[str, Any]]], None],
     args: argparse.Namespace,
 ) -> None:
-    """Sections a, c, d and e on one PostgreSQL with two API processes (e kills one: last)."""
+    """Sections a, c, d, f and e on one PostgreSQL with two API processes (e kills one: last)."""
     with postgres_cluster() as db_url, plane(work, db_url, 2, env) as pl:
-        if not {"c", "d", "e"} <= skip:
+        if not {"c", "d", "e", "f"} <= skip:
             for version, path in bundles(work).items():
                 address = pl.urls[0].removeprefix("http://")
                 push(path, f"oci://{address}/{MODEL}:{version}", token=pl.admin)
         section("a", lambda: idle_fleet(pl, args))
         section("c", lambda: staged_rollout(pl, args))
         section("d", lambda: report_cost(pl, args))
+        section("f", lambda: apply_cost(pl, args))
         section("e", lambda: leader_takeover(pl, args))
 
 
@@ -640,13 +657,19 @@ def main() -> int:
     )
     ap.add_argument("--seconds", type=float, help="(a) measured seconds (default 15; quick 8)")
     ap.add_argument("--concurrency", type=int, default=64, help="connections per API process")
-    ap.add_argument("--skip", default="", help="comma list of sections: a,b,c,d,e")
+    ap.add_argument(
+        "--apply-devices", type=int, help="(f) devices (default 20,000; quick 2,000; full 100,000)"
+    )
+    ap.add_argument("--skip", default="", help="comma list of sections: a,b,c,d,e,f")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     args.devices = args.devices or (100_000 if args.full else 3_000 if args.quick else 10_000)
     args.rollout_devices = args.rollout_devices or (
         100_000 if args.full else 300 if args.quick else 2_000
+    )
+    args.apply_devices = args.apply_devices or (
+        100_000 if args.full else 2_000 if args.quick else 20_000
     )
     args.accelerate = args.accelerate or (30.0 if args.quick else 60.0)
     sizes = args.report_sizes or ("1000,10000,100000" if args.full else "1000,10000")
@@ -677,7 +700,7 @@ def main() -> int:
             keep(work)
         print(f"[{name}] {time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True)
 
-    if not {"a", "c", "d", "e"} <= skip:
+    if not {"a", "c", "d", "e", "f"} <= skip:
         shared_plane(work, env, skip, section, args)
     section("b", lambda: bare_ratios(work, args))
     res["targets"] = [list(r) for r in verdicts(res)]

@@ -32,9 +32,9 @@ def push_version(server: Server, root: Path, version: str, names: list[str] | No
     return built.digest
 
 
-def apply(server: Server, path: Path, token: str) -> subprocess.CompletedProcess[str]:
+def apply(server: Server, path: Path, token: str, *extra: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [*MAIN, "apply", "-f", str(path), "--server", server.url, "--json"],
+        [*MAIN, "apply", "-f", str(path), "--server", server.url, "--json", *extra],
         capture_output=True,
         text=True,
         timeout=60,

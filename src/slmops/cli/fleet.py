@@ -7,15 +7,17 @@ API errors arrive as the control plane's envelope and are shown with its ``where
 
 from __future__ import annotations
 
+import contextlib
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
 import httpx
 import typer
 
-from slmops.cli._output import emit_json, out_console, run_command
+from slmops.cli._output import console, emit_json, out_console, run_command
 from slmops.core.config import read_structured_file
-from slmops.core.errors import ConfigError, SlmopsError, UserInputError
+from slmops.core.errors import CheckFailedError, ConfigError, SlmopsError, UserInputError
 from slmops.server.blueprints.document import Blueprint
 from slmops.server.feedback.rules import FeedbackRules
 
@@ -30,12 +32,24 @@ TokenOpt = Annotated[
 get_app = typer.Typer(help="List control-plane resources.", no_args_is_help=True)
 
 
-def call(method: str, server: str, path: str, token: str, body: Any = None) -> dict[str, Any]:
+def call(
+    method: str,
+    server: str,
+    path: str,
+    token: str,
+    body: Any = None,
+    headers: dict[str, str] | None = None,
+    timeout: float = 30.0,
+) -> dict[str, Any]:
     """One API call; the error envelope becomes a SlmopsError (exit 2 for 4xx, else 1)."""
     url = server.rstrip("/") + path
     try:
         r = httpx.request(
-            method, url, json=body, headers={"Authorization": f"Bearer {token}"}, timeout=30
+            method,
+            url,
+            json=body,
+            headers={"Authorization": f"Bearer {token}"} | (headers or {}),
+            timeout=timeout,
         )
     except httpx.HTTPError as exc:
         raise SlmopsError(
@@ -69,14 +83,68 @@ def _kind_of(file: Path) -> str:
     return str(kind)
 
 
+SERVER_WAIT = 20  # seconds the server may hold the answer (under the 30 s request timeout)
+
+
+def settled(
+    server: str, token: str, name: str, generation: int, *, timeout: float, quiet: bool
+) -> dict[str, Any]:
+    """Poll the blueprint until ``generation`` is settled (its rollout created, its devices
+    re-governed): an apply over a big fleet answers before that (202). A settle that failed
+    stops the wait with the server's reason (exit 1)."""
+    deadline = time.monotonic() + timeout
+    delay = 0.2
+    try:
+        with contextlib.ExitStack() as stack:
+            if not quiet:
+                stack.enter_context(
+                    console.status(f"blueprint/{name}: settling generation {generation}...")
+                )
+            while True:
+                doc = call("GET", server, f"/api/v1/blueprints/{name}", token)
+                if doc.get("settled_generation", generation) >= generation:
+                    return doc
+                if doc.get("settle_error"):
+                    raise CheckFailedError(
+                        f"blueprint {name} generation {generation} was stored, but settling it "
+                        f"failed: {doc['settle_error']}",
+                        where=f"blueprint {name}",
+                        hint="the control plane retries it; see its log, or apply a corrected spec",
+                    )
+                if time.monotonic() > deadline:
+                    raise CheckFailedError(
+                        f"blueprint {name} generation {generation} not settled after {timeout:g} s",
+                        where=f"blueprint {name}",
+                        hint="it goes on in the server: follow it with slmops get blueprints",
+                    )
+                time.sleep(delay)
+                delay = min(delay * 1.5, 2.0)
+    except KeyboardInterrupt:
+        raise SlmopsError(
+            f"stopped waiting: blueprint {name} generation {generation} is stored and goes on "
+            "settling in the server",
+            where=f"blueprint {name}",
+            hint="follow it with slmops get blueprints",
+        ) from None
+
+
 def apply_command(
     file: Annotated[Path, typer.Option("-f", "--file", help="Blueprint YAML or JSON file")],
     server: ServerOpt,
     token: TokenOpt,
+    wait: Annotated[
+        bool,
+        typer.Option(
+            "--wait/--no-wait",
+            help="wait until the apply is settled (its rollout created, devices re-governed)",
+        ),
+    ] = True,
+    timeout: Annotated[float, typer.Option(help="seconds --wait waits at most")] = 1800.0,
     as_json: JsonOpt = False,
 ) -> None:
     """Apply a Blueprint or FeedbackRules file: create or update it; unchanged files change
-    nothing."""
+    nothing. Over a big fleet the server answers before the apply is settled; the command
+    then waits for it (unless --no-wait) and names the rollout it created."""
 
     def go() -> dict[str, Any]:
         kind = _kind_of(file)
@@ -88,7 +156,16 @@ def apply_command(
         bp = Blueprint.from_file(file)
         doc = bp.model_dump(mode="json", exclude_none=True)
         path = f"/api/v1/blueprints/{bp.metadata.name}"
-        return {"kind": "Blueprint"} | call("PUT", server, path, token, doc)
+        prefer = {"Prefer": f"respond-async, wait={SERVER_WAIT if wait else 0}"}
+        done = call("PUT", server, path, token, doc, headers=prefer, timeout=SERVER_WAIT + 60)
+        generation = done["generation"]
+        if wait and done["changed"] and done.get("settled_generation", generation) < generation:
+            later = settled(server, token, done["name"], generation, timeout=timeout, quiet=as_json)
+            rollout = (
+                later["settled_rollout"] if later["settled_generation"] == generation else None
+            )
+            done = later | {"changed": True, "devices": None, "rollout": rollout}
+        return {"kind": "Blueprint"} | done
 
     result = run_command(as_json, go)
     if as_json:
@@ -102,10 +179,15 @@ def apply_command(
             f"{len(rules)} rule(s))"
         )
         return
+    devices = "" if result["devices"] is None else f", {result['devices']} device(s)"
     out_console.print(
-        f"blueprint/{result['name']} {state} (generation {result['generation']}, "
-        f"{result['devices']} device(s))"
+        f"blueprint/{result['name']} {state} (generation {result['generation']}{devices})"
     )
+    if result.get("settled_generation", result["generation"]) < result["generation"]:
+        out_console.print(
+            f"settling in the server: follow it with [bold]slmops get blueprints[/] "
+            f"(settled when its generation is {result['generation']})"
+        )
     if result.get("rollout"):
         rid = result["rollout"]
         out_console.print(
@@ -126,6 +208,8 @@ def get_blueprints_command(server: ServerOpt, token: TokenOpt, as_json: JsonOpt 
         ref = model.get("version") or f"channel {model.get('channel')}"
         selector = ",".join(f"{k}={v}" for k, v in bp["document"]["spec"]["selector"].items())
         stable = bp.get("stable_version") or "none yet"
+        if bp.get("settled_generation", bp["generation"]) < bp["generation"]:
+            stable += f"; settling generation {bp['generation']}"
         out_console.print(
             f"{bp['name']}\tgeneration {bp['generation']}\t{model['name']} {ref} "
             f"(stable {stable})\tselector {selector or '(all devices)'}"

@@ -201,6 +201,9 @@ LINKS: dict[tuple[str, str], dict[str, dict[str, Any]]] = {
         "Read": _link("blueprints-read_blueprint", name="$response.body#/name"),
         "Delete": _link("blueprints-delete_blueprint", name="$response.body#/name"),
     },
+    ("blueprints-apply_blueprint", "202"): {
+        "Read": _link("blueprints-read_blueprint", name="$response.body#/name"),
+    },
     ("feedback-apply_rules", "200"): {
         "Delete": _link("feedback-delete_rules", name="$response.body#/name"),
     },

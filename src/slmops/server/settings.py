@@ -74,6 +74,12 @@ class ServerSettings(BaseSettings):
         "while this process listens for changes (LISTEN/NOTIFY), entries live 60 s instead: "
         "every change drops them at once",
     )
+    settle_lease_seconds: float = Field(
+        60.0,
+        ge=1,
+        description="how long a blueprint's settle lease outlives a settler that stopped "
+        "renewing it (died): then the ticker settles what the apply left",
+    )
     drift_check_seconds: float = Field(
         600.0, gt=0, description="how often field telemetry is checked for drift"
     )

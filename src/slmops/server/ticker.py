@@ -3,10 +3,12 @@
 Every ``interval`` seconds, the leading process (``server/leadership.py``: one per PostgreSQL
 database, taken over within about one interval when it dies) runs, in this order:
 
-1. rollout ticks (``rollouts.tick_all``: soak times, timeouts, scheduled starts);
-2. telemetry (``telemetry.ticks.telemetry_tick``: cohort figures for metric gates every time;
+1. blueprints left unsettled (``blueprints.settling.settle_behind``: an apply whose settler
+   died, its lease lapsed);
+2. rollout ticks (``rollouts.tick_all``: soak times, timeouts, scheduled starts);
+3. telemetry (``telemetry.ticks.telemetry_tick``: cohort figures for metric gates every time;
    drift checks and retention when the app's slow clock is due);
-3. the feedback rules over new alerts (``feedback.engine.process_alerts``).
+4. the feedback rules over new alerts (``feedback.engine.process_alerts``).
 
 Each step's failure is logged and the next still runs: an unreachable database or one bad
 rollout must never stop the others. Processes that do not lead only retry the lead each
@@ -18,6 +20,7 @@ from __future__ import annotations
 import logging
 import threading
 
+from slmops.server.blueprints.settling import settle_behind
 from slmops.server.context import Services
 from slmops.server.db.session import Database
 from slmops.server.feedback.engine import process_alerts
@@ -62,6 +65,12 @@ class Ticker:
         if not self.leadership.hold():
             return False
         services = self.services
+        try:
+            with self.db.sessions() as session:
+                lease = services.settings.settle_lease_seconds
+                settle_behind(session, services.context, lease_seconds=lease)
+        except Exception:
+            log.exception("settling blueprints left behind failed")
         try:
             tick_all(self.db, services.store, poll_seconds=services.poll_seconds)
         except Exception:  # e.g. the database is unreachable: try again next time

@@ -32,7 +32,7 @@ def test_migrations_match_the_models_and_are_idempotent(tmp_path: Path) -> None:
         )
         version = conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
     assert diff == []
-    assert version == "0010"
+    assert version == "0011"
     tables = set(inspect(db.engine).get_table_names())
     assert {"api_tokens", "enrollment_tokens", "devices", "device_actions", "rollouts"} <= tables
     assert "rollout_devices" in tables

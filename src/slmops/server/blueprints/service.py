@@ -6,9 +6,11 @@ the feedback loop applies a blueprint pinned to a passing candidate
 
 - an unchanged spec answers ``changed: False`` and touches nothing (CI can apply every run);
 - a changed spec is stored (``generation`` + 1; another model forgets the stable version,
-  whose versions say nothing about the new model), then ``reconcile`` creates the rollout when
-  the resolved version differs, and ``settle`` re-governs devices and recomputes their desired
-  state.
+  whose versions say nothing about the new model) and then *settled* (``settling.py``):
+  ``reconcile`` creates the rollout when the resolved version differs, and ``settle``
+  re-governs devices and recomputes their desired state. By default the apply settles before
+  it answers; with ``wait=False`` it answers once the spec is stored and the caller settles in
+  the background (``Applied.token``) or leaves it to the process that holds the lease.
 
 ``delete_blueprint`` aborts the blueprint's active rollout (moved devices keep what they run)
 and settles the devices it governed. No HTTP here: routes check the request and answer.
@@ -17,59 +19,175 @@ and settles the devices it governed. No HTTP here: routes check the request and 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from slmops.server.blueprints.document import Blueprint
+from slmops.server.blueprints.settling import Contexts, claim, wait_settled
 from slmops.server.blueprints.tables import BlueprintRow
 from slmops.server.context import Context
 from slmops.server.db.models import utcnow
 from slmops.server.desired import governed
-from slmops.server.reconcile import reconcile, settle, stop_for_blueprint
+from slmops.server.reconcile import settle, stop_for_blueprint
 
 
 @dataclass(frozen=True)
 class Applied:
     """What an apply did: the stored row, whether the spec changed, how many devices the
-    blueprint governs now, and the rollout it created (None: none needed)."""
+    blueprint governs now, and the rollout it created (None: none needed, or not settled yet).
+    ``token``: this apply holds the settle lease and has not settled yet (``wait=False``): the
+    caller must run ``settle_claimed`` with it."""
 
     row: BlueprintRow
     changed: bool
-    devices: int
+    devices: int | None
     rollout: str | None
+    token: str | None = None
+
+
+class Settling(Exception):
+    """The blueprint is being settled: a delete now could leave its new rollout behind."""
+
+
+class Conflict(Exception):
+    """Other applies of the same blueprint kept changing it under this one."""
+
+
+class SettleFailed(Exception):
+    """The spec was stored but settling it failed (``row.settle_error`` says why)."""
+
+    def __init__(self, row: BlueprintRow) -> None:
+        super().__init__(row.settle_error)
+        self.row = row
 
 
 def find_blueprint(session: Session, name: str) -> BlueprintRow | None:
     return session.scalar(select(BlueprintRow).where(BlueprintRow.name == name))
 
 
-def apply_blueprint(session: Session, doc: Blueprint, *, actor: str, ctx: Context) -> Applied:
-    """Create or update the blueprint ``doc`` names (see the module docstring). Commits."""
+def find_fresh(session: Session, name: str) -> BlueprintRow | None:
+    """``find_blueprint`` read from the database even when the session holds the row already
+    (sessions keep objects across commits here)."""
+    query = select(BlueprintRow).execution_options(populate_existing=True)
+    return session.scalar(query.where(BlueprintRow.name == name))
+
+
+def _store(
+    session: Session, doc: Blueprint, actor: str, lease_seconds: float
+) -> tuple[BlueprintRow, bool, str | None]:
+    """Store the spec when it changed: (row, changed, lease token). The generation moves with
+    ``WHERE generation =`` what was read, so two concurrent applies never store the same
+    generation number for two specs (the settler would settle one and count both); the loser
+    reads again. The lease is claimed in the same commit. Commits."""
     name = doc.metadata.name
     spec = doc.spec.model_dump(mode="json")
-    row = find_blueprint(session, name)
-    changed = row is None or row.spec != spec
-    if row is None:
+    for _ in range(20):
+        row = find_fresh(session, name)
         now = utcnow()
-        row = BlueprintRow(name=name, spec=spec, generation=1, created_at=now, updated_at=now)
-        session.add(row)
-    elif changed:
-        if row.spec.get("model", {}).get("name") != doc.spec.model.name:
-            # another model: its versions (and adapters made for them) say nothing about it
-            row.stable_version, row.stable_adapters = None, None
-        row.spec, row.generation, row.updated_at = spec, row.generation + 1, utcnow()
-    session.commit()
+        if row is None:
+            row = BlueprintRow(
+                name=name,
+                spec=spec,
+                generation=1,
+                settled_generation=0,
+                applied_by=actor,
+                created_at=now,
+                updated_at=now,
+            )
+            session.add(row)
+            try:
+                session.flush()
+            except IntegrityError:  # created concurrently: read it and compare
+                session.rollback()
+                continue
+        elif row.spec == spec:
+            session.commit()
+            return row, False, None
+        else:
+            values: dict[str, Any] = {
+                "spec": spec,
+                "generation": row.generation + 1,
+                "updated_at": now,
+                "applied_by": actor,
+                "settle_error": None,  # a new spec gets a fresh chance
+                "settle_failed_at": None,
+            }
+            if row.spec.get("model", {}).get("name") != doc.spec.model.name:
+                # another model: its versions (and adapters made for them) say nothing about it
+                values |= {"stable_version": None, "stable_adapters": None}
+            moved = session.execute(
+                update(BlueprintRow)
+                .where(BlueprintRow.id == row.id, BlueprintRow.generation == row.generation)
+                .values(**values)
+                .execution_options(synchronize_session=False)
+            )
+            if getattr(moved, "rowcount", 0) != 1:
+                session.rollback()
+                continue
+        token = claim(session, name, lease_seconds)
+        session.commit()
+        stored = find_fresh(session, name)
+        session.commit()
+        assert stored is not None
+        return stored, True, token
+    raise Conflict(name)
+
+
+def apply_blueprint(
+    session: Session,
+    doc: Blueprint,
+    *,
+    actor: str,
+    contexts: Contexts,
+    lease_seconds: float,
+    wait: bool = True,
+    timeout: float = 1800.0,
+) -> Applied:
+    """Create or update the blueprint ``doc`` names (see the module docstring). Commits.
+
+    With ``wait`` it settles before returning: itself when it took the lease, else by waiting
+    for the holder (or taking the lease once free) up to ``timeout`` seconds; ``SettleFailed``
+    when settling failed."""
+    name = doc.metadata.name
+    row, changed, token = _store(session, doc, actor, lease_seconds)
     if not changed:
         return Applied(row, False, governed(session).get(name, 0), None)
-    rollout = reconcile(session, row, actor=actor, ctx=ctx)
-    counts = settle(session, ctx)
-    return Applied(row, True, counts.get(name, 0), rollout)
+    if not wait:  # counting governed devices reads them all: the settle does that later
+        return Applied(row, True, None, None, token=token)
+    latest = wait_settled(
+        session,
+        name,
+        row.generation,
+        actor=actor,
+        contexts=contexts,
+        lease_seconds=lease_seconds,
+        timeout=timeout,
+        token=token,
+    )
+    if latest is None:
+        raise Conflict(name)  # deleted while settling
+    generation = row.generation
+    if latest.settled_generation < generation and latest.settle_error:
+        raise SettleFailed(latest)
+    rollout = latest.settled_rollout if latest.settled_generation == generation else None
+    return Applied(latest, True, governed(session).get(name, 0), rollout)
 
 
-def delete_blueprint(session: Session, row: BlueprintRow, *, actor: str, ctx: Context) -> None:
-    """Delete the blueprint: abort its active rollout, then settle its devices. Commits."""
+def delete_blueprint(
+    session: Session, row: BlueprintRow, *, actor: str, ctx: Context, lease_seconds: float
+) -> None:
+    """Delete the blueprint: abort its active rollout, then settle its devices. Commits.
+
+    Takes the settle lease first and holds it to the end, so no apply's settle can create a
+    rollout meanwhile that would outlive the blueprint; ``Settling`` when a settle holds it."""
     name = row.name
+    if claim(session, name, lease_seconds) is None:
+        session.rollback()
+        raise Settling(name)
+    session.commit()
     stop_for_blueprint(session, name, actor=actor, ctx=ctx)
     session.delete(row)
     session.commit()

@@ -24,7 +24,12 @@ from slmops.server.api.deps import (
     ViewerDep,
 )
 from slmops.server.blueprints.document import Blueprint
-from slmops.server.blueprints.service import apply_blueprint, find_blueprint
+from slmops.server.blueprints.service import (
+    Conflict,
+    SettleFailed,
+    apply_blueprint,
+    find_blueprint,
+)
 from slmops.server.db.models import as_utc, utcnow
 from slmops.server.errors import api_error
 from slmops.server.feedback.engine import next_version
@@ -224,7 +229,20 @@ def job_result(
     )
     job.new_version = version
     actor = f"job:{job.id} ({caller.name})"
-    done = apply_blueprint(session, new, actor=actor, ctx=services.context())
+    lease = services.settings.settle_lease_seconds
+    try:
+        done = apply_blueprint(
+            session, new, actor=actor, contexts=services.context, lease_seconds=lease
+        )
+    except (SettleFailed, Conflict) as exc:
+        raise api_error(
+            409,
+            "blueprint_not_settled",
+            f"blueprint {row.name!r} now pins {version}, but it could not be settled: {exc}",
+            where=f"job {job_id}",
+            hint=f"GET /api/v1/blueprints/{row.name} says why (settle_error); the control "
+            "plane retries it",
+        ) from None
     job = _job_or_404(session, job_id)
     job.status, job.rollout_id, job.updated_at = "proposed", done.rollout or "", utcnow()
     session.commit()
