@@ -159,12 +159,12 @@ def apply_command(
         prefer = {"Prefer": f"respond-async, wait={SERVER_WAIT if wait else 0}"}
         done = call("PUT", server, path, token, doc, headers=prefer, timeout=SERVER_WAIT + 60)
         generation = done["generation"]
-        if wait and done["changed"] and done.get("settled_generation", generation) < generation:
+        if wait and done.get("settled_generation", generation) < generation:
             later = settled(server, token, done["name"], generation, timeout=timeout, quiet=as_json)
             rollout = (
                 later["settled_rollout"] if later["settled_generation"] == generation else None
             )
-            done = later | {"changed": True, "devices": None, "rollout": rollout}
+            done = later | {"changed": done["changed"], "devices": None, "rollout": rollout}
         return {"kind": "Blueprint"} | done
 
     result = run_command(as_json, go)
@@ -208,7 +208,9 @@ def get_blueprints_command(server: ServerOpt, token: TokenOpt, as_json: JsonOpt 
         ref = model.get("version") or f"channel {model.get('channel')}"
         selector = ",".join(f"{k}={v}" for k, v in bp["document"]["spec"]["selector"].items())
         stable = bp.get("stable_version") or "none yet"
-        if bp.get("settled_generation", bp["generation"]) < bp["generation"]:
+        if bp.get("settle_error"):
+            stable += f"; generation {bp['generation']} failed to settle: {bp['settle_error']}"
+        elif bp.get("settled_generation", bp["generation"]) < bp["generation"]:
             stable += f"; settling generation {bp['generation']}"
         out_console.print(
             f"{bp['name']}\tgeneration {bp['generation']}\t{model['name']} {ref} "

@@ -56,7 +56,7 @@ from slmops.server.blueprints.document import (
     parse_release,
 )
 from slmops.server.blueprints.tables import BlueprintRow
-from slmops.server.db.models import Device
+from slmops.server.db.models import Device, merged_labels
 from slmops.server.device_plan import Plan, plan_for, release_adapters
 from slmops.server.registry.store import BlobStore
 from slmops.server.resolve import resolve_variant
@@ -442,11 +442,13 @@ def refresh_devices(
 
 
 def governed(session: Session) -> Counter[str]:
-    """Devices per governing blueprint name, computed without writing anything."""
+    """Devices per governing blueprint name, computed without writing anything. Reads only
+    the two label columns: whole device rows (inventory, desired state) made an unchanged
+    re-apply over 100,000 devices take 6 s."""
     blueprints = load_blueprints(session)
     counts: Counter[str] = Counter()
-    for device in session.scalars(select(Device)):
-        bp = governing(blueprints, device.effective_labels)
+    for labels, operator_labels in session.execute(select(Device.labels, Device.operator_labels)):
+        bp = governing(blueprints, merged_labels(labels, operator_labels))
         if bp is not None:
             counts[bp.metadata.name] += 1
     return counts

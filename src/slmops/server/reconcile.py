@@ -23,8 +23,8 @@ from sqlalchemy.orm import Session
 from slmops.server.blueprints.document import Blueprint, ModelRef, adapter_release, parse_release
 from slmops.server.blueprints.tables import BlueprintRow
 from slmops.server.context import Context
-from slmops.server.db.models import Device, utcnow
-from slmops.server.desired import Refresher, current_version, refresh_devices
+from slmops.server.db.models import Device, merged_labels, utcnow
+from slmops.server.desired import Refresher, current_version, governing, refresh_devices
 from slmops.server.rollouts import store as rows
 from slmops.server.rollouts.machine import (
     DevicesMatched,
@@ -48,14 +48,37 @@ from slmops.server.targets import resolve_version, to_blueprint
 log = logging.getLogger("slmops.server.rollouts")
 
 
-def governed_devices(refresher: Refresher, bp: Blueprint) -> list[Device]:
-    """Every device ``bp`` governs but revoked ones (they cannot check in, so they would hold
-    a wave open: ``identity.revoke`` takes them out of the rollouts they were in)."""
+def governed_ids(refresher: Refresher, bp: Blueprint) -> list[str]:
+    """The ids of every device ``bp`` governs but revoked ones (they cannot check in, so they
+    would hold a wave open: ``identity.revoke`` takes them out of the rollouts they were in),
+    in id order. Reads four columns, not whole rows: at 100,000 devices the rows' inventory
+    and desired state made this a fifth of a settle."""
+    columns = select(Device.device_id, Device.status, Device.labels, Device.operator_labels)
     return [
-        device
-        for device in refresher.session.scalars(select(Device).order_by(Device.device_id))
-        if device.status != REVOKED and refresher.governing(device) is bp
+        device_id
+        for device_id, status, labels, operator_labels in refresher.session.execute(
+            columns.order_by(Device.device_id)
+        )
+        if status != REVOKED
+        and governing(refresher.blueprints, merged_labels(labels, operator_labels)) is bp
     ]
+
+
+def devices_by_id(session: Session, ids: list[str], chunk: int = 1000) -> list[Device]:
+    """The rows of ``ids``, in that order (a chunk of ids per query)."""
+    found: dict[str, Device] = {}
+    for at in range(0, len(ids), chunk):
+        part = ids[at : at + chunk]
+        found.update(
+            (d.device_id, d)
+            for d in session.scalars(select(Device).where(Device.device_id.in_(part)))
+        )
+    return [found[i] for i in ids if i in found]
+
+
+def governed_devices(refresher: Refresher, bp: Blueprint) -> list[Device]:
+    """Every device ``bp`` governs (``governed_ids``), as rows."""
+    return devices_by_id(refresher.session, governed_ids(refresher, bp))
 
 
 def matched_devices(
@@ -288,10 +311,10 @@ def settle(session: Session, ctx: Context, *, batch: int = SETTLE_BATCH) -> Coun
         unplaced = rows.known_ids(session, row, "unplaceable")  # may fit now: look again
         summary = RolloutState.from_json(row.state_json)
         version, adapters = summary.target_version, summary.adapters
+        wanted = [i for i in governed_ids(refresher, bp) if i not in known or i in unplaced]
         new = [
             sighting(refresher, d, bp, summary, refresher.misfit(d, version, bp, adapters))
-            for d in governed_devices(refresher, bp)
-            if d.device_id not in known or d.device_id in unplaced
+            for d in devices_by_id(session, wanted)
         ]
         if new:
             run_event(session, row.id, DevicesMatched(devices=new), ctx)

@@ -4,7 +4,7 @@ Every ``interval`` seconds, the leading process (``server/leadership.py``: one p
 database, taken over within about one interval when it dies) runs, in this order:
 
 1. blueprints left unsettled (``blueprints.settling.settle_behind``: an apply whose settler
-   died, its lease lapsed);
+   died, its lease lapsed, or whose settle failed a lease ago), each in a thread of its own;
 2. rollout ticks (``rollouts.tick_all``: soak times, timeouts, scheduled starts);
 3. telemetry (``telemetry.ticks.telemetry_tick``: cohort figures for metric gates every time;
    drift checks and retention when the app's slow clock is due);
@@ -68,7 +68,7 @@ class Ticker:
         try:
             with self.db.sessions() as session:
                 lease = services.settings.settle_lease_seconds
-                settle_behind(session, services.context, lease_seconds=lease)
+                settle_behind(session, self.db.sessions, services.context, lease_seconds=lease)
         except Exception:
             log.exception("settling blueprints left behind failed")
         try:

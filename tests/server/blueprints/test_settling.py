@@ -32,6 +32,7 @@ from slmops.server.blueprints.settling import claim, settle_behind, settle_claim
 from slmops.server.blueprints.tables import BlueprintRow
 from slmops.server.context import Context
 from slmops.server.db.session import Database
+from slmops.server.reconcile import settle as settle_devices
 
 
 def doc(temperature: float) -> Blueprint:
@@ -62,10 +63,7 @@ def row(db: Database) -> BlueprintRow:
 def fleet(db: Database, ctx: Context) -> None:
     make_fleet(db, ctx)
     with db.sessions() as s:  # settle once, so every device has a stored desired state
-        token = claim(s, BLUEPRINT, 60)
-        s.commit()
-        assert token is not None
-        settle_claimed(s, BLUEPRINT, token, actor="t", contexts=lambda: ctx, lease_seconds=60)
+        settle_devices(s, ctx)
     assert temperatures(db) == {0.2}
 
 
@@ -80,6 +78,11 @@ def put(
         lease_seconds=lease,
         wait=False,
     )
+
+
+def sweep(db: Database, session: Session, ctx: Context) -> list[str]:
+    """The ticker's sweep, waiting for the settles it starts (the ticker does not)."""
+    return settle_behind(session, db.sessions, lambda: ctx, lease_seconds=1.0, wait=30)
 
 
 def prefer(*lines: str) -> float | None:
@@ -123,17 +126,17 @@ def test_a_dead_settlers_apply_is_finished_by_the_ticker_once_its_lease_lapses(
         assert (behind.generation, behind.settled_generation) == (2, 1) and settling(behind)
         assert behind.applied_by == "op"
         with db.sessions() as s:
-            assert settle_behind(s, lambda: ctx, lease_seconds=1.0) == []  # the lease runs
+            assert sweep(db, s, ctx) == []  # the lease runs
         assert temperatures(db) == {0.2}
         time.sleep(1.1)
         with db.sessions() as s:
-            assert settle_behind(s, lambda: ctx, lease_seconds=1.0) == [BLUEPRINT]
+            assert sweep(db, s, ctx) == [BLUEPRINT]
         assert temperatures(db) == {0.7}
         after = row(db)
         assert after.settled_generation == 2 and after.settling_until is None
-        assert not settling(after)
+        assert after.settling_by is None and not settling(after)  # a late renewal cannot match
         with db.sessions() as s:  # nothing left behind: the next sweep does nothing
-            assert settle_behind(s, lambda: ctx, lease_seconds=1.0) == []
+            assert sweep(db, s, ctx) == []
 
 
 @pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
@@ -185,21 +188,26 @@ def test_an_apply_that_read_a_stale_row_stores_a_new_generation(
         assert row(db).settled_generation == 3
 
 
+def broken_when(monkeypatch: pytest.MonkeyPatch, temperatures: set[float]) -> None:
+    """Settling fails (in reconcile) while the stored spec's temperature is in the set."""
+    real = settling_module.reconcile
+
+    def reconcile(session: Session, bp_row: BlueprintRow, **kwargs: Any) -> str | None:
+        if bp_row.spec["generation"]["temperature"] in temperatures:
+            raise RuntimeError("registry unreadable")
+        return real(session, bp_row, **kwargs)
+
+    monkeypatch.setattr(settling_module, "reconcile", reconcile)
+
+
 def test_a_failing_settle_is_recorded_retried_a_lease_later_and_deletable(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     ctx = context(tmp_path)
     with database("sqlite", tmp_path, monkeypatch) as db:
         fleet(db, ctx)
-        broken = True
-        real = settling_module.reconcile
-
-        def reconcile(*args: Any, **kwargs: Any) -> str | None:
-            if broken:
-                raise RuntimeError("registry unreadable")
-            return real(*args, **kwargs)
-
-        monkeypatch.setattr(settling_module, "reconcile", reconcile)
+        broken = {0.6, 0.8}
+        broken_when(monkeypatch, broken)
         with db.sessions() as s:
             done = put(s, ctx, 0.6, lease=1.0)
             assert done.token is not None
@@ -212,19 +220,19 @@ def test_a_failing_settle_is_recorded_retried_a_lease_later_and_deletable(
         assert failed.settling_until is None and failed.settled_generation == 1
         assert not settling(failed)  # failed, not in progress: GET says why
         with db.sessions() as s:  # no retry sooner than a lease after the failure
-            assert settle_behind(s, lambda: ctx, lease_seconds=1.0) == []
+            assert sweep(db, s, ctx) == []
         time.sleep(1.1)
-        with db.sessions() as s:  # retried, fails again, and the sweep itself goes on
-            assert settle_behind(s, lambda: ctx, lease_seconds=1.0) == []
-        assert row(db).settle_failed_at is not None
-        broken = False
+        with db.sessions() as s:  # retried (in a thread of its own), fails again
+            assert sweep(db, s, ctx) == [BLUEPRINT]
+        assert row(db).settle_error and row(db).settled_generation == 1
+        broken.clear()
         time.sleep(1.1)
         with db.sessions() as s:
-            assert settle_behind(s, lambda: ctx, lease_seconds=1.0) == [BLUEPRINT]
+            assert sweep(db, s, ctx) == [BLUEPRINT]
         fixed = row(db)
         assert fixed.settled_generation == 2 and fixed.settle_error is None
         assert temperatures(db) == {0.6}
-        broken = True
+        broken.add(0.8)
         with db.sessions() as s:  # a blueprint that cannot settle can still be deleted
             done = put(s, ctx, 0.8, lease=1.0)
             assert done.token is not None
@@ -232,10 +240,102 @@ def test_a_failing_settle_is_recorded_retried_a_lease_later_and_deletable(
                 settle_claimed(
                     s, BLUEPRINT, done.token, actor="op", contexts=lambda: ctx, lease_seconds=1.0
                 )
+            broken.clear()  # applying the same spec again retries at once (no lease to wait)
+            again = service.apply_blueprint(
+                s, doc(0.8), actor="op", contexts=lambda: ctx, lease_seconds=1.0
+            )
+            assert not again.changed and again.row.settled_generation == 3
+            assert temperatures(db) == {0.8}
+            broken.add(0.3)
+            put(s, ctx, 0.3, lease=1.0)
+            with pytest.raises(service.SettleFailed):  # a synchronous apply says it failed
+                service.apply_blueprint(
+                    s, doc(0.3), actor="op", contexts=lambda: ctx, lease_seconds=1.0
+                )
             gone = service.find_blueprint(s, BLUEPRINT)
             assert gone is not None
             service.delete_blueprint(s, gone, actor="op", ctx=ctx, lease_seconds=1.0)
             assert service.find_blueprint(s, BLUEPRINT) is None
+
+
+def test_a_failure_of_a_superseded_generation_is_not_the_newer_ones(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Generation 2 fails while generation 3 was stored: the holder goes on to 3 and settles
+    it; no error is left for 3, and nobody waits a lease for it."""
+    ctx = context(tmp_path)
+    with database("sqlite", tmp_path, monkeypatch) as db:
+        fleet(db, ctx)
+        broken_when(monkeypatch, {0.6})
+        with db.sessions() as a, db.sessions() as b:
+            first = put(a, ctx, 0.6)
+            assert first.token is not None and put(b, ctx, 0.9).token is None
+            settle_claimed(
+                a, BLUEPRINT, first.token, actor="op", contexts=lambda: ctx, lease_seconds=60
+            )
+        after = row(db)
+        assert (after.generation, after.settled_generation) == (3, 3)
+        assert after.settle_error is None and temperatures(db) == {0.9}
+
+
+def test_a_synchronous_holder_hands_newer_generations_to_a_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While a request settles its generation 2, generation 3 is stored: the request returns
+    once 2 is settled, and 3 goes on in a background thread (not in the ticker)."""
+    ctx = context(tmp_path)
+    with database("sqlite", tmp_path, monkeypatch) as db:
+        fleet(db, ctx)
+        real = settling_module.settle
+        stored: list[int] = []
+
+        def settle(session: Session, c: Context) -> Any:
+            if not stored:  # another apply lands mid-settle
+                with db.sessions() as other:
+                    stored.append(put(other, ctx, 0.9).row.generation)
+            return real(session, c)
+
+        monkeypatch.setattr(settling_module, "settle", settle)
+        with db.sessions() as s:
+            mine = put(s, ctx, 0.5)
+            assert mine.token is not None
+            settle_claimed(
+                s,
+                BLUEPRINT,
+                mine.token,
+                actor="op",
+                contexts=lambda: ctx,
+                lease_seconds=60,
+                until=2,
+                sessions=db.sessions,
+            )
+        assert stored == [3] and row(db).settled_generation >= 2
+        deadline = time.monotonic() + 20
+        while row(db).settled_generation < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert row(db).settled_generation == 3 and temperatures(db) == {0.9}
+
+
+def test_a_delete_that_fails_lets_go_of_the_lease(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ctx = context(tmp_path)
+    with database("sqlite", tmp_path, monkeypatch) as db:
+        fleet(db, ctx)
+
+        def stop(*args: Any, **kwargs: Any) -> None:
+            raise RuntimeError("database went away")
+
+        monkeypatch.setattr(service, "stop_for_blueprint", stop)
+        with db.sessions() as s:
+            found = service.find_blueprint(s, BLUEPRINT)
+            assert found is not None
+            with pytest.raises(RuntimeError):
+                service.delete_blueprint(s, found, actor="op", ctx=ctx, lease_seconds=60)
+        left = row(db)
+        assert left.settling_until is None and left.settling_by is None
+        with db.sessions() as s:
+            assert claim(s, BLUEPRINT, 60) is not None
 
 
 def test_a_holder_that_lost_its_lease_does_not_clear_the_next_ones(

@@ -124,6 +124,7 @@ def apply_blueprint(
         )
     lease = services.settings.settle_lease_seconds
     wait = async_wait(request)
+    db: Database = request.app.state.db
     try:
         done = service.apply_blueprint(
             session,
@@ -132,6 +133,7 @@ def apply_blueprint(
             contexts=services.context,
             lease_seconds=lease,
             wait=wait is None,
+            sessions=db.sessions,
         )
     except service.SettleFailed as failed:
         raise _settle_failed(failed.row) from None
@@ -143,38 +145,46 @@ def apply_blueprint(
             where="name",
             hint="read it again (GET) and re-apply",
         ) from None
-    if wait is not None and done.changed:
-        row, generation = done.row, done.row.generation
-        if done.token is not None:
-            db: Database = request.app.state.db
-            settle_in_background(
-                db.sessions,
-                name,
-                done.token,
-                actor=caller.name,
-                contexts=services.context,
-                lease_seconds=lease,
-                wait=wait,
-            )
+    row, generation = done.row, done.row.generation
+    if row.settled_generation >= generation:  # settled (or unchanged and settled already)
+        public = _public(row).model_dump()
+        return ApplyResult(
+            **public, changed=done.changed, devices=done.devices, rollout=done.rollout
+        )
+    waited = False
+    if wait is not None and done.token is not None:  # this apply holds the lease: settle it
+        waited = wait > 0
+        settle_in_background(
+            db.sessions,
+            name,
+            done.token,
+            actor=caller.name,
+            contexts=services.context,
+            lease_seconds=lease,
+            wait=wait,
+        )
         latest = service.find_fresh(session, name)
         session.commit()
-        if latest is not None:
-            row = latest
+        if latest is None:
+            raise api_error(
+                409, "conflict", f"blueprint {name!r} was deleted meanwhile", where="name"
+            )
+        row = latest
         if row.settled_generation >= generation:
             rollout = row.settled_rollout if row.settled_generation == generation else None
-            devices = governed(session).get(name, 0)
             public = _public(row).model_dump()
-            return ApplyResult(**public, changed=True, devices=devices, rollout=rollout)
-        if row.settle_error and done.token is not None and wait > 0:
+            devices = governed(session).get(name, 0)
+            return ApplyResult(**public, changed=done.changed, devices=devices, rollout=rollout)
+        if row.settle_error:
             raise _settle_failed(row)
-        response.status_code = status.HTTP_202_ACCEPTED
-        response.headers["Location"] = f"/api/v1/blueprints/{name}"
-        response.headers["Preference-Applied"] = "respond-async" + (
-            f", wait={int(wait)}" if wait else ""
-        )
-        return ApplyResult(**_public(row).model_dump(), changed=True, devices=None, rollout=None)
-    public = _public(done.row).model_dump()
-    return ApplyResult(**public, changed=done.changed, devices=done.devices, rollout=done.rollout)
+    # not settled yet: asked asynchronously, or settling elsewhere longer than a request waits
+    response.status_code = status.HTTP_202_ACCEPTED
+    response.headers["Location"] = f"/api/v1/blueprints/{name}"
+    if wait is not None:
+        applied = "respond-async" + (f", wait={int(wait)}" if waited else "")
+        response.headers["Preference-Applied"] = applied
+    public = _public(row).model_dump()
+    return ApplyResult(**public, changed=done.changed, devices=None, rollout=None)
 
 
 @router.get("")

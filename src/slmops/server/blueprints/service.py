@@ -23,7 +23,7 @@ from typing import Any
 
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 from slmops.server.blueprints.document import Blueprint
 from slmops.server.blueprints.settling import Contexts, claim, wait_settled
@@ -81,31 +81,38 @@ def _store(
     """Store the spec when it changed: (row, changed, lease token). The generation moves with
     ``WHERE generation =`` what was read, so two concurrent applies never store the same
     generation number for two specs (the settler would settle one and count both); the loser
-    reads again. The lease is claimed in the same commit. Commits."""
+    reads again. An unchanged spec whose generation is not settled (pending, or its settle
+    failed: this apply retries it now) claims the lease too. The lease is claimed in the
+    commit that stores the spec. Commits."""
     name = doc.metadata.name
     spec = doc.spec.model_dump(mode="json")
     for _ in range(20):
         row = find_fresh(session, name)
         now = utcnow()
         if row is None:
-            row = BlueprintRow(
-                name=name,
-                spec=spec,
-                generation=1,
-                settled_generation=0,
-                applied_by=actor,
-                created_at=now,
-                updated_at=now,
-            )
-            session.add(row)
             try:
-                session.flush()
-            except IntegrityError:  # created concurrently: read it and compare
-                session.rollback()
-                continue
+                with session.begin_nested():  # a concurrent create rolls back only this
+                    session.add(
+                        BlueprintRow(
+                            name=name,
+                            spec=spec,
+                            generation=1,
+                            settled_generation=0,
+                            applied_by=actor,
+                            created_at=now,
+                            updated_at=now,
+                        )
+                    )
+            except IntegrityError:
+                continue  # created concurrently: read it and compare
+            changed = True
         elif row.spec == spec:
-            session.commit()
-            return row, False, None
+            if row.settled_generation >= row.generation:
+                session.commit()
+                return row, False, None
+            changed = False
+            if row.settle_error:  # applied again after a failure: retry now, not a lease later
+                row.settle_error, row.settle_failed_at = None, None
         else:
             values: dict[str, Any] = {
                 "spec": spec,
@@ -125,14 +132,14 @@ def _store(
                 .execution_options(synchronize_session=False)
             )
             if getattr(moved, "rowcount", 0) != 1:
-                session.rollback()
-                continue
+                continue  # another apply stored a generation meanwhile: nothing written here
+            changed = True
         token = claim(session, name, lease_seconds)
         session.commit()
         stored = find_fresh(session, name)
         session.commit()
         assert stored is not None
-        return stored, True, token
+        return stored, changed, token
     raise Conflict(name)
 
 
@@ -144,36 +151,41 @@ def apply_blueprint(
     contexts: Contexts,
     lease_seconds: float,
     wait: bool = True,
-    timeout: float = 1800.0,
+    timeout: float = 300.0,
+    sessions: sessionmaker[Session] | None = None,
 ) -> Applied:
     """Create or update the blueprint ``doc`` names (see the module docstring). Commits.
 
     With ``wait`` it settles before returning: itself when it took the lease, else by waiting
-    for the holder (or taking the lease once free) up to ``timeout`` seconds; ``SettleFailed``
-    when settling failed."""
+    for the holder (or taking the lease once free) up to ``timeout`` seconds (then the row
+    says ``settled_generation < generation``); ``SettleFailed`` when settling failed. With
+    ``sessions``, generations other applies stored meanwhile go on in the background."""
     name = doc.metadata.name
     row, changed, token = _store(session, doc, actor, lease_seconds)
-    if not changed:
-        return Applied(row, False, governed(session).get(name, 0), None)
+    if row.settled_generation >= row.generation:
+        return Applied(row, changed, governed(session).get(name, 0), None)
     if not wait:  # counting governed devices reads them all: the settle does that later
-        return Applied(row, True, None, None, token=token)
+        return Applied(row, changed, None, None, token=token)
+    generation = row.generation
     latest = wait_settled(
         session,
         name,
-        row.generation,
+        generation,
         actor=actor,
         contexts=contexts,
         lease_seconds=lease_seconds,
         timeout=timeout,
         token=token,
+        sessions=sessions,
     )
     if latest is None:
         raise Conflict(name)  # deleted while settling
-    generation = row.generation
-    if latest.settled_generation < generation and latest.settle_error:
-        raise SettleFailed(latest)
+    if latest.settled_generation < generation:
+        if latest.settle_error:
+            raise SettleFailed(latest)
+        return Applied(latest, changed, None, None)  # still settling elsewhere: see the row
     rollout = latest.settled_rollout if latest.settled_generation == generation else None
-    return Applied(latest, True, governed(session).get(name, 0), rollout)
+    return Applied(latest, changed, governed(session).get(name, 0), rollout)
 
 
 def delete_blueprint(
@@ -184,11 +196,22 @@ def delete_blueprint(
     Takes the settle lease first and holds it to the end, so no apply's settle can create a
     rollout meanwhile that would outlive the blueprint; ``Settling`` when a settle holds it."""
     name = row.name
-    if claim(session, name, lease_seconds) is None:
+    token = claim(session, name, lease_seconds)
+    if token is None:
         session.rollback()
         raise Settling(name)
     session.commit()
-    stop_for_blueprint(session, name, actor=actor, ctx=ctx)
-    session.delete(row)
-    session.commit()
+    try:
+        stop_for_blueprint(session, name, actor=actor, ctx=ctx)
+        session.delete(row)
+        session.commit()
+    except Exception:  # let go, so a retry (or an apply) is not refused for a lease
+        session.rollback()
+        session.execute(
+            update(BlueprintRow)
+            .where(BlueprintRow.name == name, BlueprintRow.settling_by == token)
+            .values(settling_until=None, settling_by=None)
+        )
+        session.commit()
+        raise
     settle(session, ctx)

@@ -37,6 +37,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -47,6 +48,7 @@ from slmops.server.blueprints.tables import BlueprintRow
 from slmops.server.context import Context
 from slmops.server.db.base import as_utc, utcnow
 from slmops.server.reconcile import reconcile, settle
+from slmops.server.rollouts.service import active_rollout
 
 log = logging.getLogger("slmops.server.blueprints")
 
@@ -107,49 +109,74 @@ def _renewed(engine: Engine, name: str, token: str, lease_seconds: float) -> Ite
         thread.join(timeout=5)
 
 
+def _release(session: Session, name: str, token: str, **values: Any) -> bool:
+    """Let go of the lease ``token`` holds (clearing the token too, so a renewal still in
+    flight no longer matches), writing ``values`` with it; whether it was still held. Commits."""
+    done = session.execute(
+        update(BlueprintRow)
+        .where(_held(name, token))
+        .values(settling_until=None, settling_by=None, **values)
+        .execution_options(synchronize_session=False)
+    )
+    session.commit()
+    return bool(getattr(done, "rowcount", 0) == 1)
+
+
+def _created_since(session: Session, row: BlueprintRow) -> str | None:
+    """The blueprint's active rollout when it was created after this generation was stored:
+    an earlier attempt at this generation created it, then failed (``reconcile`` commits the
+    rollout before the devices are settled), so this attempt's ``reconcile`` found it running."""
+    active = active_rollout(session, row.name)
+    if active is not None and as_utc(active.created_at) >= as_utc(row.updated_at):
+        return active.id
+    return None
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    generation: int
+    rollout: str | None = None
+    error: Exception | None = None
+
+
 def _settle_once(
     session: Session, name: str, token: str, *, actor: str, ctx: Context
-) -> tuple[int, str | None] | None:
-    """Settle the blueprint's current generation under ``token``; (generation, rollout), or
-    None when the blueprint is gone. A failure is recorded on the row (the lease let go) and
-    raised."""
+) -> _Outcome | None:
+    """Settle the blueprint's current generation under ``token`` and let go; None when the
+    blueprint is gone. A failure is recorded on the row (when the generation it failed on is
+    still the current one: a newer spec gets its own attempt) and returned."""
     fresh = select(BlueprintRow).execution_options(populate_existing=True)
     row = session.scalar(fresh.where(BlueprintRow.name == name))
     if row is None:  # deleted meanwhile: nothing left to settle, no lease to let go
         session.commit()
         return None
     generation = row.generation
+    if row.settled_generation >= generation:  # settled meanwhile (its waiter, another sweep)
+        _release(session, name, token)
+        return _Outcome(generation, row.settled_rollout)
     try:
         created = reconcile(session, row, actor=row.applied_by or actor, ctx=ctx)
+        created = created or _created_since(session, row)
         settle(session, ctx)
     except Exception as exc:
         session.rollback()
         why = f"{type(exc).__name__}: {exc}"[:500]
         session.execute(
             update(BlueprintRow)
-            .where(_held(name, token))
-            .values(settle_error=why, settle_failed_at=utcnow(), settling_until=None)
+            .where(_held(name, token), BlueprintRow.generation == generation)
+            .values(settle_error=why, settle_failed_at=utcnow())
+            .execution_options(synchronize_session=False)
         )
-        session.commit()
-        raise
-    done = session.execute(
-        update(BlueprintRow)
-        .where(_held(name, token))
-        .values(
-            settled_generation=generation,
-            settled_rollout=created,
-            settling_until=None,
-            settle_error=None,
-            settle_failed_at=None,
-        )
-        .execution_options(synchronize_session=False)
-    )
-    session.commit()
-    if getattr(done, "rowcount", 0) != 1:
-        log.warning("blueprint %s: the settle lease was lost while settling (stalled?)", name)
-    else:
+        _release(session, name, token)
+        return _Outcome(generation, error=exc)
+    values = {"settle_error": None, "settle_failed_at": None}
+    if _release(
+        session, name, token, settled_generation=generation, settled_rollout=created, **values
+    ):
         log.info("blueprint %s settled at generation %d", name, generation)
-    return generation, created
+    else:
+        log.warning("blueprint %s: the settle lease was lost while settling (stalled?)", name)
+    return _Outcome(generation, created)
 
 
 def settle_claimed(
@@ -161,29 +188,43 @@ def settle_claimed(
     contexts: Contexts,
     lease_seconds: float,
     until: int | None = None,
+    sessions: sessionmaker[Session] | None = None,
 ) -> str | None:
     """Settle the blueprint whose lease this process holds (``token``), generation after
-    generation until none is left, then let go (see the module docstring). With ``until``
-    (a request waiting for its own apply) it stops once that generation is settled and leaves
-    newer ones to their own appliers and the ticker. Returns the rollout the last settled
-    generation created (None: none). Commits."""
+    generation until none is left, then let go (see the module docstring). With ``until`` (a
+    request waiting for its own apply) and ``sessions``, newer generations left once that one
+    is settled go on in a background thread, so the request answers. Returns the rollout the
+    last settled generation created (None: none); raises what failed when the generation it
+    failed on is the latest (a newer spec is tried instead). Commits."""
     engine = session.get_bind()
     assert isinstance(engine, Engine)
     created: str | None = None
     while True:
         with _renewed(engine, name, token, lease_seconds):
-            settled = _settle_once(session, name, token, actor=actor, ctx=contexts())
-        if settled is None:
-            return created
-        generation, created = settled
-        if until is not None and generation >= until:
+            outcome = _settle_once(session, name, token, actor=actor, ctx=contexts())
+        if outcome is None:
             return created
         latest = session.scalar(select(BlueprintRow.generation).where(BlueprintRow.name == name))
-        next_token = (
-            None if latest is None or latest <= generation else claim(session, name, lease_seconds)
-        )
+        newer = latest is not None and latest > outcome.generation
+        if outcome.error is not None and not newer:
+            session.commit()
+            raise outcome.error
+        created = outcome.rollout if outcome.error is None else created
+        next_token = claim(session, name, lease_seconds) if newer else None
         session.commit()
         if next_token is None:
+            return created
+        done = outcome.error is None and until is not None and outcome.generation >= until
+        if done and sessions is not None:
+            settle_in_background(
+                sessions,
+                name,
+                next_token,
+                actor=actor,
+                contexts=contexts,
+                lease_seconds=lease_seconds,
+                wait=0,
+            )
             return created
         token = next_token  # a newer spec arrived while settling: take it too
 
@@ -197,6 +238,7 @@ def _settle_logged(
     contexts: Contexts,
     lease_seconds: float,
     until: int | None = None,
+    sessions: sessionmaker[Session] | None = None,
 ) -> None:
     """``settle_claimed`` for callers that report a failure from the row (``settle_error``)
     rather than the exception: it is logged here."""
@@ -209,6 +251,7 @@ def _settle_logged(
             contexts=contexts,
             lease_seconds=lease_seconds,
             until=until,
+            sessions=sessions,
         )
     except Exception:
         log.exception("settling blueprint %s failed; the ticker retries it", name)
@@ -230,17 +273,9 @@ def settle_in_background(
 
     def run() -> None:
         with sessions() as session:
-            try:
-                settle_claimed(
-                    session,
-                    name,
-                    token,
-                    actor=actor,
-                    contexts=contexts,
-                    lease_seconds=lease_seconds,
-                )
-            except Exception:
-                log.exception("settling blueprint %s failed; the ticker retries it", name)
+            _settle_logged(
+                session, name, token, actor=actor, contexts=contexts, lease_seconds=lease_seconds
+            )
 
     thread = threading.Thread(target=run, name=f"settle-{name}", daemon=True)
     thread.start()
@@ -258,11 +293,12 @@ def wait_settled(
     lease_seconds: float,
     timeout: float,
     token: str | None = None,
+    sessions: sessionmaker[Session] | None = None,
 ) -> BlueprintRow | None:
     """Settle ``generation`` here when this process holds the lease (``token``), else wait
     (polling) for whoever holds it, taking the lease and settling here once it is free; the
-    row when settled, failed (its ``settle_error``) or ``timeout`` ran out, None when the
-    blueprint is gone."""
+    row when settled, failed (its ``settle_error``, recorded for its latest generation) or
+    ``timeout`` ran out, None when the blueprint is gone."""
     deadline = time.monotonic() + timeout
     delay = 0.05
     fresh = select(BlueprintRow).execution_options(populate_existing=True)
@@ -276,6 +312,7 @@ def wait_settled(
                 contexts=contexts,
                 lease_seconds=lease_seconds,
                 until=generation,
+                sessions=sessions,
             )
         row = session.scalar(fresh.where(BlueprintRow.name == name))
         session.commit()
@@ -297,12 +334,19 @@ def settling(row: BlueprintRow) -> bool:
     return held or (row.settled_generation < row.generation and not row.settle_error)
 
 
-def settle_behind(session: Session, contexts: Contexts, *, lease_seconds: float) -> list[str]:
+def settle_behind(
+    session: Session,
+    sessions: sessionmaker[Session],
+    contexts: Contexts,
+    *,
+    lease_seconds: float,
+    wait: float = 0.0,
+) -> list[str]:
     """The ticker's sweep: settle every blueprint whose settled generation is behind and whose
     lease is free (its holder died, or let go just before a newer apply was stored); one whose
-    last settle failed is retried a lease after the failure. Returns the names settled. Runs in
-    the ticker's thread: on a big fleet this round takes as long as the settle (about a minute
-    at 100,000 devices), which only happens after a crash or a failure."""
+    last settle failed is retried a lease after the failure. Each settles in a thread of its
+    own (``settle_in_background``, waited for up to ``wait`` seconds), so a minute-long settle
+    of a big fleet does not hold the ticker's other work. Returns the names it took."""
     now = utcnow()
     retry = now - timedelta(seconds=lease_seconds)
     behind = list(
@@ -317,20 +361,21 @@ def settle_behind(session: Session, contexts: Contexts, *, lease_seconds: float)
         )
     )
     session.commit()
-    done = []
+    taken = []
     for name in behind:
         token = claim(session, name, lease_seconds)
         session.commit()
         if token is None:
             continue
         log.warning("blueprint %s was left unsettled: settling it now", name)
-        try:
-            settle_claimed(
-                session, name, token, actor="ticker", contexts=contexts, lease_seconds=lease_seconds
-            )
-        except Exception:  # recorded on the row; the next blueprint still gets its turn
-            log.exception("settling blueprint %s failed; retried in %g s", name, lease_seconds)
-            session.rollback()
-            continue
-        done.append(name)
-    return done
+        settle_in_background(
+            sessions,
+            name,
+            token,
+            actor="ticker",
+            contexts=contexts,
+            lease_seconds=lease_seconds,
+            wait=wait,
+        )
+        taken.append(name)
+    return taken

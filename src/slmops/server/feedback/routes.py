@@ -11,7 +11,7 @@ blueprint to the new version, which creates a rollout: waiting for an operator's
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Request, Response
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
@@ -31,6 +31,7 @@ from slmops.server.blueprints.service import (
     find_blueprint,
 )
 from slmops.server.db.models import as_utc, utcnow
+from slmops.server.db.session import Database
 from slmops.server.errors import api_error
 from slmops.server.feedback.engine import next_version
 from slmops.server.feedback.rules import FeedbackRules
@@ -187,6 +188,7 @@ def claim_job(body: ClaimBody, session: SessionDep, _caller: OperatorDep) -> Res
 def job_result(
     job_id: IdPath,
     body: ResultBody,
+    request: Request,
     session: SessionDep,
     services: ServicesDep,
     caller: OperatorDep,
@@ -230,20 +232,30 @@ def job_result(
     job.new_version = version
     actor = f"job:{job.id} ({caller.name})"
     lease = services.settings.settle_lease_seconds
+    db: Database = request.app.state.db
     try:
         done = apply_blueprint(
-            session, new, actor=actor, contexts=services.context, lease_seconds=lease
+            session,
+            new,
+            actor=actor,
+            contexts=services.context,
+            lease_seconds=lease,
+            sessions=db.sessions,
         )
-    except (SettleFailed, Conflict) as exc:
+        rollout, error = done.rollout or "", None
+    except SettleFailed as failed:  # the blueprint pins the candidate; the server retries
+        rollout, error = "", failed.row.settle_error
+    except Conflict:
         raise api_error(
             409,
-            "blueprint_not_settled",
-            f"blueprint {row.name!r} now pins {version}, but it could not be settled: {exc}",
+            "conflict",
+            f"blueprint {row.name!r} was changed or deleted by other requests meanwhile",
             where=f"job {job_id}",
-            hint=f"GET /api/v1/blueprints/{row.name} says why (settle_error); the control "
-            "plane retries it",
+            hint="post the result again",
         ) from None
     job = _job_or_404(session, job_id)
-    job.status, job.rollout_id, job.updated_at = "proposed", done.rollout or "", utcnow()
+    job.status, job.rollout_id, job.updated_at = "proposed", rollout, utcnow()
+    if error is not None:
+        job.result = (job.result or {}) | {"settle_error": error}
     session.commit()
     return _job_public(job)
