@@ -18,8 +18,6 @@ import asyncio
 import time
 from typing import Any
 
-import httpx
-
 from _load import Plane, sim_config, staged_spec
 from slmops.fleet.simulator import Simulator
 
@@ -31,18 +29,11 @@ def _spec(version: str, n: int) -> dict[str, Any]:
 
 
 def _sync_put(pl: Plane, spec: dict[str, Any]) -> tuple[float, dict[str, Any]]:
+    """A PUT without ``Prefer``: it answers once settled."""
     doc = {"apiVersion": "slmops/v1", "kind": "Blueprint", "metadata": {"name": "apply"}}
     t = time.monotonic()
-    r = httpx.put(
-        f"{pl.urls[0]}/api/v1/blueprints/apply",
-        json=doc | {"spec": spec},
-        headers={"Authorization": f"Bearer {pl.admin}"},
-        timeout=1800,
-    )
-    took = time.monotonic() - t
-    if r.status_code != 200:
-        raise RuntimeError(f"PUT blueprint apply: {r.status_code} {r.text[:500]}")
-    return took, r.json()
+    body = pl.api("PUT", "/api/v1/blueprints/apply", doc | {"spec": spec}, timeout=1800)
+    return time.monotonic() - t, body
 
 
 def apply_cost(pl: Plane, args: argparse.Namespace) -> dict[str, Any]:

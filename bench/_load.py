@@ -52,12 +52,13 @@ class Plane:
         body: Any = None,
         url: str | None = None,
         timeout: float = 60.0,
+        headers: dict[str, str] | None = None,
     ) -> Any:
         r = httpx.request(
             method,
             (url or self.urls[0]) + path,
             json=body,
-            headers={"Authorization": f"Bearer {self.admin}"},
+            headers={"Authorization": f"Bearer {self.admin}"} | (headers or {}),
             timeout=timeout,
         )
         if r.status_code >= 400:
@@ -73,25 +74,20 @@ class Plane:
         created: about a minute at 100,000 devices here); its rollout's id.
         ``last_answer_ms`` keeps how long the PUT took, ``last_apply_s`` the whole apply."""
         doc = {"apiVersion": "slmops/v1", "kind": "Blueprint", "metadata": {"name": name}}
+        path = f"/api/v1/blueprints/{name}"
         t = time.monotonic()
-        r = httpx.put(
-            f"{self.urls[0]}/api/v1/blueprints/{name}",
-            json=doc | {"spec": spec},
-            headers={"Authorization": f"Bearer {self.admin}", "Prefer": "respond-async"},
-            timeout=60,
-        )
+        applied = self.api("PUT", path, doc | {"spec": spec}, headers={"Prefer": "respond-async"})
         self.last_answer_ms = round((time.monotonic() - t) * 1000, 1)
-        if r.status_code >= 400:
-            raise RuntimeError(f"PUT blueprint {name}: {r.status_code} {r.text[:500]}")
-        applied = r.json()
         generation = applied["generation"]
         while applied["settled_generation"] < generation:
             if time.monotonic() - t > 1800:
                 raise RuntimeError(f"blueprint {name} not settled after 1800 s")
             time.sleep(0.5)
-            applied = self.api("GET", f"/api/v1/blueprints/{name}")
+            applied = self.api("GET", path)
         self.last_apply_s = round(time.monotonic() - t, 1)
-        rollout = applied.get("rollout") if r.status_code == 200 else applied["settled_rollout"]
+        rollout = (
+            applied["settled_rollout"] if applied["settled_generation"] == generation else None
+        )
         return None if rollout is None else str(rollout)
 
     def rollout_devices(self, rollout_id: str, wave: int | None = None) -> list[dict[str, Any]]:

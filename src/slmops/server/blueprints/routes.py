@@ -29,7 +29,7 @@ from slmops.server.api.deps import OperatorDep, ServicesDep, SessionDep, ViewerD
 from slmops.server.blueprints import service
 from slmops.server.blueprints.document import Blueprint
 from slmops.server.blueprints.schemas import ApplyResult, BlueprintList, BlueprintPublic
-from slmops.server.blueprints.settling import settle_in_background, settling
+from slmops.server.blueprints.settling import rollout_of, settle_in_background, settling
 from slmops.server.blueprints.tables import BlueprintRow
 from slmops.server.db.models import as_utc
 from slmops.server.db.session import Database
@@ -171,9 +171,9 @@ def apply_blueprint(
             )
         row = latest
         if row.settled_generation >= generation:
-            rollout = row.settled_rollout if row.settled_generation == generation else None
             public = _public(row).model_dump()
             devices = governed(session).get(name, 0)
+            rollout = rollout_of(row, generation)
             return ApplyResult(**public, changed=done.changed, devices=devices, rollout=rollout)
         if row.settle_error:
             raise _settle_failed(row)

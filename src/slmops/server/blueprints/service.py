@@ -26,7 +26,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from slmops.server.blueprints.document import Blueprint
-from slmops.server.blueprints.settling import Contexts, claim, wait_settled
+from slmops.server.blueprints.settling import Contexts, claim, rollout_of, wait_settled
 from slmops.server.blueprints.tables import BlueprintRow
 from slmops.server.context import Context
 from slmops.server.db.models import utcnow
@@ -184,8 +184,7 @@ def apply_blueprint(
         if latest.settle_error:
             raise SettleFailed(latest)
         return Applied(latest, changed, None, None)  # still settling elsewhere: see the row
-    rollout = latest.settled_rollout if latest.settled_generation == generation else None
-    return Applied(latest, changed, governed(session).get(name, 0), rollout)
+    return Applied(latest, changed, governed(session).get(name, 0), rollout_of(latest, generation))
 
 
 def delete_blueprint(

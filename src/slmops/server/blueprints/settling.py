@@ -169,10 +169,8 @@ def _settle_once(
         )
         _release(session, name, token)
         return _Outcome(generation, error=exc)
-    values = {"settle_error": None, "settle_failed_at": None}
-    if _release(
-        session, name, token, settled_generation=generation, settled_rollout=created, **values
-    ):
+    settled = {"settled_generation": generation, "settled_rollout": created}
+    if _release(session, name, token, **settled, settle_error=None, settle_failed_at=None):
         log.info("blueprint %s settled at generation %d", name, generation)
     else:
         log.warning("blueprint %s: the settle lease was lost while settling (stalled?)", name)
@@ -325,6 +323,12 @@ def wait_settled(
         if token is None:
             time.sleep(delay)
             delay = min(delay * 2, 1.0)
+
+
+def rollout_of(row: BlueprintRow, generation: int) -> str | None:
+    """The rollout ``generation`` created, once it is the settled one (None: it created none,
+    or a later generation has been settled since)."""
+    return row.settled_rollout if row.settled_generation == generation else None
 
 
 def settling(row: BlueprintRow) -> bool:
